@@ -1,0 +1,221 @@
+"""Small, validated configuration objects: :class:`Timeout`, :class:`RetryPolicy`, URLs and proxies."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
+
+from ._errors import InvalidRequestError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "RetryPolicy",
+    "Timeout",
+    "TimeoutTypes",
+    "redact_url",
+    "validate_base_url",
+    "validate_proxy",
+]
+
+DEFAULT_BASE_URL = "https://aichatonlineorg.erweima.ai"
+BASE_URL_ENV = "AICHATONLINE_BASE_URL"
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds <= 0:
+        raise InvalidRequestError(f"{name} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """How long to wait, in seconds (``None``: no limit).
+
+    :param connect: the longest wait to open a connection.
+    :param read: the longest wait between two bytes of a reply, also while it streams.
+    :param total: a deadline for a whole chat (token, retries and the stream), or ``None``.
+
+    >>> Timeout(connect=5, read=30)
+    Timeout(connect=5.0, read=30.0, total=None)
+    >>> Timeout.coerce((3, 20)) == Timeout(3, 20)
+    True
+    """
+
+    connect: Optional[float] = 10.0
+    read: Optional[float] = 60.0
+    total: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "total"):
+            object.__setattr__(self, name, _check_seconds(f"timeout {name}", getattr(self, name)))
+
+    @classmethod
+    def coerce(cls, value: TimeoutTypes) -> Timeout:
+        """Build a :class:`Timeout` from a number (connect and read), a ``(connect, read)`` tuple, or a
+        :class:`Timeout`. ``None`` gives the defaults.
+
+        :raises InvalidRequestError: for anything else, or a negative or zero number.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, Timeout):
+            return value
+        if isinstance(value, tuple):
+            if len(value) != 2:
+                raise InvalidRequestError(f"a timeout tuple must be (connect, read), not {value!r}")
+            return cls(connect=value[0], read=value[1])
+        seconds = _check_seconds("timeout", value, allow_none=False)
+        return cls(connect=seconds, read=seconds)
+
+    @property
+    def requests_timeout(self) -> tuple[Optional[float], Optional[float]]:
+        """The ``(connect, read)`` pair that ``requests`` takes."""
+        return (self.connect, self.read)
+
+
+TimeoutTypes = Union[Timeout, float, int, tuple[Optional[float], Optional[float]], None]
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{name} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What to retry and how long to wait (built on tenacity).
+
+    Retried: connection errors and timeouts before any text, HTTP 408, 409, 425, 429, 500, 502, 503
+    and 504 (and error lines with those codes before any text), for the token request and for opening
+    the chat stream. The wait before retry *n* is drawn at random between ``initial_delay`` and
+    ``min(max_delay, initial_delay * 2 ** (n - 1))``; a ``Retry-After`` or ``retry-after-ms`` header
+    replaces it, unless it asks for more than ``max_retry_after`` seconds: then the error is raised at once.
+
+    :param max_retries: retries after the first attempt.
+    :param initial_delay: the shortest wait between two attempts, in seconds.
+    :param max_delay: the longest wait drawn by the backoff, in seconds.
+    :param max_retry_after: the longest ``Retry-After`` honoured, in seconds.
+    :param sleep: the function that waits (inject a fake one in tests).
+
+    >>> RetryPolicy(max_retries=3)
+    RetryPolicy(max_retries=3, initial_delay=0.5, max_delay=8.0, max_retry_after=60.0)
+    """
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    #: HTTP statuses (and error-line codes) that are retried.
+    RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def __post_init__(self) -> None:
+        _check_count("max_retries", self.max_retries)
+        for name in ("initial_delay", "max_delay", "max_retry_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise InvalidRequestError(f"{name} must be a number >= 0, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.max_delay < self.initial_delay:
+            raise InvalidRequestError(
+                f"max_delay ({self.max_delay}) must not be below initial_delay ({self.initial_delay})"
+            )
+        if not callable(self.sleep):
+            raise InvalidRequestError(f"sleep must be callable, not {self.sleep!r}")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs, reprs and messages).
+
+    >>> redact_url("http://user:secret@proxy:3128")
+    'http://user:***@proxy:3128'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}" if user else f"***@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def validate_base_url(base_url: Optional[str]) -> str:
+    """Resolve and check the base URL: ``base_url``, else ``$AICHATONLINE_BASE_URL``, else the default.
+
+    :returns: the URL without a trailing slash.
+    :raises InvalidRequestError: anything but an http(s) URL with a host.
+    """
+    source = "base_url"
+    if base_url is None:
+        env = os.environ.get(BASE_URL_ENV)
+        if env:
+            base_url, source = env, f"${BASE_URL_ENV}"
+        else:
+            return DEFAULT_BASE_URL
+    if not isinstance(base_url, str):
+        raise InvalidRequestError(f"{source} must be a str, not {type(base_url).__name__}")
+    try:
+        parts = urlsplit(base_url.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise InvalidRequestError(f"{source} is not a valid URL: {redact_url(base_url)!r}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError(
+            f"{source} must be an http:// or https:// URL with a host, not {redact_url(base_url)!r}"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidRequestError(
+            f"{source} must not have a query or fragment: {redact_url(base_url)!r}"
+        )
+    return base_url.strip().rstrip("/")
+
+
+_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
+
+
+def validate_proxy(proxy: Any) -> Optional[str]:
+    """Check a proxy URL: ``http://``, ``https://``, ``socks5://``/``socks5h://`` (the ``socks`` extra).
+
+    :raises InvalidRequestError: a URL that cannot be parsed, an unknown scheme, or a SOCKS proxy
+        without PySocks installed. The message never contains the password.
+    """
+    if proxy is None:
+        return None
+    if not isinstance(proxy, str) or not proxy.strip():
+        raise InvalidRequestError(f"proxy must be a URL string, not {type(proxy).__name__}")
+    proxy = proxy.strip()
+    shown = redact_url(proxy)
+    try:
+        parts = urlsplit(proxy)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidRequestError(f"proxy is not a valid URL: {shown!r}") from exc
+    if parts.scheme not in _PROXY_SCHEMES or not parts.hostname:
+        raise InvalidRequestError(
+            f"proxy must look like http://host:port, https://host:port or socks5://host:port, "
+            f"not {shown!r}"
+        )
+    del port
+    if parts.scheme.startswith("socks"):
+        try:
+            import socks  # noqa: F401
+        except ImportError:
+            raise InvalidRequestError(
+                f'the SOCKS proxy {shown!r} needs PySocks: pip install "aichatonline-sync[socks]"'
+            ) from None
+    return str(proxy)

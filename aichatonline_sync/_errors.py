@@ -1,0 +1,158 @@
+"""The exceptions of ``aichatonline_sync``.
+
+Every error the library raises is an :class:`AiChatOnlineError`; no ``requests`` or ``urllib3``
+exception escapes the public API (the original is kept as ``__cause__``)::
+
+    AiChatOnlineError
+    ├── InvalidRequestError (also a ValueError)  bad messages or options; raised before any network I/O
+    ├── APIConnectionError                       could not connect, or the connection failed before a reply
+    │   └── APITimeoutError
+    ├── APIStatusError                           a non-2xx reply: .status_code, .body, .url
+    │   ├── AuthenticationError                  401, 403
+    │   └── RateLimitError                       429: .retry_after
+    ├── TokenError                               the token endpoint answered 2xx without a usable token
+    ├── ProtocolError                            a 2xx chat reply that is no chat stream
+    ├── StreamError                              the stream failed after it began: .partial
+    │   ├── IncompleteStreamError                connection dropped, or read timed out, mid-stream
+    │   └── UpstreamError                        an error line from the upstream: .code, .message
+    └── BatchError                               some prompts of a batch failed: .results, .errors
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+__all__ = [
+    "AiChatOnlineError",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BatchError",
+    "IncompleteStreamError",
+    "InvalidRequestError",
+    "ProtocolError",
+    "RateLimitError",
+    "StreamError",
+    "TokenError",
+    "UpstreamError",
+]
+
+
+class AiChatOnlineError(Exception):
+    """Base class of every error raised by this library."""
+
+
+class InvalidRequestError(AiChatOnlineError, ValueError):
+    """Bad messages or options. Raised before any network I/O."""
+
+
+class APIConnectionError(AiChatOnlineError):
+    """Could not connect, or the connection failed before a reply arrived.
+
+    :ivar url: the URL of the request (without credentials), or ``None``.
+    """
+
+    def __init__(self, message: str, *, url: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class APITimeoutError(APIConnectionError):
+    """A connect or read timeout, or the total deadline, before the first piece of text."""
+
+
+class APIStatusError(AiChatOnlineError):
+    """The upstream answered with a non-2xx status.
+
+    :ivar status_code: the HTTP status.
+    :ivar body: the first 2 KiB of the reply body, as text.
+    :ivar url: the URL of the request (without credentials).
+    :ivar headers: the reply headers.
+    :ivar retry_after: the delay asked for by ``Retry-After``/``retry-after-ms``, in seconds, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: str = "",
+        url: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        retry_after: Optional[float] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+        self.url = url
+        self.headers: dict[str, str] = dict(headers or {})
+        self.retry_after = retry_after
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401 or 403: the upstream rejected the token, even after one fresh token."""
+
+
+class RateLimitError(APIStatusError):
+    """HTTP 429. ``retry_after`` is the delay the upstream asked for, in seconds, or ``None``."""
+
+
+class TokenError(AiChatOnlineError):
+    """The token endpoint answered 2xx without a usable token."""
+
+
+class ProtocolError(AiChatOnlineError):
+    """A 2xx chat reply that is no chat stream (an HTML page, no line carrying a message, a line too long).
+
+    :ivar body: the start of the reply body, as text.
+    :ivar partial: the text handed out before the problem was found (usually ``""``).
+    """
+
+    def __init__(self, message: str, *, body: str = "", partial: str = "") -> None:
+        super().__init__(message)
+        self.body = body
+        self.partial = partial
+
+
+class StreamError(AiChatOnlineError):
+    """The stream failed after it began. ``partial`` is the text handed out so far."""
+
+    def __init__(self, message: str, *, partial: str = "") -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class IncompleteStreamError(StreamError):
+    """The connection dropped, or a read timed out, in the middle of a reply."""
+
+
+class UpstreamError(StreamError):
+    """The upstream sent an error line (``{"code": ..., "message": ...}``) instead of text.
+
+    :ivar code: the error code of the line (an ``int`` when it is numeric), or ``None``.
+    :ivar message: the error message of the line.
+    """
+
+    def __init__(
+        self, message: str, *, code: Any = None, upstream_message: str = "", partial: str = ""
+    ) -> None:
+        super().__init__(message, partial=partial)
+        self.code = code
+        self.message = upstream_message
+
+
+class BatchError(AiChatOnlineError):
+    """Some prompts of a batch failed; every prompt was still run.
+
+    :ivar results: one entry per prompt, in input order: the text, or ``None`` where it failed.
+    :ivar errors: ``{index: exception}`` for the prompts that failed.
+    """
+
+    def __init__(
+        self, message: str, *, results: list[Optional[str]], errors: dict[int, BaseException]
+    ) -> None:
+        super().__init__(message)
+        self.results = results
+        self.errors = errors

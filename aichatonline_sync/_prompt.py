@@ -1,0 +1,137 @@
+"""Messages to prompt: gpt4free's ``format_prompt`` and ``get_random_string``, plus validation."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+from ._errors import InvalidRequestError
+
+__all__ = ["Messages", "build_prompt", "format_prompt", "get_random_string", "validate_messages"]
+
+#: A prompt string, or a list of ``{"role": ..., "content": ...}`` dicts.
+Messages = Union[str, Sequence[Mapping[str, Any]]]
+
+_ALPHABET = string.ascii_lowercase + string.digits
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def get_random_string(length: int = 10) -> str:
+    """Return ``length`` random characters drawn from ``a-z0-9`` (as gpt4free does).
+
+    >>> len(get_random_string())
+    10
+    """
+    return "".join(random.choice(_ALPHABET) for _ in range(length))
+
+
+def _content_to_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, Mapping):
+        # gpt4free: a part with "text" gives it; any other dict (a file, an image) gives nothing.
+        return _content_to_text(content["text"]) if "text" in content else ""
+    if isinstance(content, list):
+        return "".join(
+            _content_to_text(part)
+            for part in content
+            if isinstance(part, Mapping) and part.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def format_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    add_special_tokens: bool = False,
+    do_continue: bool = False,
+    include_system: bool = True,
+) -> str:
+    """Turn a list of messages into one prompt string, exactly as gpt4free's helper does.
+
+    One message (and no special tokens) is passed through as its text. Otherwise every message
+    becomes ``Role: text`` on its own line, followed by ``Assistant:`` unless ``do_continue``.
+
+    >>> format_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    'System: Be brief.\\nUser: Hi\\nAssistant:'
+
+    :param messages: ``{"role": str, "content": str | list-of-parts | None}`` dicts.
+    :param add_special_tokens: use the ``Role: text`` form even for a single message.
+    :param do_continue: leave out the trailing ``Assistant:``.
+    :param include_system: keep system and developer messages.
+    :returns: the prompt.
+    """
+    if not add_special_tokens and len(messages) == 1:
+        return _content_to_text(messages[0].get("content"))
+    lines = []
+    for message in messages:
+        role = str(message.get("role", ""))
+        if not include_system and role in _SYSTEM_ROLES:
+            continue
+        text = _content_to_text(message.get("content"))
+        if not text.strip():
+            continue
+        lines.append(f"{role.capitalize()}: {text}")
+    formatted = "\n".join(lines)
+    if do_continue:
+        return formatted
+    return f"{formatted}\nAssistant:"
+
+
+def validate_messages(messages: object) -> list[dict[str, Any]]:
+    """Check the shape of ``messages`` and return it as a list of dicts.
+
+    :raises InvalidRequestError: naming the first problem found.
+    """
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if isinstance(messages, (bytes, bytearray)) or not isinstance(messages, Sequence):
+        raise InvalidRequestError(
+            "messages must be a str or a list of {'role': ..., 'content': ...} dicts, "
+            f"not {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidRequestError("messages is an empty list: give at least one message")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(
+                f"messages[{index}] must be a dict with 'role' and 'content', "
+                f"not {type(message).__name__}"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequestError(
+                f"messages[{index}]['role'] must be a non-empty str, got {role!r}"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequestError(
+                f"messages[{index}]['content'] must be a str, a list of parts or None, "
+                f"not {type(content).__name__}"
+            )
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, Mapping):
+                    raise InvalidRequestError(
+                        f"messages[{index}]['content'][{part_index}] must be a dict like "
+                        f"{{'type': 'text', 'text': ...}}, not {type(part).__name__}"
+                    )
+        checked.append(dict(message))
+    return checked
+
+
+def build_prompt(messages: object) -> str:
+    """Validate ``messages`` and format them into the prompt sent upstream.
+
+    :raises InvalidRequestError: bad messages, or a prompt that is empty or only white space.
+    """
+    checked = validate_messages(messages)
+    if not any(_content_to_text(message.get("content")).strip() for message in checked):
+        raise InvalidRequestError(
+            "the prompt is empty (or only white space) after formatting the messages"
+        )
+    return format_prompt(checked)

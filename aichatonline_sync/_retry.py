@@ -1,0 +1,153 @@
+"""Retries, built on tenacity: one predicate decides, one function waits, every retry is logged."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, TypeVar
+
+import tenacity
+
+from ._config import RetryPolicy
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    UpstreamError,
+)
+
+__all__ = ["parse_retry_after", "retry_reason", "run_with_retries"]
+
+logger = logging.getLogger("aichatonline_sync")
+
+T = TypeVar("T")
+
+
+def parse_retry_after(headers: Mapping[str, str], now: Optional[float] = None) -> Optional[float]:
+    """The delay asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
+
+    >>> parse_retry_after({"Retry-After": "2"})
+    2.0
+    >>> parse_retry_after({"retry-after-ms": "150"})
+    0.15
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    value = lowered.get("retry-after-ms")
+    if value is not None:
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000.0
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(0.0, seconds)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def _code_of(exc: BaseException) -> Optional[int]:
+    if isinstance(exc, APIStatusError):
+        return exc.status_code
+    if isinstance(exc, UpstreamError) and not exc.partial and isinstance(exc.code, int):
+        return exc.code
+    return None
+
+
+def retry_reason(exc: BaseException, policy: RetryPolicy) -> Optional[str]:
+    """Why ``exc`` is worth another attempt, or ``None`` when it is not. The one predicate."""
+    if isinstance(exc, APIConnectionError):
+        return f"{type(exc).__name__}: {exc}"
+    code = _code_of(exc)
+    if code is None or code not in policy.RETRY_STATUSES:
+        return None
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None and retry_after > policy.max_retry_after:
+        logger.debug(
+            "not retrying %s: Retry-After %.3g s is above max_retry_after %.3g s",
+            code,
+            retry_after,
+            policy.max_retry_after,
+        )
+        return None
+    kind = "HTTP status" if isinstance(exc, APIStatusError) else "error line with code"
+    return f"{kind} {code}"
+
+
+def backoff(policy: RetryPolicy, attempt: int, exc: Optional[BaseException] = None) -> float:
+    """The wait before retry number ``attempt`` (1-based): ``Retry-After`` if given, else a random
+    delay between ``initial_delay`` and ``min(max_delay, initial_delay * 2 ** (attempt - 1))``."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        return float(retry_after)
+    ceiling = min(policy.max_delay, policy.initial_delay * 2 ** (attempt - 1))
+    return random.uniform(policy.initial_delay, max(policy.initial_delay, ceiling))
+
+
+def run_with_retries(
+    func: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    what: str,
+    deadline: Optional[float] = None,
+) -> T:
+    """Call ``func`` until it succeeds, it raises something not retried, or the policy gives up.
+
+    The last error is raised as it is. ``deadline`` (a :func:`time.monotonic` value) stops retrying
+    when the next wait would end past it.
+    """
+
+    def should_retry(state: tenacity.RetryCallState) -> bool:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        return exc is not None and retry_reason(exc, policy) is not None
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        return backoff(policy, state.attempt_number, exc)
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number > policy.max_retries:
+            return True
+        if deadline is not None:
+            upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
+            if time.monotonic() + upcoming >= deadline:
+                logger.debug("%s: not retrying, the total deadline would pass", what)
+                return True
+        return False
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(
+            "%s failed (%s); retry %d of %d in %.2f s",
+            what,
+            "?" if exc is None else retry_reason(exc, policy),
+            state.attempt_number,
+            policy.max_retries,
+            state.upcoming_sleep,
+        )
+
+    retrying: Any = tenacity.Retrying(
+        retry=should_retry,
+        wait=wait,
+        stop=stop,
+        sleep=policy.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(func)  # type: ignore[no-any-return]

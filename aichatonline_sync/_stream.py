@@ -1,0 +1,234 @@
+"""``ChatStream``: the reply of one chat, as an iterator of text pieces."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Iterable, Iterator
+from types import TracebackType
+from typing import Optional
+
+import requests
+
+from ._errors import (
+    AiChatOnlineError,
+    APITimeoutError,
+    IncompleteStreamError,
+    ProtocolError,
+    UpstreamError,
+)
+from ._parser import LineParser
+from ._transport import DeadlineExceeded, iter_body, translate_exception
+
+__all__ = ["ChatStream"]
+
+logger = logging.getLogger("aichatonline_sync")
+
+
+class ChatStream:
+    """The reply of one chat: iterate it for the text pieces, in order, each as soon as it arrives.
+
+    Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection.
+    After exhaustion :attr:`text` is the whole reply.
+
+    >>> with session.chat("Hello") as stream:      # doctest: +SKIP
+    ...     for piece in stream:
+    ...         print(piece, end="")
+    >>> stream.text                                 # doctest: +SKIP
+    'Hello! ...'
+
+    Not thread-safe: iterate one stream from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        response: requests.Response,
+        *,
+        url: str,
+        conversation_id: str,
+        model: str,
+        deadline: Optional[float] = None,
+        read_timeout: Optional[float] = None,
+        max_line: int,
+        keep_text: bool = True,
+        secrets: Iterable[Optional[str]] = (),
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.model = model
+        self._response = response
+        self._url = url
+        self._secrets = tuple(secrets)
+        self._read_timeout = read_timeout
+        self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout)
+        self._parser = LineParser(max_line)
+        self._keep_text = keep_text
+        self._parts: list[str] = []
+        self._text: Optional[str] = None
+        self._first: list[str] = []
+        self._finished = False
+        self._released = False
+        self._gen = self._iterate()
+
+    # -- the public face ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        return self._gen
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading and release the connection. Idempotent."""
+        self._gen.close()
+        self._release()
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once the stream is exhausted, closed, or failed."""
+        return self._released
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far; the whole reply once the stream is exhausted.
+
+        ``""`` when the stream was made with ``keep_text=False``.
+        """
+        if self._text is not None:
+            return self._text
+        return "".join(self._parts)
+
+    #: The text handed out so far (the same as :attr:`text` until the stream ends).
+    partial = text
+
+    def __repr__(self) -> str:
+        state = "done" if self._finished else ("closed" if self._released else "open")
+        return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_released", True):
+            self._release()
+
+    # -- the machinery --------------------------------------------------------------------------
+
+    def _prime(self) -> None:
+        """Read until the first pieces have arrived (called by the session, inside its retries).
+
+        :raises AiChatOnlineError: anything before the first piece (the stream is then closed).
+        """
+        try:
+            batch = self._next_batch(started=False)
+        except BaseException:
+            self._release()
+            raise
+        if batch is None:  # pragma: no cover - _next_batch raises ProtocolError instead
+            self._release()
+            raise ProtocolError("the reply carried no text", body=self._parser.head)
+        self._first = batch
+
+    def _iterate(self) -> Generator[str, None, None]:
+        try:
+            batch: Optional[list[str]] = self._first
+            self._first = []
+            parts = self._parts
+            keep = self._keep_text
+            while batch is not None:
+                if keep:
+                    for piece in batch:
+                        parts.append(piece)
+                        yield piece
+                else:
+                    yield from batch
+                batch = self._next_batch(started=True)
+            self._finished = True
+            if keep:
+                self._text = "".join(parts)
+                parts.clear()
+        finally:
+            self._release()
+
+    def _next_batch(self, *, started: bool) -> Optional[list[str]]:
+        """Read until at least one piece is complete; ``None`` at the normal end of the body."""
+        parser = self._parser
+        try:
+            while True:
+                if parser.error is not None:
+                    raise self._upstream_error()
+                data = next(self._body, None)
+                if data is None:
+                    tail = parser.close()
+                    if tail:
+                        return tail
+                    if parser.error is not None:
+                        raise self._upstream_error()
+                    if parser.pieces == 0:
+                        raise ProtocolError(
+                            f"the reply from {self._url} is not a chat stream (no line carries "
+                            f"data.message); it begins: {parser.head[:200]!r}",
+                            body=parser.head,
+                        )
+                    return None
+                pieces = parser.feed(data)
+                if pieces:
+                    return pieces
+        except ProtocolError as exc:
+            exc.partial = self.text
+            raise
+        except AiChatOnlineError:
+            raise
+        except Exception as exc:
+            raise self._failure(exc, started) from exc
+
+    def _upstream_error(self) -> UpstreamError:
+        error = self._parser.error
+        assert error is not None
+        detail = f": {error.message}" if error.message else ""
+        return UpstreamError(
+            f"the upstream sent an error (code {error.code!r}){detail}",
+            code=error.code,
+            upstream_message=error.message,
+            partial=self.text,
+        )
+
+    def _failure(self, exc: Exception, started: bool) -> AiChatOnlineError:
+        translated = translate_exception(
+            exc, url=self._url, secrets=self._secrets, timeout=self._read_timeout
+        )
+        if not started:
+            return translated
+        partial = self.text
+        if isinstance(exc, DeadlineExceeded):
+            reason = "the total deadline passed"
+        elif isinstance(translated, APITimeoutError):
+            reason = (
+                f"no data for {self._read_timeout:g} s (read timeout)"
+                if self._read_timeout
+                else "timed out"
+            )
+        else:
+            reason = "the connection broke"
+        return IncompleteStreamError(
+            f"the reply from {self._url} stopped after {len(partial)} characters: {reason} "
+            f"({translated})",
+            partial=partial,
+        )
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._finished:
+            return  # the body was read to its end: the connection is already back in the pool
+        try:
+            self._response.close()
+        except Exception:
+            logger.debug("error while closing a chat response", exc_info=True)

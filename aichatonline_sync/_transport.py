@@ -1,0 +1,392 @@
+"""The transport: the one place that turns ``requests``/``urllib3``/socket errors into ours, and the
+read loop that hands reply bytes out as soon as they arrive, whatever the HTTP framing.
+
+Why a read loop of our own (see STREAMING.md): requests' ``iter_lines()`` holds lines back on
+Content-Length and close-delimited bodies and on gzip, ``iter_content(None)`` reads whole bodies, and
+``raw.read1`` is slow on one-line chunks and missing from urllib3 1.26. So, on a real connection, we
+read the socket's buffered reader with ``read1`` (one system call, whatever has arrived), de-chunk
+ourselves (every complete chunk of one read at once), and decode gzip/deflate incrementally.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional
+
+import requests
+import urllib3
+
+from ._config import redact_url
+from ._errors import (
+    AiChatOnlineError,
+    APIConnectionError,
+    APITimeoutError,
+    InvalidRequestError,
+    ProtocolError,
+)
+
+__all__ = ["BodyTruncated", "DeadlineExceeded", "iter_body", "scrub", "translate_exception"]
+
+logger = logging.getLogger("aichatonline_sync")
+
+_READ_SIZE = 65536
+_MAX_CHUNK_LINE = 4096
+
+
+class BodyTruncated(Exception):
+    """The body ended before its framing said it would (internal)."""
+
+
+class DeadlineExceeded(Exception):
+    """The total deadline of a chat passed (internal)."""
+
+
+def scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
+    """Remove every secret (token, proxy password) from ``text``."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while True:
+        inner: Optional[BaseException] = None
+        if exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, BaseException):
+            inner = reason
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(exc))
+        exc = inner
+
+
+def translate_exception(
+    exc: BaseException,
+    *,
+    url: str,
+    secrets: Iterable[Optional[str]] = (),
+    timeout: Optional[float] = None,
+    proxy: Optional[str] = None,
+) -> AiChatOnlineError:
+    """Turn a ``requests``, ``urllib3`` or socket exception into one of ours (the one place that does).
+
+    The caller raises the result ``from exc``. Messages name the URL without credentials and never
+    contain a token or proxy password.
+    """
+    if isinstance(exc, AiChatOnlineError):
+        return exc
+    shown = redact_url(url)
+    cause = scrub(str(_root_cause(exc)), secrets)
+    if isinstance(exc, DeadlineExceeded):
+        return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
+    if isinstance(exc, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)):
+        where = f" {redact_url(proxy)}" if proxy else ""
+        return APIConnectionError(
+            f"could not reach {shown} through the proxy{where}: {cause}. "
+            "Check the proxy URL and that the proxy is running.",
+            url=shown,
+        )
+    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
+        return APIConnectionError(
+            f"TLS failed for {shown}: {cause}. If the server's certificate is signed by your own "
+            "CA, pass verify='/path/to/ca-bundle.pem'.",
+            url=shown,
+        )
+    timed_out = isinstance(
+        exc,
+        (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout),
+    )
+    if timed_out:
+        after = f" after {timeout:g} s" if timeout else ""
+        what = (
+            "connecting to"
+            if isinstance(
+                exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+            )
+            else "waiting for"
+        )
+        return APITimeoutError(f"timed out {what} {shown}{after}", url=shown)
+    if isinstance(exc, (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL)):
+        return InvalidRequestError(f"invalid request to {shown}: {cause}")
+    if isinstance(exc, BodyTruncated):
+        return APIConnectionError(
+            f"the connection to {shown} closed before the reply was complete ({cause})", url=shown
+        )
+    if isinstance(
+        exc,
+        (
+            requests.exceptions.RequestException,
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+            OSError,
+        ),
+    ):
+        return APIConnectionError(f"connection to {shown} failed: {cause}", url=shown)
+    return APIConnectionError(
+        f"request to {shown} failed: {type(exc).__name__}: {cause}", url=shown
+    )
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Incremental Content-Encoding decoder (gzip, deflate; several gzip members)."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._gzip = encoding in ("gzip", "x-gzip")
+        self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
+        self._first = True
+
+    def decode(self, data: bytes) -> bytes:
+        try:
+            if self._first and not self._gzip:
+                self._first = False
+                try:
+                    return bytes(self._obj.decompress(data))
+                except zlib.error:  # raw deflate, as some servers send
+                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = self._obj.decompress(data)
+            while self._gzip and self._obj.eof and self._obj.unused_data:
+                rest = self._obj.unused_data
+                self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                out += self._obj.decompress(rest)
+            return bytes(out)
+        except zlib.error as exc:
+            raise ProtocolError(
+                f"the reply says Content-Encoding: {self.encoding} but its body does not decode "
+                f"as such ({exc})"
+            ) from exc
+
+    def flush(self) -> bytes:
+        try:
+            return bytes(self._obj.flush())
+        except zlib.error:
+            return b""
+
+
+def make_decoder(content_encoding: Optional[str]) -> Optional[_Decoder]:
+    """The decoder for a ``Content-Encoding`` header, ``None`` for identity.
+
+    :raises ProtocolError: an encoding this client does not decode (it never asks for one).
+    """
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return _Decoder(encoding)
+    raise ProtocolError(
+        f"the reply uses Content-Encoding: {content_encoding!r}, which this client does not "
+        "decode (it only asks for gzip and deflate)"
+    )
+
+
+# --- framing ----------------------------------------------------------------------------------
+
+
+def _dechunk(read1: Callable[[int], bytes]) -> Iterator[bytes]:
+    """De-chunk a ``Transfer-Encoding: chunked`` body read from a buffered socket reader.
+
+    Yields the data of every chunk completed (or begun) by one read, joined, as soon as it is read.
+    Returns after the last chunk and its trailers; raises :class:`BodyTruncated` on a short body.
+    """
+    buf = b""
+    pos = 0
+    left = 0  # bytes of chunk data still due
+    need_crlf = False
+    while True:
+        out = []
+        end = len(buf)
+        while True:
+            if left:
+                if pos >= end:
+                    break
+                take = left if left <= end - pos else end - pos
+                out.append(buf[pos : pos + take])
+                pos += take
+                left -= take
+                if left:
+                    break
+                need_crlf = True
+            if need_crlf:
+                if end - pos < 2:
+                    if end - pos == 1 and buf[pos : pos + 1] == b"\n":
+                        pos += 1
+                        need_crlf = False
+                        continue
+                    break
+                if buf[pos : pos + 2] == b"\r\n":
+                    pos += 2
+                elif buf[pos : pos + 1] == b"\n":
+                    pos += 1
+                else:
+                    raise ProtocolError("malformed chunked encoding: no CRLF after a chunk")
+                need_crlf = False
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if end - pos > _MAX_CHUNK_LINE:
+                    raise ProtocolError("malformed chunked encoding: chunk-size line too long")
+                break
+            size_field = buf[pos:nl].split(b";", 1)[0].strip()
+            try:
+                size = int(size_field, 16)
+            except ValueError:
+                raise ProtocolError(
+                    f"malformed chunked encoding: bad chunk size {size_field[:20]!r}"
+                ) from None
+            if size < 0:
+                raise ProtocolError("malformed chunked encoding: negative chunk size")
+            pos = nl + 1
+            if size == 0:
+                if out:
+                    yield b"".join(out)
+                _read_trailers(read1, buf[pos:])
+                return
+            left = size
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
+        more = read1(_READ_SIZE)
+        if not more:
+            raise BodyTruncated("chunked body ended without its last chunk")
+        buf = buf[pos:] + more if pos < end else more
+        pos = 0
+
+
+def _read_trailers(read1: Callable[[int], bytes], buf: bytes) -> None:
+    """Consume the trailer section after the last chunk, up to and including its empty line."""
+    pos = 0
+    while True:
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > 65536:
+                raise ProtocolError("malformed chunked encoding: trailers too long")
+            more = read1(_READ_SIZE)
+            if not more:
+                # The server closed right after the last chunk: the body is complete.
+                return
+            buf = buf[pos:] + more
+            pos = 0
+            continue
+        line = buf[pos:nl].strip()
+        pos = nl + 1
+        if not line:
+            return
+
+
+def iter_body(
+    response: requests.Response,
+    *,
+    deadline: Optional[float] = None,
+    read_timeout: Optional[float] = None,
+) -> Iterator[bytes]:
+    """Yield the decoded bytes of a streamed reply as they arrive, in every framing.
+
+    On a normal end the connection goes back to the pool (or is closed when the server said so).
+    ``deadline`` (a :func:`time.monotonic` value) bounds every blocking read.
+
+    :raises BodyTruncated: the body ended early.
+    :raises DeadlineExceeded: the total deadline passed.
+    :raises ProtocolError: bad chunked framing or content encoding.
+    :raises OSError: socket errors and timeouts, as raised by the socket.
+    """
+    raw = response.raw
+    decoder = make_decoder(response.headers.get("Content-Encoding"))
+    fp = getattr(raw, "_fp", None)
+    reader = getattr(fp, "fp", None) if isinstance(fp, http.client.HTTPResponse) else None
+    if fp is None or reader is None or not hasattr(reader, "read1"):
+        yield from _iter_generic(raw)
+        return
+    assert isinstance(fp, http.client.HTTPResponse)
+    read1 = reader.read1
+    if deadline is not None:
+        read1 = _deadline_read1(read1, raw, deadline, read_timeout)
+    if fp.chunked:
+        source = _dechunk(read1)
+    else:
+        source = _read_plain(fp, read1)
+    if decoder is None:
+        yield from source
+    else:
+        decode = decoder.decode
+        for data in source:
+            out = decode(data)
+            if out:
+                yield out
+        tail = decoder.flush()
+        if tail:
+            yield tail
+    # The body is complete: hand the connection back for reuse (http.client must see it closed).
+    will_close = fp.will_close
+    fp.close()
+    if will_close:
+        response.close()
+    else:
+        raw.release_conn()
+
+
+def _read_plain(fp: http.client.HTTPResponse, read1: Callable[[int], bytes]) -> Iterator[bytes]:
+    """A Content-Length or close-delimited body, read with one system call at a time."""
+    length = fp.length
+    if length is None:
+        while True:
+            data = read1(_READ_SIZE)
+            if not data:
+                return
+            yield data
+    while length:
+        data = read1(length if length < _READ_SIZE else _READ_SIZE)
+        if not data:
+            fp.length = length
+            raise BodyTruncated(f"{length} bytes of the Content-Length never arrived")
+        length -= len(data)
+        yield data
+    fp.length = 0
+
+
+def _deadline_read1(
+    read1: Callable[[int], bytes], raw: Any, deadline: float, read_timeout: Optional[float]
+) -> Callable[[int], bytes]:
+    """Wrap ``read1`` so that no read waits past ``deadline`` (shortening the socket timeout)."""
+    connection = getattr(raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    shortened = False
+
+    def read(n: int) -> bytes:
+        nonlocal shortened
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded()
+        if sock is not None and (read_timeout is None or remaining < read_timeout):
+            sock.settimeout(remaining)
+            shortened = True
+        try:
+            return read1(n)
+        except socket.timeout:
+            if shortened and deadline - time.monotonic() <= 0.001:
+                raise DeadlineExceeded() from None
+            raise
+
+    return read
+
+
+def _iter_generic(raw: Any) -> Iterator[bytes]:
+    """Any other transport (a mock, a custom adapter): urllib3's own reads and decoding."""
+    if hasattr(raw, "read1"):
+        while True:
+            data = raw.read1(_READ_SIZE, decode_content=True)
+            if not data:
+                break
+            yield data
+    else:
+        yield from raw.stream(_READ_SIZE, decode_content=True)
+    raw.release_conn()
