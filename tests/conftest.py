@@ -1,0 +1,65 @@
+"""Shared fixtures: emulators that are always stopped, a sleep recorder for retries, and guards that
+keep every test off the network (only loopback) and independent of the others."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+from aichatonline_sync import RetryPolicy
+from aichatonline_sync._api import close_shared_sessions
+from aichatonline_sync.testing import Emulator
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost", b"127.0.0.1", b"localhost"}
+
+
+class SleepRecorder:
+    """A fake ``sleep`` for :class:`RetryPolicy`: records each wait instead of waiting."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def policy(self, max_retries: int = 2, **kwargs: Any) -> RetryPolicy:
+        return RetryPolicy(max_retries=max_retries, sleep=self, **kwargs)
+
+
+@pytest.fixture
+def no_sleep() -> SleepRecorder:
+    return SleepRecorder()
+
+
+@pytest.fixture
+def emulator() -> Iterator[Callable[..., Emulator]]:
+    """``make(**kwargs)`` starts an :class:`Emulator`; every one made is stopped after the test."""
+    made: list[Emulator] = []
+
+    def make(**kwargs: Any) -> Emulator:
+        emu = Emulator(**kwargs)
+        made.append(emu)
+        return emu.start()
+
+    yield make
+    for emu in reversed(made):
+        emu.stop()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No environment leaks in, no host but loopback is resolved, no shared session leaks out."""
+    monkeypatch.delenv("AICHATONLINE_BASE_URL", raising=False)
+    real = socket.getaddrinfo
+
+    def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in _LOOPBACK:
+            raise socket.gaierror(f"tests may only reach loopback, not {host!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    yield
+    close_shared_sessions()
