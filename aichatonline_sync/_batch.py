@@ -152,7 +152,6 @@ def batch_iter(
             f"give session options ({', '.join(sorted(session_options))}) to the Session, "
             "not to batch() together with session="
         )
-    chat_options["keep_text"] = False
     bar = _progress_bar(len(items)) if progress else None
     limiter = RateLimiter(rate_limit) if rate_limit else None
     remote = executor is not None and not isinstance(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ._errors import InvalidRequestError
 
@@ -139,19 +139,23 @@ class RetryPolicy:
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (for logs, reprs and messages).
 
+    Works on the raw text, so a password with ``/``, ``#``, ``?`` or ``@`` in it is hidden too.
+
     >>> redact_url("http://user:secret@proxy:3128")
     'http://user:***@proxy:3128'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None and "@" not in parts.netloc:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at < 0:
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostport}" if user else f"***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, hostpart = rest[:at], rest[at + 1 :]
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url  # a user name alone is no secret
+    hidden = f"{user}:***" if user else "***"
+    return f"{scheme}{sep}{hidden}@{hostpart}"
 
 
 def validate_base_url(base_url: Optional[str]) -> str:

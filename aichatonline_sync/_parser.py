@@ -56,7 +56,7 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_loads", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_loads", "_overflow", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -67,6 +67,7 @@ class LineParser:
         self.pieces = 0
         #: The error line that stopped the parse, if any.
         self.error: Optional[ErrorLine] = None
+        self._overflow: Optional[ProtocolError] = None
 
     @property
     def stopped(self) -> bool:
@@ -86,6 +87,8 @@ class LineParser:
 
         :raises ProtocolError: a line longer than ``max_line``.
         """
+        if self._overflow is not None:
+            raise self._overflow
         if not data or self.stopped:
             return []
         if len(self._head) < _QUOTE:
@@ -95,17 +98,22 @@ class LineParser:
         if b"\n" not in data:
             self._buf = data
             if len(data) > self.max_line:
-                self._too_long()
+                self._buf = b""
+                raise self._too_long()
             return []
         lines = data.split(b"\n")
         rest = lines.pop()
-        if len(rest) > self.max_line:
-            self._buf = b""
-            self._too_long()
         self._buf = rest
+        check = len(data) > self.max_line  # only then can a line be too long
         out: list[str] = []
         loads = self._loads
         for line in lines:
+            if check and len(line) > self.max_line:
+                self._buf = b""
+                self._overflow = self._too_long()
+                if out:  # hand out what came before; raise at the next call
+                    break
+                raise self._overflow
             # Fast path: a plain JSON line with data.message (json.loads ignores "\r").
             try:
                 message = loads(line)["data"]["message"]
@@ -114,18 +122,27 @@ class LineParser:
             if message.__class__ is str:
                 out.append(message)
                 continue
-            if len(line) > self.max_line:
-                self._too_long()
             piece = self._slow_line(line)
             if piece is not None:
                 out.append(piece)
             elif self.error is not None:
                 break
+        else:
+            if check and len(rest) > self.max_line and self.error is None:
+                self._buf = b""
+                self._overflow = self._too_long()
+                if not out:
+                    raise self._overflow
         self.pieces += len(out)
         return out
 
     def close(self) -> list[str]:
-        """Parse the last line (one without a newline) and return its piece, if any."""
+        """Parse the last line (one without a newline) and return its piece, if any.
+
+        :raises ProtocolError: a line longer than ``max_line`` was found by the last :meth:`feed`.
+        """
+        if self._overflow is not None:
+            raise self._overflow
         if self.error is not None or not self._buf:
             return []
         line, self._buf = self._buf, b""
@@ -135,8 +152,8 @@ class LineParser:
         self.pieces += 1
         return [piece]
 
-    def _too_long(self) -> None:
-        raise ProtocolError(
+    def _too_long(self) -> ProtocolError:
+        return ProtocolError(
             f"a reply line is longer than {self.max_line} bytes; not a chat stream "
             "(raise max_line_bytes if the upstream really sends such lines)",
             body=self.head,
@@ -156,7 +173,7 @@ class LineParser:
             return None
         try:
             obj = self._loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             logger.debug("skipped a reply line that is not JSON: %.200r", line)
             return None
         if not isinstance(obj, dict):

@@ -177,6 +177,9 @@ class Session:
         self._request_headers = self._build_headers()
         self._token_url = f"{self.base_url}{TOKEN_PATH}"
         self._chat_url = f"{self.base_url}{CHAT_PATH}"
+        # What messages, errors and logs show: the URLs without credentials.
+        self._shown_token_url = redact_url(self._token_url)
+        self._shown_chat_url = redact_url(self._chat_url)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -263,7 +266,7 @@ class Session:
     def __repr__(self) -> str:
         proxy = f", proxy={redact_url(self.proxy)!r}" if self.proxy else ""
         state = ", closed" if self._closed else ""
-        return f"<Session base_url={self.base_url!r}{proxy}{state}>"
+        return f"<Session base_url={redact_url(self.base_url)!r}{proxy}{state}>"
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -307,7 +310,7 @@ class Session:
         except Exception as exc:
             raise translate_exception(
                 exc,
-                url=url,
+                url=url.split("?", 1)[0],
                 secrets=self._secrets(token),
                 timeout=connect_read[0]
                 if isinstance(exc, requests.exceptions.ConnectTimeout)
@@ -351,7 +354,7 @@ class Session:
             url = f"{self._token_url}?canvas=-{get_random_string()}"
             response = self._send("GET", url, timeout=timeout, deadline=deadline)
             if not 200 <= response.status_code < 300:
-                raise _status_error(response, self._token_url, "the token request")
+                raise _status_error(response, self._shown_token_url, "the token request")
             return self._read_token(response)
 
         return run_with_retries(attempt, self.retry, what="token request", deadline=deadline)
@@ -363,20 +366,20 @@ class Session:
                 body += chunk
                 if len(body) > _TOKEN_BODY_LIMIT:
                     raise TokenError(
-                        f"the token reply from {self._token_url} is larger than "
+                        f"the token reply from {self._shown_token_url} is larger than "
                         f"{_TOKEN_BODY_LIMIT} bytes; not a token"
                     )
         except AiChatOnlineError:
             raise
         except Exception as exc:
-            raise translate_exception(exc, url=self._token_url, secrets=self._secrets()) from exc
+            raise translate_exception(exc, url=self._shown_token_url, secrets=self._secrets()) from exc
         finally:
             response.close()
         try:
             data = json.loads(body)
         except ValueError:
             raise TokenError(
-                f"the token reply from {self._token_url} is not JSON; it begins: "
+                f"the token reply from {self._shown_token_url} is not JSON; it begins: "
                 f"{body[:200].decode('utf-8', 'replace')!r}"
             ) from None
         token = data.get("data") if isinstance(data, dict) else None
@@ -387,9 +390,9 @@ class Session:
                 else f"a {type(token).__name__} that is not a short printable string"
             )
             raise TokenError(
-                f"the token reply from {self._token_url} has no usable token: its 'data' is {shape}"
+                f"the token reply from {self._shown_token_url} has no usable token: its 'data' is {shape}"
             )
-        logger.debug("got a token from %s", self._token_url)
+        logger.debug("got a token from %s", self._shown_token_url)
         return token
 
     # -- chatting -------------------------------------------------------------------------------
@@ -493,18 +496,18 @@ class Session:
             token=token,
         )
         if not 200 <= response.status_code < 300:
-            raise _status_error(response, self._chat_url, "the chat request")
+            raise _status_error(response, self._shown_chat_url, "the chat request")
         content_type = response.headers.get("Content-Type", "").lower()
         if content_type.startswith("text/html"):
-            page = _status_error(response, self._chat_url, "the chat request").body
+            page = _status_error(response, self._shown_chat_url, "the chat request").body
             raise ProtocolError(
-                f"the chat reply from {self._chat_url} is an HTML page, not a chat stream "
+                f"the chat reply from {self._shown_chat_url} is an HTML page, not a chat stream "
                 f"(a captcha or an outage page?); it begins: {page[:200]!r}",
                 body=page,
             )
         stream = ChatStream(
             response,
-            url=self._chat_url,
+            url=self._shown_chat_url,
             conversation_id=body["conversationId"],
             model=model,
             deadline=deadline,
@@ -524,9 +527,11 @@ class Session:
 
     def complete(self, messages: Any, **options: Any) -> str:
         """Send a chat and return the whole reply as one str (same options as :meth:`chat`)."""
-        options["keep_text"] = False
+        options["keep_text"] = True  # the text is the result, and .partial of a failure
         with self.chat(messages, **options) as stream:
-            return "".join(stream)
+            for _ in stream:
+                pass
+            return stream.text
 
 
 class _TokenFailure(Exception):

@@ -130,10 +130,25 @@ def translate_exception(
             OSError,
         ),
     ):
-        return APIConnectionError(f"connection to {shown} failed: {cause}", url=shown)
+        return APIConnectionError(_connection_message(shown, exc, cause), url=shown)
     return APIConnectionError(
         f"request to {shown} failed: {type(exc).__name__}: {cause}", url=shown
     )
+
+
+def _connection_message(shown: str, exc: BaseException, cause: str) -> str:
+    root = _root_cause(exc)
+    chain = [root, *(getattr(root, attr, None) for attr in ("__cause__", "__context__"))]
+    if any(isinstance(item, ConnectionRefusedError) for item in chain) or "Connection refused" in cause:
+        return (
+            f"could not connect to {shown}: connection refused. Is the service (or the emulator) "
+            "running, and is the URL right?"
+        )
+    if any(isinstance(item, socket.gaierror) for item in chain) or "Name or service not known" in cause:
+        return f"could not connect to {shown}: the host name does not resolve ({cause})"
+    if any(isinstance(item, ConnectionResetError) for item in chain):
+        return f"the connection to {shown} was reset by the server before the reply ({cause})"
+    return f"connection to {shown} failed: {cause}"
 
 
 # --- decoding ---------------------------------------------------------------------------------
