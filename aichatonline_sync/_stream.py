@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Optional
@@ -20,6 +21,9 @@ from ._parser import LineParser
 from ._transport import DeadlineExceeded, iter_body, translate_exception
 
 __all__ = ["ChatStream"]
+
+#: CPython grows a str in place on ``s += t`` when nothing else holds ``s``; elsewhere, join a list.
+_GROW_IN_PLACE = sys.implementation.name == "cpython"
 
 logger = logging.getLogger("aichatonline_sync")
 
@@ -62,6 +66,7 @@ class ChatStream:
         self._parser = LineParser(max_line)
         self._keep_text = keep_text
         self._parts: list[str] = []
+        self._acc: Optional[str] = None
         self._text: Optional[str] = None
         self._first: list[str] = []
         self._finished = False
@@ -105,6 +110,8 @@ class ChatStream:
         """
         if self._text is not None:
             return self._text
+        if self._acc is not None:
+            return self._acc
         return "".join(self._parts)
 
     #: The text handed out so far (the same as :attr:`text` until the stream ends).
@@ -139,20 +146,35 @@ class ChatStream:
         try:
             batch: Optional[list[str]] = self._first
             self._first = []
-            parts = self._parts
-            keep = self._keep_text
-            while batch is not None:
-                if keep:
+            if not self._keep_text:
+                while batch is not None:
+                    yield from batch
+                    batch = self._next_batch(started=True)
+            elif _GROW_IN_PLACE:
+                # ``acc += piece`` on a local that nothing else holds makes CPython grow the str in
+                # place (realloc), so the whole reply costs about its own size in memory, never a
+                # list of pieces plus a joined copy. ``self._acc`` is dropped around each append
+                # (it would pin the old str) and set again for .text/.partial.
+                acc = ""
+                while batch is not None:
+                    for piece in batch:
+                        self._acc = None
+                        acc += piece
+                        self._acc = acc
+                        yield piece
+                    batch = self._next_batch(started=True)
+                self._text = acc
+                self._acc = None
+            else:
+                parts = self._parts
+                while batch is not None:
                     for piece in batch:
                         parts.append(piece)
                         yield piece
-                else:
-                    yield from batch
-                batch = self._next_batch(started=True)
-            self._finished = True
-            if keep:
+                    batch = self._next_batch(started=True)
                 self._text = "".join(parts)
                 parts.clear()
+            self._finished = True
         finally:
             self._release()
 
