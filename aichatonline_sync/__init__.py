@@ -5,10 +5,11 @@
 ...     print(text, end="", flush=True)
 """
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from ._api import chat, complete
-from ._batch import BatchResult, batch, batch_iter
 from ._config import RetryPolicy, Timeout
 from ._errors import (
     AiChatOnlineError,
@@ -26,7 +27,6 @@ from ._errors import (
     UpstreamError,
 )
 from ._prompt import format_prompt, get_random_string
-from ._provider import AiChatOnline
 from ._session import Session
 from ._stream import ChatStream
 from ._version import __version__
@@ -59,5 +59,31 @@ __all__ = [
     "format_prompt",
     "get_random_string",
 ]
+
+if TYPE_CHECKING:
+    from ._batch import BatchResult, batch, batch_iter
+    from ._provider import AiChatOnline
+
+# Loaded at first use, to keep ``import aichatonline_sync`` cheap.
+_LAZY = {
+    "AiChatOnline": "._provider",
+    "BatchResult": "._batch",
+    "batch": "._batch",
+    "batch_iter": "._batch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 logging.getLogger("aichatonline_sync").addHandler(logging.NullHandler())

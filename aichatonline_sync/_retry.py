@@ -8,9 +8,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, TypeVar
-
-import tenacity
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from ._config import RetryPolicy
 from ._errors import (
@@ -18,6 +16,9 @@ from ._errors import (
     APIStatusError,
     UpstreamError,
 )
+
+if TYPE_CHECKING:  # tenacity is imported at the first request, not at ``import aichatonline_sync``
+    import tenacity
 
 __all__ = ["parse_retry_after", "retry_reason", "run_with_retries"]
 
@@ -111,6 +112,7 @@ def run_with_retries(
     The last error is raised as it is. ``deadline`` (a :func:`time.monotonic` value) stops retrying
     when the next wait would end past it.
     """
+    import tenacity
 
     def should_retry(state: tenacity.RetryCallState) -> bool:
         outcome = state.outcome

@@ -94,9 +94,10 @@ class Ours(Client):
 
 
 class _Requests(Client):
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, trust_env: bool = True) -> None:
         super().__init__(base_url)
         self.http = requests.Session()
+        self.http.trust_env = trust_env
         response = self.http.get(self.token_url, timeout=TIMEOUT)
         response.raise_for_status()
         self.headers = {"UniqueId": response.json()["data"]}
@@ -116,12 +117,18 @@ class IterLines(_Requests):
     def __init__(self, base_url: str, chunk_size: Optional[int] = None) -> None:
         super().__init__(base_url)
         self.chunk_size = chunk_size
-        self.name = "requests iter_lines()" if chunk_size is None else f"requests iter_lines({chunk_size})"
+        self.name = (
+            "requests iter_lines()" if chunk_size is None else f"requests iter_lines({chunk_size})"
+        )
 
     def run(self, prompt: str, sink: Sink) -> None:
         loads = json.loads
         with self._post(prompt) as response:
-            lines = response.iter_lines() if self.chunk_size is None else response.iter_lines(self.chunk_size)
+            lines = (
+                response.iter_lines()
+                if self.chunk_size is None
+                else response.iter_lines(self.chunk_size)
+            )
             for line in lines:
                 if line:
                     sink(loads(line)["data"]["message"])
@@ -171,7 +178,9 @@ class BarePost(_Requests):
     name = "requests.Session().post (kept alive, token once)"
 
     def run(self, prompt: str, sink: Sink) -> None:
-        response = self.http.post(self.chat_url, json=_body(prompt), headers=self.headers, timeout=TIMEOUT)
+        response = self.http.post(
+            self.chat_url, json=_body(prompt), headers=self.headers, timeout=TIMEOUT
+        )
         response.raise_for_status()
         loads = json.loads
         for line in response.content.split(b"\n"):
@@ -274,7 +283,9 @@ class Aiohttp(_Async):
 
     async def arun(self, prompt: str, sink: Sink) -> None:
         loads = json.loads
-        async with self.session.post(self.chat_url, headers=self.headers, json=_body(prompt)) as response:
+        async with self.session.post(
+            self.chat_url, headers=self.headers, json=_body(prompt)
+        ) as response:
             response.raise_for_status()
             async for chunk in response.content:
                 try:
@@ -306,10 +317,13 @@ def load_g4f() -> tuple[Any, Optional[str]]:
         found = version("g4f")
         if found != "6.7.1":
             raise ImportError(f"g4f {found} is installed, not 6.7.1")
-        path = os.path.join(os.path.dirname(spec_g4f.origin), "Provider", "not_working", "AiChatOnline.py")
+        path = os.path.join(
+            os.path.dirname(spec_g4f.origin), "Provider", "not_working", "AiChatOnline.py"
+        )
         name = "g4f.Provider.not_working.AiChatOnline"
         spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
+        assert spec is not None
+        assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _G4F = module

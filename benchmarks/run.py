@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001 - the tables print the multiplication and minus signs
 """The benchmark suite of aichatonline_sync: ``python benchmarks/run.py [--quick] [--write FILE]``.
 
 It starts its own server process (``servers.py``: a lean server on 127.0.0.1, and the library's
@@ -116,7 +117,11 @@ def machine(report: Report, quick: bool) -> None:
 
     try:
         commit = subprocess.run(
-            ["git", "-C", HERE, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+            ["git", "-C", HERE, "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "?"
@@ -133,7 +138,9 @@ def machine(report: Report, quick: bool) -> None:
     report(f"# aichatonline_sync benchmarks{' (--quick)' if quick else ''}")
     report()
     report(f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}")
-    report(f"- machine: {os.cpu_count()} CPUs (nproc), {cpu}, {platform.system()} {platform.release()}")
+    report(
+        f"- machine: {os.cpu_count()} CPUs (nproc), {cpu}, {platform.system()} {platform.release()}"
+    )
     report(f"- Python {platform.python_version()} ({platform.python_implementation()})")
     report(
         f"- aichatonline_sync {ver('aichatonline-sync')} (git {commit}), requests {ver('requests')}, "
@@ -141,7 +148,9 @@ def machine(report: Report, quick: bool) -> None:
     )
     report(f"- library measured: `{package}` (sources sha1 {digest.hexdigest()[:12]})")
     report(f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    report("- server: `benchmarks/servers.py` in its own process on 127.0.0.1 (lean server unless said)")
+    report(
+        "- server: `benchmarks/servers.py` in its own process on 127.0.0.1 (lean server unless said)"
+    )
     report()
 
 
@@ -166,7 +175,12 @@ def time_run(client: Any, prompt: str, expect: dict[str, Any]) -> tuple[float, f
 
 
 def throughput_round_robin(
-    srv: ServerProcess, keys: Sequence[str], framing: str, lines: int, repeats: int, server: str = "lean"
+    srv: ServerProcess,
+    keys: Sequence[str],
+    framing: str,
+    lines: int,
+    repeats: int,
+    server: str = "lean",
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median thousand pieces per second of every reader, for one framing: by wall time and by the
     client process's CPU time (the latter is less disturbed by other load on the machine)."""
@@ -197,21 +211,26 @@ def throughput_round_robin(
 
 def bench_throughput(srv: ServerProcess, report: Report, quick: bool) -> None:
     lines = 50_000 if quick else 200_000
-    repeats = 3 if quick else 5
+    repeats = 3 if quick else 7
     keys = available(["ours", "ours_nokeep", *STOCK, "aiohttp", "g4f", "floor"], report)
-    report(f"## 1. Throughput: {lines:,} one-line pieces (thousand pieces/s, median of {repeats}, round-robin)")
+    report(
+        f"## 1. Throughput: {lines:,} one-line pieces (thousand pieces/s, median of {repeats}, round-robin)"
+    )
     report()
     report(
-        "Each reply line is `{\"code\": 200, \"msg\": \"success\", \"data\": {\"message\": \"<word> \"}}`; "
+        'Each reply line is `{"code": 200, "msg": "success", "data": {"message": "<word> "}}`; '
         "chunked sends one HTTP chunk per line. Every reader `json.loads` each line and hands "
         "`data.message` to the caller (who keeps it); ours also keeps `.text` unless keep_text=False."
     )
     report()
     rates, cpu_rates = {}, {}
     for framing in FRAMINGS:
-        rates[framing], cpu_rates[framing] = throughput_round_robin(srv, keys, framing, lines, repeats)
+        rates[framing], cpu_rates[framing] = throughput_round_robin(
+            srv, keys, framing, lines, repeats
+        )
     rows = [
-        [LABEL[key]] + [f"{rates[f][key]:.0f} ({cpu_rates[f][key]:.0f})" for f in FRAMINGS] for key in keys
+        [LABEL[key]] + [f"{rates[f][key]:.0f} ({cpu_rates[f][key]:.0f})" for f in FRAMINGS]
+        for key in keys
     ]
     report("Wall-clock rate (in brackets: pieces per CPU second of the client process).")
     report()
@@ -222,20 +241,52 @@ def bench_throughput(srv: ServerProcess, report: Report, quick: bool) -> None:
             r, c = rates[framing], cpu_rates[framing]
             best = max(STOCK, key=lambda k: r[k])
             best_c = max(STOCK, key=lambda k: c[k])
-            vs_best, vs_aio, vs_floor = r[ours_key] / r[best], r[ours_key] / r["aiohttp"], r[ours_key] / r["floor"]
+            vs_best, vs_aio, vs_floor = (
+                r[ours_key] / r[best],
+                r[ours_key] / r["aiohttp"],
+                r[ours_key] / r["floor"],
+            )
             cvs_best, cvs_aio, cvs_floor = (
-                c[ours_key] / c[best_c], c[ours_key] / c["aiohttp"], c[ours_key] / c["floor"]
+                c[ours_key] / c[best_c],
+                c[ours_key] / c["aiohttp"],
+                c[ours_key] / c["floor"],
             )
             ratio_rows.append(
-                [LABEL[ours_key], framing, f"{vs_best:.2f} ({cvs_best:.2f}) vs {LABEL[best]}",
-                 f"{vs_aio:.2f} ({cvs_aio:.2f})", f"{vs_floor:.2f} ({cvs_floor:.2f})"]
+                [
+                    LABEL[ours_key],
+                    framing,
+                    f"{vs_best:.2f} ({cvs_best:.2f}) vs {LABEL[best]}",
+                    f"{vs_aio:.2f} ({cvs_aio:.2f})",
+                    f"{vs_floor:.2f} ({cvs_floor:.2f})",
+                ]
             )
             if ours_key == "ours":
-                report.target(f"throughput {framing}", "≥ 1.0 × best stock", f"{vs_best:.2f} × (CPU {cvs_best:.2f} ×)", vs_best >= 1.0)
-                report.target(f"throughput {framing}", "≥ 1.2 × aiohttp", f"{vs_aio:.2f} × (CPU {cvs_aio:.2f} ×)", vs_aio >= 1.2)
-                report.target(f"throughput {framing}", "aim ≥ 0.85 × floor", f"{vs_floor:.2f} × (CPU {cvs_floor:.2f} ×)", vs_floor >= 0.85)
+                report.target(
+                    f"throughput {framing}",
+                    "≥ 1.0 × best stock",
+                    f"{vs_best:.2f} × (CPU {cvs_best:.2f} ×)",
+                    vs_best >= 1.0,
+                )
+                report.target(
+                    f"throughput {framing}",
+                    "≥ 1.2 × aiohttp",
+                    f"{vs_aio:.2f} × (CPU {cvs_aio:.2f} ×)",
+                    vs_aio >= 1.2,
+                )
+                report.target(
+                    f"throughput {framing}",
+                    "aim ≥ 0.85 × floor",
+                    f"{vs_floor:.2f} × (CPU {cvs_floor:.2f} ×)",
+                    vs_floor >= 0.85,
+                )
     report.table(
-        ["client", "framing", "ours / best stock (≥ 1.0)", "ours / aiohttp (≥ 1.2)", "ours / floor (aim ≥ 0.85)"],
+        [
+            "client",
+            "framing",
+            "ours / best stock (≥ 1.0)",
+            "ours / aiohttp (≥ 1.2)",
+            "ours / floor (aim ≥ 0.85)",
+        ],
         ratio_rows,
     )
 
@@ -244,7 +295,9 @@ def bench_server_check(srv: ServerProcess, report: Report, quick: bool) -> None:
     lines = 50_000 if quick else 200_000
     repeats = 2 if quick else 3
     keys = ["ours", "floor"]
-    report(f"## 0. Server check: lean server versus the library's Emulator ({lines:,} pieces, thousand pieces/s)")
+    report(
+        f"## 0. Server check: lean server versus the library's Emulator ({lines:,} pieces, thousand pieces/s)"
+    )
     report()
     report(
         "The same readers against both servers (each in its own process). Where the floor reads the "
@@ -257,11 +310,27 @@ def bench_server_check(srv: ServerProcess, report: Report, quick: bool) -> None:
         lean = throughput_round_robin(srv, keys, framing, lines, repeats, "lean")[0]
         emu = throughput_round_robin(srv, keys, framing, lines, repeats, "emulator")[0]
         rows.append(
-            [framing, f"{lean['floor']:.0f}", f"{emu['floor']:.0f}", f"{emu['floor'] / lean['floor']:.2f}",
-             f"{lean['ours']:.0f}", f"{emu['ours']:.0f}", f"{emu['ours'] / lean['ours']:.2f}"]
+            [
+                framing,
+                f"{lean['floor']:.0f}",
+                f"{emu['floor']:.0f}",
+                f"{emu['floor'] / lean['floor']:.2f}",
+                f"{lean['ours']:.0f}",
+                f"{emu['ours']:.0f}",
+                f"{emu['ours'] / lean['ours']:.2f}",
+            ]
         )
     report.table(
-        ["framing", "floor, lean", "floor, emulator", "emu/lean", "ours, lean", "ours, emulator", "emu/lean"], rows
+        [
+            "framing",
+            "floor, lean",
+            "floor, emulator",
+            "emu/lean",
+            "ours, lean",
+            "ours, emulator",
+            "emu/lean",
+        ],
+        rows,
     )
 
 
@@ -286,7 +355,9 @@ def bench_latency(srv: ServerProcess, report: Report, quick: bool) -> None:
     report()
     results: dict[tuple[str, str, bool], tuple[float, float]] = {}
     for framing, gz in configs:
-        expect = srv.configure(reply={"kind": "words", "n": lines}, framing=framing, gzip=gz, delay=delay)
+        expect = srv.configure(
+            reply={"kind": "words", "n": lines}, framing=framing, gzip=gz, delay=delay
+        )
         clients = {key: READERS[key](srv.base_url) for key in keys}
         for client in clients.values():
             if isinstance(client, Ours):
@@ -313,12 +384,17 @@ def bench_latency(srv: ServerProcess, report: Report, quick: bool) -> None:
     def cell(v: tuple[float, float]) -> str:
         return f"{v[0]:.2f} / {v[1]:.2f}" if v[1] < 100 else f"{v[0]:.0f} / {v[1]:.0f}"
 
-    report.table(headers, [[LABEL[key]] + [cell(results[(key, f, gz)]) for f, gz in configs] for key in keys])
+    report.table(
+        headers, [[LABEL[key]] + [cell(results[(key, f, gz)]) for f, gz in configs] for key in keys]
+    )
     for f, gz in configs:
         med, worst = results[("ours", f, gz)]
         ok = med <= 0.5 and worst <= 2.0
         report.target(
-            f"latency {f}{' gzip' if gz else ''}", "median ≤ 0.5 ms, worst ≤ 2 ms", f"{med:.2f} / {worst:.2f} ms", ok
+            f"latency {f}{' gzip' if gz else ''}",
+            "median ≤ 0.5 ms, worst ≤ 2 ms",
+            f"{med:.2f} / {worst:.2f} ms",
+            ok,
         )
 
 
@@ -326,10 +402,15 @@ def bench_latency(srv: ServerProcess, report: Report, quick: bool) -> None:
 
 
 def bench_session(srv: ServerProcess, report: Report, quick: bool) -> None:
-    rounds = 4 if quick else 10
-    block = 10 if quick else 20
+    _session_table(srv, report, 8 if quick else 20, 10, 0.0)
+    _session_table(srv, report, 2 if quick else 4, 5, 0.010)
+
+
+def _session_table(srv: ServerProcess, report: Report, rounds: int, block: int, rtt: float) -> None:
     pieces = 20
-    expect = srv.configure(reply={"kind": "words", "n": pieces}, framing="chunked")
+    expect = srv.configure(
+        reply={"kind": "words", "n": pieces}, framing="chunked", request_delay=rtt
+    )
     url = srv.base_url
     import aichatonline_sync
 
@@ -380,8 +461,7 @@ def bench_session(srv: ServerProcess, report: Report, quick: bool) -> None:
             self.http.close()
 
     def bare_noenv() -> BarePost:
-        client = BarePost(url)
-        client.http.trust_env = False
+        client = BarePost(url, trust_env=False)
         client.name = "requests.Session(trust_env=False).post (kept alive)"
         return client
 
@@ -396,6 +476,8 @@ def bench_session(srv: ServerProcess, report: Report, quick: bool) -> None:
         "httpclient": lambda: HttpClientKept(url),
         "aiohttp": lambda: READERS["aiohttp"](url),
     }
+    if rtt:
+        makers = {key: makers[key] for key in ("ours", "bare", "aiohttp")}
     if load_g4f()[0] is not None:
         makers["g4f"] = lambda: READERS["g4f"](url)
     else:
@@ -431,29 +513,65 @@ def bench_session(srv: ServerProcess, report: Report, quick: bool) -> None:
         for client in clients.values():
             client.close()
     med = {key: statistics.median(ts) * 1000 for key, ts in times.items()}
-    report(f"## 3. Sequential short chats ({pieces} pieces, chunked): {rounds * block} chats per client, round-robin blocks of {block}")
-    report()
-    report(
-        "Connections and token requests are counted by the server over all chats of a client, its "
-        "set-up included. Baselines fetch their one token at set-up; g4f's provider makes a new "
-        "ClientSession, token and connection per chat. aiohttp is the gpt4free read with one "
-        "kept-alive ClientSession (not what g4f did). The `trust_env=False` rows show what requests "
-        "spends per call re-reading the environment (proxies, no_proxy, netrc, CA bundle)."
-    )
-    report()
+    if rtt:
+        report(
+            f"### 3b. The same with {rtt * 1000:.0f} ms server delay before every answer "
+            f"(a simulated network round trip; no TLS or TCP handshake cost): {rounds * block} chats per client"
+        )
+        report()
+    else:
+        report(
+            f"## 3. Sequential short chats ({pieces} pieces, chunked): {rounds * block} chats per client, "
+            f"round-robin blocks of {block}"
+        )
+        report()
+    if not rtt:
+        report(
+            "Connections and token requests are counted by the server over all chats of a client, its "
+            "set-up included. Baselines fetch their one token at set-up; g4f's provider makes a new "
+            "ClientSession, token and connection per chat. aiohttp is the gpt4free read with one "
+            "kept-alive ClientSession (not what g4f did). The `trust_env=False` rows show what requests "
+            "spends per call re-reading the environment (proxies, no_proxy, netrc, CA bundle)."
+        )
+        report()
     rows = []
     for key in keys:
         c = counts[key]
-        name = {"ours": "**aichatonline_sync Session.chat()**"}.get(key, getattr(clients[key], "name", key))
-        rows.append(
-            [name, c["chats"], c["connections"], c["tokens"], f"{med[key]:.2f}", f"{med[key] / med['bare']:.2f}"]
+        name = {"ours": "**aichatonline_sync Session.chat()**"}.get(
+            key, getattr(clients[key], "name", key)
         )
-    report.table(["client", "chats", "TCP connections", "token requests", "median ms/chat", "÷ bare post"], rows)
+        rows.append(
+            [
+                name,
+                c["chats"],
+                c["connections"],
+                c["tokens"],
+                f"{med[key]:.2f}",
+                f"{med[key] / med['bare']:.2f}",
+            ]
+        )
+    report.table(
+        ["client", "chats", "TCP connections", "token requests", "median ms/chat", "÷ bare post"],
+        rows,
+    )
+    if rtt:
+        if "g4f" in med:
+            report(
+                f"g4f 6.7.1 provider ÷ ours with {rtt * 1000:.0f} ms per round trip: **{med['g4f'] / med['ours']:.1f} ×**."
+            )
+            report()
+        return
     c = counts["ours"]
-    report.target("sequential chats", "1 connection, 1 token", f"{c['connections']} / {c['tokens']}",
-                  c["connections"] == 1 and c["tokens"] == 1)
+    report.target(
+        "sequential chats",
+        "1 connection, 1 token",
+        f"{c['connections']} / {c['tokens']}",
+        c["connections"] == 1 and c["tokens"] == 1,
+    )
     ratio = med["ours"] / med["bare"]
-    report.target("sequential chats", "≤ 1.3 × bare kept-alive post", f"{ratio:.2f} ×", ratio <= 1.3)
+    report.target(
+        "sequential chats", "≤ 1.3 × bare kept-alive post", f"{ratio:.2f} ×", ratio <= 1.3
+    )
     if "g4f" in med:
         speed = med["g4f"] / med["ours"]
         report.target("sequential chats", "≥ 2 × faster than g4f", f"{speed:.1f} ×", speed >= 2.0)
@@ -505,7 +623,8 @@ def _child_memory(key: str, url: str, consumer: str) -> None:
     if consumer == "concat":
         # keep_text=False, the caller building the text with `text += piece` (CPython resizes a str
         # with one reference in place): what a stream could do inside for `.text`.
-        assert isinstance(client, Ours) and not client.keep_text
+        assert isinstance(client, Ours)
+        assert not client.keep_text
         with client.session.chat("Hello", keep_text=False) as stream:
             text = ""
             for piece in stream:
@@ -514,11 +633,12 @@ def _child_memory(key: str, url: str, consumer: str) -> None:
         count = [-1, len(text)]
     elif isinstance(client, Ours) and client.keep_text:
         with client.session.chat("Hello") as stream:
-            for piece in stream:
+            for _piece in stream:
                 count[0] += 1
         result = stream.text
         count[1] = len(result)
     else:
+
         def sink(piece: str) -> None:
             count[0] += 1
             count[1] += len(piece)
@@ -527,13 +647,26 @@ def _child_memory(key: str, url: str, consumer: str) -> None:
     peak = _peak_kib(reset)
     del result
     client.close()
-    print(json.dumps({"before_kib": before, "peak_kib": peak, "pieces": count[0], "chars": count[1], "reset": reset}))
+    print(
+        json.dumps(
+            {
+                "before_kib": before,
+                "peak_kib": peak,
+                "pieces": count[0],
+                "chars": count[1],
+                "reset": reset,
+            }
+        )
+    )
 
 
 def _run_child(key: str, url: str, consumer: str = "") -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child-memory", key, url, consumer or "-"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {key} failed: {proc.stderr[-2000:]}")
@@ -563,13 +696,17 @@ def bench_memory(srv: ServerProcess, report: Report, quick: bool) -> None:
     for framing, gz in cases:
         peaks: dict[tuple[str, int], dict[str, Any]] = {}
         for chars in (small, big):
-            expect = srv.configure(reply={"kind": "sized", "chars": chars, "size": size}, framing=framing, gzip=gz)
+            expect = srv.configure(
+                reply={"kind": "sized", "chars": chars, "size": size}, framing=framing, gzip=gz
+            )
             case_keys = keys if not gz else ["ours", "ours_nokeep", "floor"]
             for key in case_keys:
                 reader, consumer = ("ours_nokeep", "concat") if key == "concat" else (key, "")
                 got = _run_child(reader, srv.base_url, consumer)
                 if got["chars"] != expect["chars"]:
-                    raise AssertionError(f"memory {key}: {got['chars']} chars, expected {expect['chars']}")
+                    raise AssertionError(
+                        f"memory {key}: {got['chars']} chars, expected {expect['chars']}"
+                    )
                 peaks[(key, chars)] = got
         for key in {k for k, _ in peaks}:
             # The chat's own peak above the RSS it started from, big reply minus small reply.
@@ -580,7 +717,11 @@ def bench_memory(srv: ServerProcess, report: Report, quick: bool) -> None:
     cols = [f"{f}{' gzip' if gz else ''}" for f, gz in cases]
     rows = []
     for key in keys:
-        label = "aichatonline_sync keep_text=False + caller `text += piece`" if key == "concat" else LABEL[key]
+        label = (
+            "aichatonline_sync keep_text=False + caller `text += piece`"
+            if key == "concat"
+            else LABEL[key]
+        )
         keeper = key in ("ours", "concat")
         cells = []
         for f, gz in cases:
@@ -609,9 +750,17 @@ def bench_memory(srv: ServerProcess, report: Report, quick: bool) -> None:
         grow_kib = (res[w_big]["peak_kib"] - res[w_big]["before_kib"]) - (
             res[w_small]["peak_kib"] - res[w_small]["before_kib"]
         )
-        label = "aichatonline_sync (keep_text=True)" if not consumer else "keep_text=False + caller `text += piece`"
-        rows.append([label, f"{grow_kib / 1024:.1f} MiB", f"{grow_kib * 1024 / (w_big - w_small):.2f} ×"])
-    report(f"Word-sized pieces (6 characters, chunked), {w_small / 1e6:.0f} MB → {w_big / 1e6:.0f} MB of text:")
+        label = (
+            "aichatonline_sync (keep_text=True)"
+            if not consumer
+            else "keep_text=False + caller `text += piece`"
+        )
+        rows.append(
+            [label, f"{grow_kib / 1024:.1f} MiB", f"{grow_kib * 1024 / (w_big - w_small):.2f} ×"]
+        )
+    report(
+        f"Word-sized pieces (6 characters, chunked), {w_small / 1e6:.0f} MB → {w_big / 1e6:.0f} MB of text:"
+    )
     report()
     report.table(["consumer", "RSS growth", "÷ text growth"], rows)
 
@@ -626,8 +775,9 @@ def _import_env(cached: bool) -> dict[str, str]:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(_tmpdir(), "pycache")
     else:
+        # As in this sandbox: requests' bytecode from its install, ours compiled at every import.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-        env["PYTHONPYCACHEPREFIX"] = os.path.join(_tmpdir(), "empty-pycache")
+        env.pop("PYTHONPYCACHEPREFIX", None)
     return env
 
 
@@ -648,7 +798,12 @@ def _tmpdir() -> str:
 def _import_time(module: str, cached: bool) -> float:
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=_import_env(cached)
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=_import_env(cached),
     )
     return float(out.stdout.strip()) * 1000
 
@@ -656,7 +811,11 @@ def _import_time(module: str, cached: bool) -> float:
 def _importtime_self(module: str) -> dict[str, int]:
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"],
-        capture_output=True, text=True, timeout=60, env=_import_env(True),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=_import_env(True),
     )
     out: dict[str, int] = {}
     for line in proc.stderr.splitlines():
@@ -681,16 +840,26 @@ def bench_import(report: Report, quick: bool) -> None:
                 times[module].append(_import_time(module, cached))
         for module in modules:
             med[(module, cached)] = statistics.median(times[module])
-        what = "bytecode cached (as installed)" if cached else "no bytecode (compiled at import)"
-        rows += [[f"`import {m}`", what, f"{med[(m, cached)]:.1f}", f"{min(times[m]):.1f}"] for m in modules]
-        rows.append(["difference", what, f"**{med[(modules[1], cached)] - med[(modules[0], cached)]:.1f}**", ""])
+        what = "cached (as installed)" if cached else "editable, PYTHONDONTWRITEBYTECODE=1"
+        rows += [
+            [f"`import {m}`", what, f"{med[(m, cached)]:.1f}", f"{min(times[m]):.1f}"]
+            for m in modules
+        ]
+        rows.append(
+            [
+                "difference",
+                what,
+                f"**{med[(modules[1], cached)] - med[(modules[0], cached)]:.1f}**",
+                "",
+            ]
+        )
     extra = med[(modules[1], True)] - med[(modules[0], True)]
     report(f"## 5. Import time (fresh processes, median of {n}, round-robin)")
     report()
     report(
-        "This sandbox sets PYTHONDONTWRITEBYTECODE=1, so an editable install compiles the package at "
-        "every import; the target is judged with bytecode cached, as a pip install leaves it "
-        "(kept under a temporary PYTHONPYCACHEPREFIX)."
+        "This sandbox sets PYTHONDONTWRITEBYTECODE=1, so its editable install compiles the package at "
+        "every import (second block); the target is judged with bytecode cached for both, as a pip "
+        "install leaves it (under a temporary PYTHONPYCACHEPREFIX)."
     )
     report()
     report.table(["import", "bytecode", "median ms", "min ms"], rows)
@@ -702,7 +871,9 @@ def bench_import(report: Report, quick: bool) -> None:
         top = name.split(".")[0]
         groups[top] = groups.get(top, 0) + us
     top = sorted(groups.items(), key=lambda kv: -kv[1])[:8]
-    report("What `aichatonline_sync` imports beyond `requests` (`-X importtime`, self time summed per top-level package, one run):")
+    report(
+        "What `aichatonline_sync` imports beyond `requests` (`-X importtime`, self time summed per top-level package, one run):"
+    )
     report()
     report.table(["package", "ms"], [[f"`{name}`", f"{us / 1000:.1f}"] for name, us in top])
     report.target("import", "≤ 15 ms more than requests", f"{extra:.1f} ms", extra <= 15.0)
@@ -716,12 +887,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a reduced run (under ~2 minutes)")
     parser.add_argument("--write", metavar="FILE", help="also write the markdown report to FILE")
     parser.add_argument(
-        "--lib", metavar="DIR",
+        "--lib",
+        metavar="DIR",
         help="benchmark the aichatonline_sync package found in DIR (e.g. a `git archive` of a commit) "
         "instead of the installed one",
     )
     parser.add_argument(
-        "--only", action="append", choices=["server", "throughput", "latency", "session", "memory", "import"],
+        "--only",
+        action="append",
+        choices=["server", "throughput", "latency", "session", "memory", "import"],
         help="run only these sections (repeatable)",
     )
     args = parser.parse_args(argv)
@@ -749,10 +923,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report("## Targets")
     report()
     report.table(
-        ["measure", "target", "measured", ""], [[m, t, v, mark(ok)] for m, t, v, ok in report.targets]
+        ["measure", "target", "measured", ""],
+        [[m, t, v, mark(ok)] for m, t, v, ok in report.targets],
     )
     met = sum(ok for *_, ok in report.targets)
-    report(f"{met} of {len(report.targets)} targets met; run took {time.perf_counter() - started:.0f} s.")
+    report(
+        f"{met} of {len(report.targets)} targets met; run took {time.perf_counter() - started:.0f} s."
+    )
     if args.write:
         with open(args.write, "w", encoding="utf-8") as fh:
             fh.write("\n".join(report.lines) + "\n")

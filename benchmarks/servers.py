@@ -16,7 +16,8 @@ Two kinds of server speak the AiChatOnline protocol (token GET, chat POST, one J
 
 Both listen on 127.0.0.1 only. Commands: ``configure`` (returns the port, the number of pieces and
 characters of the reply), ``stats`` (connections accepted, token and chat requests since ``reset``),
-``reset``, ``stamps`` (the send stamps of the last paced reply), ``quit``.
+``reset``, ``stamps`` (the send stamps of the last paced reply), ``quit``. ``request_delay`` makes the
+lean server wait that long before answering each request (a simulated network round trip).
 """
 
 from __future__ import annotations
@@ -37,19 +38,7 @@ TOKEN_PATH = "/api/v1/user/getUniqueId"
 CHAT_PATH = "/aichatonline/api/chat/gpt"
 HOST = "127.0.0.1"
 
-_WORDS = (
-    "the of and to in is you that it he was for on are as with his they at be this have from or "
-    "one had by word but not what all were we when your can said there use an each which she do "
-    "how their if will up other about out many then them these so some her would make like him "
-    "into time has look two more write go see number no way could people my than first water been "
-    "call who oil its now find long down day did get come made may part over new sound take only "
-    "little work know place year live me back give most very after thing our just name good "
-    "sentence man think say great where help through much before line right too mean old any same "
-    "tell boy follow came want show also around form three small set put end does another well "
-    "large must big even such because turn here why ask went men read need land different home us "
-    "move try kind hand picture again change off play spell air away animal house point page "
-    "letter mother answer found study still learn should America world Zürich naïve café déjà vu"
-).split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "over", "new", "sound", "take", "only", "little", "work", "know", "place", "year", "live", "me", "back", "give", "most", "very", "after", "thing", "our", "just", "name", "good", "sentence", "man", "think", "say", "great", "where", "help", "through", "much", "before", "line", "right", "too", "mean", "old", "any", "same", "tell", "boy", "follow", "came", "want", "show", "also", "around", "form", "three", "small", "set", "put", "end", "does", "another", "well", "large", "must", "big", "even", "such", "because", "turn", "here", "why", "ask", "went", "men", "read", "need", "land", "different", "home", "us", "move", "try", "kind", "hand", "picture", "again", "change", "off", "play", "spell", "air", "away", "animal", "house", "point", "page", "letter", "mother", "answer", "found", "study", "still", "learn", "should", "America", "world", "Zürich", "naïve", "café", "déjà", "vu"]
 
 
 # --- reply content ------------------------------------------------------------------------------
@@ -157,6 +146,7 @@ class LeanServer:
         self.lock = threading.Lock()
         self.stats = {"connections": 0, "tokens": 0, "chats": 0}
         self.stamps: list[int] = []
+        self.request_delay = 0.0
         self.stopping = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -194,6 +184,8 @@ class LeanServer:
                     body = rfile.read(int(headers["content-length"]))
                 keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
                 path = target.split("?", 1)[0]
+                if self.request_delay:
+                    time.sleep(self.request_delay)  # a simulated network round trip
                 if method == "GET" and path == TOKEN_PATH:
                     token = secrets.token_hex(16)
                     with self.lock:
@@ -207,7 +199,9 @@ class LeanServer:
                         valid = headers.get("uniqueid", "") in self.tokens
                     reply = self.reply
                     if not valid or reply is None:
-                        self._simple(sock, 401, b'{"code": 401, "message": "invalid UniqueId"}', keep)
+                        self._simple(
+                            sock, 401, b'{"code": 401, "message": "invalid UniqueId"}', keep
+                        )
                     else:
                         json.loads(body)  # a real server parses the body too
                         self._chat(sock, reply)
@@ -246,9 +240,8 @@ class LeanServer:
         framed, count = reply.framed, len(reply.framed)
         sendall, now_ns, sleep = sock.sendall, time.perf_counter_ns, time.sleep
         start = time.perf_counter()
-        for index, chunk in enumerate(framed):
-            if index == 0:
-                chunk = reply.head + chunk
+        for index, line in enumerate(framed):
+            chunk = reply.head + line if index == 0 else line
             if index == count - 1:
                 chunk += reply.terminator
             if index:
@@ -301,6 +294,7 @@ def _serve_forever() -> None:
                 port = emulator.port
             else:
                 lean.configure(reply)
+                lean.request_delay = float(cmd.get("request_delay", 0.0))
                 port = lean.port
             answer = {
                 "port": port,
@@ -349,7 +343,8 @@ class ServerProcess:
         self.port = 0
 
     def call(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
