@@ -36,7 +36,7 @@ from ._parser import DEFAULT_MAX_LINE
 from ._prompt import build_prompt, get_random_string
 from ._retry import parse_retry_after, run_with_retries
 from ._stream import ChatStream
-from ._transport import translate_exception
+from ._transport import iter_body, translate_exception
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "Session"]
 
@@ -70,7 +70,7 @@ def _status_error(response: requests.Response, url: str, what: str) -> APIStatus
     """Read at most 2 KiB of a non-2xx reply and build the matching :class:`APIStatusError`."""
     body = b""
     try:
-        for chunk in response.iter_content(1024):
+        for chunk in iter_body(response):
             body += chunk
             if len(body) >= _STATUS_BODY_LIMIT:
                 break
@@ -362,13 +362,15 @@ class Session:
     def _read_token(self, response: requests.Response) -> str:
         body = b""
         try:
-            for chunk in response.iter_content(8192):
+            for chunk in iter_body(response):
                 body += chunk
                 if len(body) > _TOKEN_BODY_LIMIT:
                     raise TokenError(
                         f"the token reply from {self._shown_token_url} is larger than "
                         f"{_TOKEN_BODY_LIMIT} bytes; not a token"
                     )
+        except ProtocolError as exc:
+            raise TokenError(f"the token reply from {self._shown_token_url} is unreadable: {exc}") from exc
         except AiChatOnlineError:
             raise
         except Exception as exc:

@@ -35,6 +35,7 @@ __all__ = ["BodyTruncated", "DeadlineExceeded", "iter_body", "scrub", "translate
 logger = logging.getLogger("aichatonline_sync")
 
 _READ_SIZE = 65536
+_MAX_DECODED = 1 << 20  # the most bytes one decode step may produce
 _MAX_CHUNK_LINE = 4096
 
 
@@ -155,28 +156,41 @@ def _connection_message(shown: str, exc: BaseException, cause: str) -> str:
 
 
 class _Decoder:
-    """Incremental Content-Encoding decoder (gzip, deflate; several gzip members)."""
+    """Incremental, bounded Content-Encoding decoder (gzip with several members, deflate).
+
+    Each call hands out at most ``_MAX_DECODED`` bytes at a time, so a small, highly compressed
+    body (a decompression bomb) never expands in one go: the parser's line limit then stops it.
+    """
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         self._gzip = encoding in ("gzip", "x-gzip")
         self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
-        self._first = True
+        self._first = not self._gzip
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes) -> Iterator[bytes]:
         try:
-            if self._first and not self._gzip:
+            if self._first:
                 self._first = False
                 try:
-                    return bytes(self._obj.decompress(data))
+                    out = self._obj.decompress(data, _MAX_DECODED)
                 except zlib.error:  # raw deflate, as some servers send
                     self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-            out = self._obj.decompress(data)
-            while self._gzip and self._obj.eof and self._obj.unused_data:
-                rest = self._obj.unused_data
-                self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                out += self._obj.decompress(rest)
-            return bytes(out)
+                else:
+                    if out:
+                        yield out
+                    data = self._obj.unconsumed_tail
+            while data:
+                obj = self._obj
+                out = obj.decompress(data, _MAX_DECODED)
+                data = obj.unconsumed_tail
+                if obj.eof and obj.unused_data:
+                    if not self._gzip:
+                        raise ProtocolError("the deflate body has data after its end")
+                    data = obj.unused_data  # the next gzip member
+                    self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                if out:
+                    yield out
         except zlib.error as exc:
             raise ProtocolError(
                 f"the reply says Content-Encoding: {self.encoding} but its body does not decode "
@@ -334,9 +348,7 @@ def iter_body(
     else:
         decode = decoder.decode
         for data in source:
-            out = decode(data)
-            if out:
-                yield out
+            yield from decode(data)
         tail = decoder.flush()
         if tail:
             yield tail
