@@ -41,6 +41,7 @@ __all__ = [
     "BatchError",
     "BatchResult",
     "ChatStream",
+    "Conversation",
     "IncompleteStreamError",
     "InvalidRequestError",
     "ProtocolError",
@@ -56,18 +57,23 @@ __all__ = [
     "batch_iter",
     "chat",
     "complete",
+    "display_stream",
     "format_prompt",
     "get_random_string",
 ]
 
 if TYPE_CHECKING:
     from ._batch import BatchResult, batch, batch_iter
+    from ._conversation import Conversation
+    from ._notebook import display_stream
     from ._provider import AiChatOnline
 
 # Loaded at first use, to keep ``import aichatonline_sync`` cheap.
 _LAZY = {
     "AiChatOnline": "._provider",
     "BatchResult": "._batch",
+    "Conversation": "._conversation",
+    "display_stream": "._notebook",
     "batch": "._batch",
     "batch_iter": "._batch",
 }

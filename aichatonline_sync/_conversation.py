@@ -1,0 +1,312 @@
+"""``Conversation``: a chat history that grows by one user turn and one reply per question."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import reprlib
+import tempfile
+import threading
+from collections.abc import Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ._api import shared_session, split_options
+from ._errors import InvalidRequestError
+from ._prompt import _content_to_text, validate_messages
+from ._session import Session
+from ._stream import ChatStream
+
+__all__ = ["FILE_VERSION", "Conversation"]
+
+logger = logging.getLogger("aichatonline_sync")
+
+#: The ``version`` written by :meth:`Conversation.save` and understood by :meth:`Conversation.load`.
+FILE_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _check_content(content: Any, what: str) -> Any:
+    """Check one message content (a str or a list of parts) and return a private copy of it."""
+    validate_messages([{"role": "user", "content": content}])
+    if content is None or not _content_to_text(content).strip():
+        raise InvalidRequestError(f"{what} is empty (or only white space)")
+    return copy.deepcopy(content)
+
+
+class Conversation:
+    """A chat that remembers: each question is sent with the whole history before it.
+
+    >>> conv = Conversation(system="Be brief.")                     # doctest: +SKIP
+    >>> conv.say("Hi")                                              # doctest: +SKIP
+    'Hello! ...'
+    >>> for text in conv.ask("What did I just say?"):               # doctest: +SKIP
+    ...     print(text, end="")
+    >>> len(conv)                                                   # doctest: +SKIP
+    4
+
+    A question and its reply are added to the history together, once the reply has been read to
+    its end. If the chat fails, or its stream is closed before the end, *nothing* is added: the
+    history never holds a question without its answer, and asking again is safe (the text that did
+    arrive is on the exception's ``.partial``). Asking a new question while an earlier reply is
+    still open closes that reply, which is then not added either.
+
+    Not thread-safe: use one conversation from one thread at a time (many conversations may share
+    one :class:`Session`).
+
+    :param system: the system message, sent first with every question (kept by :meth:`clear`).
+    :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts).
+    :param session: the :class:`Session` to chat through; default: the shared session for
+        ``options``, as :func:`aichatonline_sync.chat` uses.
+    :param options: :class:`Session` options (not with ``session``) and :meth:`Session.chat` options
+        (``model``, ``timeout``, ``conversation_id``), used for every question.
+    :raises InvalidRequestError: a bad system message, history or option.
+    """
+
+    def __init__(
+        self,
+        system: Optional[str] = None,
+        *,
+        messages: Optional[Sequence[Mapping[str, Any]]] = None,
+        session: Optional[Session] = None,
+        **options: Any,
+    ) -> None:
+        if system is not None and not isinstance(system, str):
+            raise InvalidRequestError(f"system must be a str or None, not {type(system).__name__}")
+        if session is not None and not isinstance(session, Session):
+            raise InvalidRequestError(
+                f"session must be an aichatonline_sync.Session, not {type(session).__name__}"
+            )
+        session_options, chat_options = split_options(options)
+        if session is not None and session_options:
+            raise InvalidRequestError(
+                f"give session options ({', '.join(sorted(session_options))}) to the Session, "
+                "not to a Conversation together with session="
+            )
+        if "keep_text" in chat_options:
+            raise InvalidRequestError(
+                "a Conversation keeps the reply text: keep_text is not an option"
+            )
+        self._system = system
+        self._session = session
+        self._options = dict(options)
+        self._session_options = session_options
+        self._chat_options = chat_options
+        self._history: list[dict[str, Any]] = []
+        if isinstance(messages, str):
+            raise InvalidRequestError(
+                "messages must be a list of {'role': ..., 'content': ...} dicts"
+            )
+        if messages:
+            self._history = [copy.deepcopy(m) for m in validate_messages(messages)]
+        self._pending: Optional[ChatStream] = None
+        self._lock = threading.Lock()
+
+    # -- the history ----------------------------------------------------------------------------
+
+    @property
+    def system(self) -> Optional[str]:
+        """The system message, or ``None``."""
+        return self._system
+
+    @property
+    def session(self) -> Optional[Session]:
+        """The :class:`Session` given, or ``None`` (the shared session for the options is used)."""
+        return self._session
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The messages the next question is sent after: the system message (if any) and the
+        history, as a new list of new dicts (changing it does not change the conversation)."""
+        with self._lock:
+            history = copy.deepcopy(self._history)
+        if self._system is None:
+            return history
+        return [{"role": "system", "content": self._system}, *history]
+
+    def __len__(self) -> int:
+        """The number of messages in the history, questions and replies (not the system message)."""
+        return len(self._history)
+
+    def __repr__(self) -> str:
+        short = reprlib.Repr()
+        short.maxstring = 40
+        return f"<Conversation system={short.repr(self._system)} messages={len(self._history)}>"
+
+    def clear(self) -> None:
+        """Forget the questions and replies (the system message stays).
+
+        A reply still streaming is closed and not added.
+        """
+        self._discard_pending()
+        with self._lock:
+            self._history.clear()
+
+    def copy(self) -> Conversation:
+        """A new conversation with the same system message, history, session and options.
+
+        Replies still streaming belong to this conversation, not to the copy.
+        """
+        with self._lock:
+            history = copy.deepcopy(self._history)
+        clone = Conversation(self._system, session=self._session, **self._options)
+        clone._history = history
+        return clone
+
+    # -- asking ---------------------------------------------------------------------------------
+
+    def ask(self, content: Any, **chat_options: Any) -> ChatStream:
+        """Send a question with the history before it, and return the reply as a :class:`ChatStream`.
+
+        The question and the reply are added to the history when the stream has been read to its
+        end; nothing is added if the chat fails or the stream is closed early.
+
+        :param content: the question: a str, or a list of ``{"type": "text", "text": ...}`` parts.
+        :param chat_options: :meth:`Session.chat` options for this question only (``model``,
+            ``timeout``, ``conversation_id``).
+        :raises InvalidRequestError: an empty question or a bad option, before anything is sent.
+        """
+        question = {"role": "user", "content": _check_content(content, "the question")}
+        session_options, per_call = split_options(chat_options)
+        if session_options:
+            raise InvalidRequestError(
+                f"give session options ({', '.join(sorted(session_options))}) when making the "
+                "Conversation, not to ask()"
+            )
+        if "keep_text" in per_call:
+            raise InvalidRequestError(
+                "a Conversation keeps the reply text: keep_text is not an option"
+            )
+        self._discard_pending()
+        options = {**self._chat_options, **per_call, "keep_text": True}
+        session = self._session or shared_session(**self._session_options)
+        stream = session.chat([*self.messages, question], **options)
+
+        def on_complete(text: str) -> None:
+            with self._lock:
+                if self._pending is not stream:
+                    return  # discarded by clear() or a newer question
+                self._pending = None
+                self._history.append(question)
+                self._history.append({"role": "assistant", "content": text})
+                count = len(self._history)
+            logger.debug("conversation: added a question and its reply (%d messages)", count)
+
+        _watch(stream, on_complete)
+        with self._lock:
+            self._pending = stream
+        return stream
+
+    def say(self, content: Any, **chat_options: Any) -> str:
+        """Send a question (see :meth:`ask`), wait for the whole reply and return it as one str.
+
+        :raises StreamError: the stream broke (``.partial`` has the text so far); nothing is added.
+        """
+        with self.ask(content, **chat_options) as stream:
+            for _ in stream:
+                pass
+        return stream.text
+
+    #: The same as :meth:`say` (the name :func:`aichatonline_sync.complete` uses).
+    complete = say
+
+    def _discard_pending(self) -> None:
+        with self._lock:
+            stream, self._pending = self._pending, None
+        if stream is not None and not stream.closed:
+            logger.debug("conversation: closed an unfinished reply; it is not added")
+            stream.close()
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The conversation as the JSON-ready dict that :meth:`save` writes."""
+        with self._lock:
+            history = copy.deepcopy(self._history)
+        return {"version": FILE_VERSION, "system": self._system, "messages": history}
+
+    def save(self, path: PathLike) -> None:
+        """Write the system message and the history to ``path`` as JSON (UTF-8).
+
+        The file is ``{"version": 1, "system": ..., "messages": [...]}``, written to a temporary
+        file first and then moved into place, so a crash never leaves half a file.
+
+        :raises InvalidRequestError: a message content that JSON cannot hold.
+        :raises OSError: the file cannot be written.
+        """
+        try:
+            text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"the conversation cannot be saved as JSON: {exc}") from exc
+        target = Path(path)
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        logger.debug("conversation: saved %d messages to %s", len(self._history), target)
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, *, session: Optional[Session] = None, **options: Any
+    ) -> Conversation:
+        """Make a conversation from a dict as :meth:`to_dict` returns it.
+
+        :raises InvalidRequestError: not such a dict, or a version this library does not know.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidRequestError(
+                f"a saved conversation is a JSON object, not {type(data).__name__}"
+            )
+        version = data.get("version")
+        if version != FILE_VERSION:
+            raise InvalidRequestError(
+                f"unknown saved conversation version {version!r} (this library reads version "
+                f"{FILE_VERSION}; is the file from a newer aichatonline-sync?)"
+            )
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InvalidRequestError(f"'system' must be a string or null, not {system!r}")
+        messages = data.get("messages", [])
+        if not isinstance(messages, list):
+            raise InvalidRequestError(f"'messages' must be a list, not {type(messages).__name__}")
+        return cls(system, messages=messages, session=session, **options)
+
+    @classmethod
+    def load(
+        cls, path: PathLike, *, session: Optional[Session] = None, **options: Any
+    ) -> Conversation:
+        """Read a conversation written by :meth:`save`.
+
+        :param path: the JSON file.
+        :param session: the :class:`Session` to chat through (nothing of the session is saved).
+        :param options: the same options as the constructor.
+        :raises InvalidRequestError: the file is not a saved conversation (the message says why).
+        :raises OSError: the file cannot be read.
+        """
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{os.fspath(path)} is not JSON: {exc}") from None
+        try:
+            return cls.from_dict(data, session=session, **options)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{os.fspath(path)}: {exc}") from None
+
+
+def _watch(stream: ChatStream, on_complete: Callable[[str], None]) -> None:
+    """Call ``on_complete(stream.text)`` once ``stream`` has been read to its end (only then)."""
+    inner = stream._gen
+
+    def watched() -> Generator[str, None, None]:
+        yield from inner  # closing ``watched`` closes ``inner``; an error propagates past the call
+        on_complete(stream.text)
+
+    stream._gen = watched()
