@@ -9,7 +9,7 @@ import os
 import reprlib
 import tempfile
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -195,7 +195,7 @@ class Conversation:
                 count = len(self._history)
             logger.debug("conversation: added a question and its reply (%d messages)", count)
 
-        _watch(stream, on_complete)
+        stream.add_done_callback(on_complete)
         with self._lock:
             self._pending = stream
         return stream
@@ -299,14 +299,3 @@ class Conversation:
             return cls.from_dict(data, session=session, **options)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{os.fspath(path)}: {exc}") from None
-
-
-def _watch(stream: ChatStream, on_complete: Callable[[str], None]) -> None:
-    """Call ``on_complete(stream.text)`` once ``stream`` has been read to its end (only then)."""
-    inner = stream._gen
-
-    def watched() -> Generator[str, None, None]:
-        yield from inner  # closing ``watched`` closes ``inner``; an error propagates past the call
-        on_complete(stream.text)
-
-    stream._gen = watched()

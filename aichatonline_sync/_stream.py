@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Optional
+from typing import Callable, Optional
 
 import requests
 
@@ -71,6 +71,7 @@ class ChatStream:
         self._first: list[str] = []
         self._finished = False
         self._released = False
+        self._callbacks: list[Callable[[str], None]] = []
         self._gen = self._iterate()
 
     # -- the public face ------------------------------------------------------------------------
@@ -96,6 +97,13 @@ class ChatStream:
         """Stop reading and release the connection. Idempotent."""
         self._gen.close()
         self._release()
+
+    def add_done_callback(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(text)`` once the reply has been read to its end (not on error or close).
+
+        ``text`` is the whole reply (``""`` with ``keep_text=False``).
+        """
+        self._callbacks.append(callback)
 
     @property
     def closed(self) -> bool:
@@ -175,6 +183,8 @@ class ChatStream:
                 self._text = "".join(parts)
                 parts.clear()
             self._finished = True
+            for callback in self._callbacks:
+                callback(self.text)
         finally:
             self._release()
 
