@@ -210,26 +210,16 @@ def _run_one(
 
 # -- work in other processes ------------------------------------------------------------------
 
-#: What a remote work item returns: ``(text, error, elapsed)``, plain picklable data.
-_Outcome = tuple[Optional[str], Optional[tuple[Any, ...]], float]
+#: What a remote work item returns: ``(text, error, elapsed)``, picklable data.
+_Outcome = tuple[Optional[str], Optional[BaseException], float]
 
 
-def _export_error(exc: BaseException) -> tuple[Any, ...]:
-    """An exception as ``(class, args, attributes)``: our errors take keyword-only arguments, so
-    the default pickling (``cls(*args)``) cannot rebuild them."""
-    payload = (type(exc), exc.args, dict(vars(exc)))
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` itself when it pickles (ours do, attributes and all), else a stand-in that does."""
     try:
-        pickle.dumps(payload)
+        pickle.dumps(exc)
     except Exception:
-        return (RuntimeError, (f"{type(exc).__name__}: {exc}",), {})
-    return payload
-
-
-def _import_error(payload: tuple[Any, ...]) -> BaseException:
-    cls, args, attributes = payload
-    exc: BaseException = cls.__new__(cls, *args)
-    exc.args = args
-    exc.__dict__.update(attributes)
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
     return exc
 
 
@@ -239,7 +229,7 @@ def _run_remote(
     """The work item sent to executors in other processes: only settings and the prompt travel,
     and each process reuses one shared session for these settings."""
     result = _run_one(shared_session(**session_options), index, prompt, chat_options, None)
-    error = None if result.error is None else _export_error(result.error)
+    error = None if result.error is None else _picklable(result.error)
     return (result.text, error, result.elapsed)
 
 
@@ -291,9 +281,7 @@ def _result_of(
         assert isinstance(outcome, BatchResult)
         return outcome
     text, error, elapsed = outcome
-    return BatchResult(
-        index, prompt, text, None if error is None else _import_error(error), elapsed
-    )
+    return BatchResult(index, prompt, text, error, elapsed)
 
 
 def _stop(futures: Iterable[concurrent.futures.Future[Any]], running: Optional[_Running]) -> None:

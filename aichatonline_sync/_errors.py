@@ -40,8 +40,22 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class AiChatOnlineError(Exception):
-    """Base class of every error raised by this library."""
+    """Base class of every error raised by this library.
+
+    Errors pickle with their attributes (``.partial``, ``.status_code``, ...), so a batch run in
+    other processes hands them back whole.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidRequestError(AiChatOnlineError, ValueError):
