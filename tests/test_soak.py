@@ -1,0 +1,343 @@
+"""Concurrency and load against the real emulator: many threads on one token, a bounded soak (right
+texts, bounded connections, no leaked file descriptors, flat memory), and every way of leaving a
+stream early giving its connection back."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from aichatonline_sync import APIStatusError, IncompleteStreamError, Session, Timeout
+from aichatonline_sync.testing import Emulator
+
+MakeEmulator = Callable[..., Emulator]
+
+PIECES = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
+TEXT = "".join(PIECES)
+TIMEOUT = Timeout(connect=5, read=10)
+WAIT = 10.0  # the longest any gate in these tests is held
+
+
+def reply_for(prompt: str) -> str:
+    return f"reply to {prompt}: the quick brown fox jumps over the lazy dog."
+
+
+# --- observables --------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def client_sockets(port: int) -> int:
+    """How many TCP sockets this process holds open to ``127.0.0.1:port`` (client side only)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    with open("/proc/self/net/tcp") as table:
+        next(table)
+        for row in table:
+            fields = row.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextmanager
+def gc_disabled() -> Iterator[None]:
+    """No automatic collection: a release that only a collection would do cannot pass for prompt."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+# --- many threads, one token --------------------------------------------------------------------
+
+
+class GatedHTTP(requests.Session):
+    """Holds every chat rejected with HTTP 401 until ``expected`` chats were sent, so that all the
+    threads really carry the revoked token (and get it rejected) before anyone may fetch a new one.
+    (The replies are held, not the token requests: a thread that refreshes the token may hold the
+    session's token lock, which the others need to read the old one.)"""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=expected, max_retries=0)
+        self.mount("http://", adapter)
+        self.expected = expected
+        self.gated = False
+        self.sent = 0
+        self.all_sent = threading.Event()
+        self._lock = threading.Lock()
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if method == "POST" and self.gated:
+            with self._lock:
+                self.sent += 1
+                if self.sent == self.expected:
+                    self.all_sent.set()
+        response = super().request(method, url, *args, **kwargs)
+        if response.status_code == 401 and self.gated and not self.all_sent.wait(WAIT):
+            raise RuntimeError(f"only {self.sent} of {self.expected} chats were sent")
+        return response
+
+
+def run_threads(count: int, work: Callable[[int], str]) -> dict[int, str]:
+    barrier = threading.Barrier(count, timeout=WAIT)
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = work(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    assert errors == []
+    return results
+
+
+def test_threads_on_a_revoked_token_fetch_one_new_token(emulator: MakeEmulator) -> None:
+    threads = 16
+    emu = emulator(reply=PIECES)
+    http = GatedHTTP(threads)
+    with http, Session(emu.url, timeout=TIMEOUT, max_retries=0, http=http) as session:
+        assert session.complete("warm up") == TEXT
+        old = emu.issued_tokens[0]
+        emu.revoke_tokens()
+        http.gated = True
+        results = run_threads(threads, lambda i: session.complete(f"prompt {i}"))
+    assert results == dict.fromkeys(range(threads), TEXT)
+    assert emu.tokens_issued == 2
+    new = emu.issued_tokens[1]
+    carried = [request.unique_id for request in emu.chat_requests[1:]]
+    assert sorted(carried) == sorted([old] * threads + [new] * threads)
+
+
+# --- the soak -----------------------------------------------------------------------------------
+
+
+def test_soak_sequential_and_threaded(emulator: MakeEmulator) -> None:
+    """Two identical rounds of 1,000 sequential and 500 threaded chats (32 threads) on one session."""
+    threads, sequential, threaded = 32, 1000, 500
+    fds_before = open_fds()
+    emu = emulator(reply=reply_for)
+    connections = 0
+    rss: list[float] = []
+    objects: list[int] = []
+
+    def wrong(prompt: str) -> Optional[str]:
+        """``None`` when the chat returns the right text, else the prompt."""
+        return None if session.complete(prompt) == reply_for(prompt) else prompt
+
+    with Session(emu.url, timeout=TIMEOUT, max_retries=0, pool_maxsize=threads) as session:
+        for round_ in range(2):
+            assert [wrong(f"s{round_}-{i}") for i in range(sequential)] == [None] * sequential
+            with ThreadPoolExecutor(threads) as pool:
+                prompts = [f"t{round_}-{i}" for i in range(threaded)]
+                assert list(pool.map(wrong, prompts, timeout=60)) == [None] * threaded
+            connections += emu.connections
+            assert emu.tokens_issued == (1 if round_ == 0 else 0)
+            emu.reset()  # drop the emulator's records: only the client's memory is compared
+            gc.collect()
+            rss.append(rss_mib())
+            objects.append(len(gc.get_objects()))
+        fds_during = open_fds()
+    emu.stop()
+    assert connections <= threads + 1
+    # Client and server sockets of at most 33 connections, the listener and its wake-up pair.
+    assert fds_during <= fds_before + 2 * (threads + 1) + 4
+    assert open_fds() <= fds_before + 2
+    assert rss[1] - rss[0] < 4.0, rss  # MiB
+    assert objects[1] - objects[0] < 500, objects  # a leak of one object per chat is 1,500
+
+
+# --- leaving a stream early releases its connection ---------------------------------------------
+
+
+# Each returns what the user still holds (the stream, or the error with its traceback): the
+# connection must be released even so, not only once the stream is garbage.
+
+
+def leave_with_break(session: Session) -> object:
+    with gc_disabled(), session.chat("first") as stream:
+        for _piece in stream:
+            break
+    return stream
+
+
+def raise_from_loop(session: Session, exc: BaseException, *, use_with: bool) -> None:
+    if use_with:
+        with session.chat("first") as stream:
+            for _piece in stream:
+                raise exc
+    else:
+        for _piece in session.chat("first"):
+            raise exc
+
+
+def leave_with_exception(session: Session) -> object:
+    with gc_disabled(), pytest.raises(ValueError, match="user code") as info:
+        raise_from_loop(session, ValueError("user code failed"), use_with=True)
+    return info.value
+
+
+def leave_with_keyboard_interrupt(session: Session) -> object:
+    with gc_disabled(), pytest.raises(KeyboardInterrupt) as info:
+        raise_from_loop(session, KeyboardInterrupt(), use_with=True)
+    return info.value
+
+
+def leave_with_close(session: Session) -> object:
+    with gc_disabled():
+        stream = session.chat("first")
+        next(stream)
+        stream.close()
+    return stream
+
+
+def leave_by_dropping(session: Session) -> object:
+    stream = session.chat("first")
+    next(stream)
+    del stream
+    gc.collect()
+    return None
+
+
+def leave_bare_loop_with_break(session: Session) -> object:
+    for _piece in session.chat("first"):
+        break
+    gc.collect()
+    return None
+
+
+def leave_bare_loop_with_exception(session: Session) -> object:
+    with pytest.raises(KeyboardInterrupt):
+        raise_from_loop(session, KeyboardInterrupt(), use_with=False)
+    gc.collect()
+    return None
+
+
+LEAVE: dict[str, Callable[[Session], object]] = {
+    "break-in-with": leave_with_break,
+    "exception-in-with": leave_with_exception,
+    "keyboard-interrupt-in-with": leave_with_keyboard_interrupt,
+    "close": leave_with_close,
+    "dropped-and-collected": leave_by_dropping,
+    "bare-loop-break-collected": leave_bare_loop_with_break,
+    "bare-loop-keyboard-interrupt-collected": leave_bare_loop_with_exception,
+}
+
+
+@pytest.mark.parametrize("how", LEAVE)
+def test_leaving_a_stream_early_releases_its_connection(
+    emulator: MakeEmulator, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """The server is held mid-reply; however the user leaves, the half-read connection is closed
+    (not kept, not pooled), and a one-connection pool goes on serving chats."""
+    caplog.set_level(logging.DEBUG)
+    gate = threading.Event()
+
+    def before_piece(index: int) -> None:
+        if index >= 3:
+            gate.wait(WAIT)
+
+    emu = emulator(reply=[f"piece{i} " for i in range(50)], before_piece=before_piece)
+    try:
+        with Session(emu.url, timeout=TIMEOUT, max_retries=0, pool_maxsize=1) as session:
+            session.grab_token()
+            assert client_sockets(emu.port) == 1  # idle in the pool
+            held = LEAVE[how](session)
+            assert client_sockets(emu.port) == 0
+            del held
+            emu.before_piece = None
+            for i in range(5):
+                assert session.complete(f"more {i}") == "".join(emu.pieces_for(""))
+            assert client_sockets(emu.port) == 1
+    finally:
+        gate.set()
+    assert emu.connections == 2
+    assert "Connection pool is full" not in caplog.text
+
+
+# --- closing the session closes every connection ------------------------------------------------
+
+
+def hold_a_finished_stream(session: Session, emu: Emulator) -> object:
+    stream = session.chat("hi")
+    assert list(stream) == PIECES
+    return stream
+
+
+def hold_a_status_error(session: Session, emu: Emulator) -> object:
+    assert session.complete("hi") == TEXT
+    emu.fail("chat", 400)
+    try:
+        session.complete("hi")
+    except APIStatusError as exc:
+        return exc
+    raise AssertionError("no APIStatusError")
+
+
+def hold_a_stream_error(session: Session, emu: Emulator) -> object:
+    emu.drop("chat", after=2)
+    try:
+        session.complete("hi")
+    except IncompleteStreamError as exc:
+        assert session.complete("again") == TEXT
+        return exc
+    raise AssertionError("no IncompleteStreamError")
+
+
+HOLD: dict[str, Callable[[Session, Emulator], object]] = {
+    "nothing": lambda session, emu: session.complete("hi"),
+    "a-finished-stream": hold_a_finished_stream,
+    "a-status-error": hold_a_status_error,
+    "a-stream-error": hold_a_stream_error,
+}
+
+
+@pytest.mark.parametrize("hold", HOLD)
+def test_close_closes_every_connection(emulator: MakeEmulator, hold: str) -> None:
+    """What the user keeps from earlier chats (a stream, an error) must not keep sockets open
+    after ``Session.close()``."""
+    emu = emulator(reply=PIECES)
+    with gc_disabled():
+        with Session(emu.url, timeout=TIMEOUT, max_retries=0) as session:
+            kept = HOLD[hold](session, emu)
+            assert client_sockets(emu.port) == 1
+        assert client_sockets(emu.port) == 0
+        del kept
