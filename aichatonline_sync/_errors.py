@@ -68,9 +68,11 @@ class APIConnectionError(AiChatOnlineError):
     :ivar url: the URL of the request (without credentials), or ``None``.
     """
 
-    def __init__(self, message: str, *, url: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, url: Optional[str] = None, retryable: bool = True) -> None:
         super().__init__(message)
         self.url = url
+        #: ``False`` when asking again cannot help (an untrusted certificate, proxy credentials).
+        self.retryable = retryable
 
 
 class APITimeoutError(APIConnectionError):

@@ -114,6 +114,8 @@ class LineParser:
                 if out:  # hand out what came before; raise at the next call
                     break
                 raise self._overflow
+            if not line or line == b"\r":
+                continue  # a blank line (cheaper than a failed json.loads)
             # Fast path: a plain JSON line with data.message (json.loads ignores "\r").
             try:
                 message = loads(line)["data"]["message"]

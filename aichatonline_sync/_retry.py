@@ -73,7 +73,7 @@ def _code_of(exc: BaseException) -> Optional[int]:
 def retry_reason(exc: BaseException, policy: RetryPolicy) -> Optional[str]:
     """Why ``exc`` is worth another attempt, or ``None`` when it is not. The one predicate."""
     if isinstance(exc, APIConnectionError):
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}" if exc.retryable else None
     code = _code_of(exc)
     if code is None or code not in policy.RETRY_STATUSES:
         return None

@@ -24,6 +24,7 @@ from ._config import (
 )
 from ._errors import (
     AiChatOnlineError,
+    APIConnectionError,
     APIStatusError,
     AuthenticationError,
     InvalidRequestError,
@@ -66,8 +67,8 @@ _TOKEN_BODY_LIMIT = 65536
 _DEFAULT_POOL = 10
 
 
-def _status_error(response: requests.Response, url: str, what: str) -> APIStatusError:
-    """Read at most 2 KiB of a non-2xx reply and build the matching :class:`APIStatusError`."""
+def _read_start(response: requests.Response) -> str:
+    """The first 2 KiB of a reply that is an error, as text; the response is closed."""
     body = b""
     try:
         for chunk in iter_body(response):
@@ -78,8 +79,22 @@ def _status_error(response: requests.Response, url: str, what: str) -> APIStatus
         logger.debug("could not read the body of an HTTP %s reply", response.status_code)
     finally:
         response.close()
-    text = body[:_STATUS_BODY_LIMIT].decode("utf-8", "replace")
+    return body[:_STATUS_BODY_LIMIT].decode("utf-8", "replace")
+
+
+def _status_error(
+    response: requests.Response, url: str, what: str
+) -> Union[APIStatusError, APIConnectionError]:
+    """Read at most 2 KiB of a non-2xx reply and build the matching :class:`APIStatusError`."""
+    text = _read_start(response)
     status = response.status_code
+    if status == 407:  # only a proxy answers this: it is no reply of the service
+        return APIConnectionError(
+            f"the proxy refused {what} to {url}: HTTP 407 Proxy Authentication Required. "
+            "Check the proxy's user name and password.",
+            url=url,
+            retryable=False,
+        )
     retry_after = parse_retry_after(response.headers)
     cls: type[APIStatusError] = APIStatusError
     hint = ""
@@ -250,6 +265,7 @@ class Session:
         self._closed = True
         self._token = None
         if self._owns_http:
+            _close_pools(self._http)
             self._http.close()
 
     @property
@@ -501,7 +517,7 @@ class Session:
             raise _status_error(response, self._shown_chat_url, "the chat request")
         content_type = response.headers.get("Content-Type", "").lower()
         if content_type.startswith("text/html"):
-            page = _status_error(response, self._shown_chat_url, "the chat request").body
+            page = _read_start(response)
             raise ProtocolError(
                 f"the chat reply from {self._shown_chat_url} is an HTML page, not a chat stream "
                 f"(a captcha or an outage page?); it begins: {page[:200]!r}",
@@ -534,6 +550,22 @@ class Session:
             for _ in stream:
                 pass
             return stream.text
+
+
+def _close_pools(http: requests.Session) -> None:
+    """Close every pooled connection now. urllib3 2's ``PoolManager.clear()`` only forgets its
+    pools, which then close when garbage-collected: late if a stream or an error still holds them."""
+    for adapter in http.adapters.values():
+        managers = [getattr(adapter, "poolmanager", None)]
+        managers.extend(getattr(adapter, "proxy_manager", {}).values())
+        for manager in managers:
+            pools = getattr(manager, "pools", None)
+            if pools is None:
+                continue
+            for key in list(pools.keys()):
+                pool = pools.get(key)
+                if pool is not None:
+                    pool.close()
 
 
 class _TokenFailure(Exception):

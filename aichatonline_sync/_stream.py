@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from types import TracebackType
 from typing import Callable, Optional
 
@@ -28,19 +28,11 @@ _GROW_IN_PLACE = sys.implementation.name == "cpython"
 logger = logging.getLogger("aichatonline_sync")
 
 
-class ChatStream:
-    """The reply of one chat: iterate it for the text pieces, in order, each as soon as it arrives.
+class _Reply:
+    """The machinery of a :class:`ChatStream`: reading, parsing, keeping the text.
 
-    Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection.
-    After exhaustion :attr:`text` is the whole reply.
-
-    >>> with session.chat("Hello") as stream:      # doctest: +SKIP
-    ...     for piece in stream:
-    ...         print(piece, end="")
-    >>> stream.text                                 # doctest: +SKIP
-    'Hello! ...'
-
-    Not thread-safe: iterate one stream from one thread at a time.
+    Its generator holds it, but nothing here holds the generator or the ChatStream, so dropping
+    the ChatStream closes the generator at once (no reference cycle waiting for the GC).
     """
 
     def __init__(
@@ -48,16 +40,12 @@ class ChatStream:
         response: requests.Response,
         *,
         url: str,
-        conversation_id: str,
-        model: str,
         deadline: Optional[float] = None,
         read_timeout: Optional[float] = None,
         max_line: int,
         keep_text: bool = True,
         secrets: Iterable[Optional[str]] = (),
     ) -> None:
-        self.conversation_id = conversation_id
-        self.model = model
         self._response = response
         self._url = url
         self._secrets = tuple(secrets)
@@ -72,68 +60,16 @@ class ChatStream:
         self._finished = False
         self._released = False
         self._callbacks: list[Callable[[str], None]] = []
-        self._gen = self._iterate()
 
-    # -- the public face ------------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[str]:
-        return self._gen
-
-    def __next__(self) -> str:
-        return next(self._gen)
-
-    def __enter__(self) -> ChatStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop reading and release the connection. Idempotent."""
-        self._gen.close()
-        self._release()
-
-    def add_done_callback(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(text)`` once the reply has been read to its end (not on error or close).
-
-        ``text`` is the whole reply (``""`` with ``keep_text=False``).
-        """
-        self._callbacks.append(callback)
-
-    @property
-    def closed(self) -> bool:
-        """``True`` once the stream is exhausted, closed, or failed."""
-        return self._released
+    # -- the machinery --------------------------------------------------------------------------
 
     @property
     def text(self) -> str:
-        """The text handed out so far; the whole reply once the stream is exhausted.
-
-        ``""`` when the stream was made with ``keep_text=False``.
-        """
         if self._text is not None:
             return self._text
         if self._acc is not None:
             return self._acc
         return "".join(self._parts)
-
-    #: The text handed out so far (the same as :attr:`text` until the stream ends).
-    partial = text
-
-    def __repr__(self) -> str:
-        state = "done" if self._finished else ("closed" if self._released else "open")
-        return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
-
-    def __del__(self) -> None:
-        if not getattr(self, "_released", True):
-            self._release()
-
-    # -- the machinery --------------------------------------------------------------------------
 
     def _prime(self) -> None:
         """Read until the first pieces have arrived (called by the session, inside its retries).
@@ -264,3 +200,112 @@ class ChatStream:
             self._response.close()
         except Exception:
             logger.debug("error while closing a chat response", exc_info=True)
+
+
+class ChatStream:
+    """The reply of one chat: iterate it for the text pieces, in order, each as soon as it arrives.
+
+    Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection;
+    so does dropping the last reference to it (for example ``break`` out of
+    ``for text in aco.chat(...)``).
+    After exhaustion :attr:`text` is the whole reply.
+
+    >>> with session.chat("Hello") as stream:      # doctest: +SKIP
+    ...     for piece in stream:
+    ...         print(piece, end="")
+    >>> stream.text                                 # doctest: +SKIP
+    'Hello! ...'
+
+    Not thread-safe: iterate one stream from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        response: requests.Response,
+        *,
+        url: str,
+        conversation_id: str,
+        model: str,
+        deadline: Optional[float] = None,
+        read_timeout: Optional[float] = None,
+        max_line: int,
+        keep_text: bool = True,
+        secrets: Iterable[Optional[str]] = (),
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.model = model
+        self._reply = _Reply(
+            response,
+            url=url,
+            deadline=deadline,
+            read_timeout=read_timeout,
+            max_line=max_line,
+            keep_text=keep_text,
+            secrets=secrets,
+        )
+        self._gen = self._reply._iterate()
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading and release the connection. Idempotent."""
+        self._gen.close()
+        self._reply._release()
+
+    def add_done_callback(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(text)`` once the reply has been read to its end (not on error or close).
+
+        ``text`` is the whole reply (``""`` with ``keep_text=False``).
+        """
+        self._reply._callbacks.append(callback)
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once the stream is exhausted, closed, or failed."""
+        return self._reply._released
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far; the whole reply once the stream is exhausted.
+
+        ``""`` when the stream was made with ``keep_text=False``.
+        """
+        return self._reply.text
+
+    @property
+    def partial(self) -> str:
+        """The text handed out so far (the same as :attr:`text` until the stream ends)."""
+        return self._reply.text
+
+    @property
+    def _response(self) -> requests.Response:
+        return self._reply._response
+
+    def _prime(self) -> None:
+        self._reply._prime()
+
+    def __repr__(self) -> str:
+        reply = self._reply
+        state = "done" if reply._finished else ("closed" if reply._released else "open")
+        return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
+
+    def __del__(self) -> None:
+        gen = getattr(self, "_gen", None)
+        if gen is not None:
+            gen.close()
+            self._reply._release()

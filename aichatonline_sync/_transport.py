@@ -89,18 +89,22 @@ def translate_exception(
     cause = scrub(str(_root_cause(exc)), secrets)
     if isinstance(exc, DeadlineExceeded):
         return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
-    if isinstance(exc, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)):
+    if isinstance(exc, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)) or (
+        proxy is not None and proxy.startswith("socks") and _via_socks(exc)
+    ):
         where = f" {redact_url(proxy)}" if proxy else ""
         return APIConnectionError(
             f"could not reach {shown} through the proxy{where}: {cause}. "
-            "Check the proxy URL and that the proxy is running.",
+            "Check the proxy URL, its user name and password, and that the proxy is running.",
             url=shown,
         )
     if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
+        verify_failed = "CERTIFICATE_VERIFY_FAILED" in cause or "certificate verify failed" in cause
         return APIConnectionError(
             f"TLS failed for {shown}: {cause}. If the server's certificate is signed by your own "
             "CA, pass verify='/path/to/ca-bundle.pem'.",
             url=shown,
+            retryable=not verify_failed,  # a certificate does not get better by asking again
         )
     timed_out = isinstance(
         exc,
@@ -135,6 +139,21 @@ def translate_exception(
     return APIConnectionError(
         f"request to {shown} failed: {type(exc).__name__}: {cause}", url=shown
     )
+
+
+def _via_socks(exc: BaseException) -> bool:
+    """Did ``exc`` happen while opening a connection through a SOCKS proxy?"""
+    seen: set[int] = set()
+    item: Optional[BaseException] = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        if type(item).__module__.split(".")[0] == "socks":
+            return True
+        if isinstance(item, (urllib3.exceptions.NewConnectionError, requests.exceptions.ConnectionError)):
+            return True  # with a SOCKS proxy, every connection is opened by the proxy
+        nxt = _root_cause(item)
+        item = nxt if nxt is not item else (item.__cause__ or item.__context__)
+    return False
 
 
 def _connection_message(shown: str, exc: BaseException, cause: str) -> str:
@@ -182,7 +201,14 @@ class _Decoder:
                     data = self._obj.unconsumed_tail
             while data:
                 obj = self._obj
-                out = obj.decompress(data, _MAX_DECODED)
+                backup = obj.copy()
+                try:
+                    out = obj.decompress(data, _MAX_DECODED)
+                except zlib.error:
+                    salvaged = _salvage(backup, data)
+                    if salvaged:  # hand out what decoded before the bad bytes, then fail
+                        yield salvaged
+                    raise
                 data = obj.unconsumed_tail
                 if obj.eof and obj.unused_data:
                     if not self._gzip:
@@ -202,6 +228,22 @@ class _Decoder:
             return bytes(self._obj.flush())
         except zlib.error:
             return b""
+
+
+def _salvage(obj: Any, data: bytes) -> bytes:
+    """What ``obj`` decodes from ``data`` before the first byte that breaks it (error path only)."""
+    out = []
+    size = 0
+    for i in range(len(data)):
+        try:
+            piece = obj.decompress(data[i : i + 1], _MAX_DECODED - size)
+        except zlib.error:
+            break
+        out.append(piece)
+        size += len(piece)
+        if size >= _MAX_DECODED:
+            break
+    return b"".join(out)
 
 
 def make_decoder(content_encoding: Optional[str]) -> Optional[_Decoder]:
@@ -227,37 +269,60 @@ def _dechunk(read1: Callable[[int], bytes]) -> Iterator[bytes]:
     """De-chunk a ``Transfer-Encoding: chunked`` body read from a buffered socket reader.
 
     Yields the data of every chunk completed (or begun) by one read, joined, as soon as it is read.
-    Returns after the last chunk and its trailers; raises :class:`BodyTruncated` on a short body.
+    Returns after the last chunk and its trailers; raises :class:`BodyTruncated` on a short body
+    and :class:`ProtocolError` on bad framing (after handing out the data before it).
     """
     buf = b""
     pos = 0
-    left = 0  # bytes of chunk data still due
-    need_crlf = False
+    state = [0, False]  # bytes of chunk data still due; a CRLF due after a chunk's data
     while True:
-        out = []
-        end = len(buf)
+        out: list[bytes] = []
+        try:
+            pos, done = _parse_chunks(buf, pos, state, out)
+        except ProtocolError:
+            if out:
+                yield b"".join(out)
+            raise
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
+        if done:
+            _read_trailers(read1, buf[pos:])
+            return
+        more = read1(_READ_SIZE)
+        if not more:
+            raise BodyTruncated("chunked body ended without its last chunk")
+        buf = buf[pos:] + more if pos < len(buf) else more
+        pos = 0
+
+
+def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> tuple[int, bool]:
+    """Parse the chunks in ``buf`` from ``pos`` on, appending their data to ``out``.
+
+    ``state`` is ``[left, need_crlf]``, carried from one read to the next.
+
+    :returns: ``(pos, done)``: where parsing stopped, and whether the last chunk was seen.
+    """
+    left, need_crlf = state
+    end = len(buf)
+    try:
         while True:
             if left:
                 if pos >= end:
-                    break
+                    return pos, False
                 take = left if left <= end - pos else end - pos
                 out.append(buf[pos : pos + take])
                 pos += take
                 left -= take
                 if left:
-                    break
+                    return pos, False
                 need_crlf = True
             if need_crlf:
-                if end - pos < 2:
-                    if end - pos == 1 and buf[pos : pos + 1] == b"\n":
-                        pos += 1
-                        need_crlf = False
-                        continue
-                    break
                 if buf[pos : pos + 2] == b"\r\n":
                     pos += 2
                 elif buf[pos : pos + 1] == b"\n":
                     pos += 1
+                elif end - pos < 2:
+                    return pos, False
                 else:
                     raise ProtocolError("malformed chunked encoding: no CRLF after a chunk")
                 need_crlf = False
@@ -265,7 +330,7 @@ def _dechunk(read1: Callable[[int], bytes]) -> Iterator[bytes]:
             if nl < 0:
                 if end - pos > _MAX_CHUNK_LINE:
                     raise ProtocolError("malformed chunked encoding: chunk-size line too long")
-                break
+                return pos, False
             size_field = buf[pos:nl].split(b";", 1)[0].strip()
             try:
                 size = int(size_field, 16)
@@ -277,18 +342,11 @@ def _dechunk(read1: Callable[[int], bytes]) -> Iterator[bytes]:
                 raise ProtocolError("malformed chunked encoding: negative chunk size")
             pos = nl + 1
             if size == 0:
-                if out:
-                    yield b"".join(out)
-                _read_trailers(read1, buf[pos:])
-                return
+                return pos, True
             left = size
-        if out:
-            yield out[0] if len(out) == 1 else b"".join(out)
-        more = read1(_READ_SIZE)
-        if not more:
-            raise BodyTruncated("chunked body ended without its last chunk")
-        buf = buf[pos:] + more if pos < end else more
-        pos = 0
+    finally:
+        state[0] = left
+        state[1] = need_crlf
 
 
 def _read_trailers(read1: Callable[[int], bytes], buf: bytes) -> None:
