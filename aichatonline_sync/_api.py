@@ -32,7 +32,7 @@ SESSION_OPTIONS = frozenset(
 CHAT_OPTIONS = frozenset(
     name
     for name, parameter in inspect.signature(Session.chat).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")
 )
 
 _sessions: dict[tuple[Any, ...], Session] = {}

@@ -174,16 +174,21 @@ def _complete(
         return session.complete(prompt, **chat_options)
     options = dict(chat_options)
     options["keep_text"] = True
-    stream = session.chat(prompt, **options)
-    try:
+    opened: list[ChatStream] = []  # every attempt's stream, from before its first piece on
+
+    def track(stream: ChatStream) -> None:
+        opened.append(stream)
         if not running.add(stream):
             raise _Stopped("the batch was stopped")
-        for _ in stream:
-            pass
-        return stream.text
+
+    try:
+        with session.chat(prompt, _on_open=track, **options) as stream:
+            for _ in stream:
+                pass
+            return stream.text
     finally:
-        running.discard(stream)
-        stream.close()
+        for stream in opened:
+            running.discard(stream)
 
 
 def _run_one(
@@ -323,8 +328,9 @@ def batch_iter(
     ...     for r in results:
     ...         save(r)
 
-    A chat still waiting for the first piece of its reply cannot be aborted: its worker thread
-    ends when that piece arrives or at the chat's timeout (nothing more is handed out).
+    A chat still waiting for its token, for the reply's headers, or in a retry wait cannot be
+    aborted: its worker thread ends when that wait ends or at the chat's timeout (nothing more is
+    handed out). A chat waiting for its first piece of text is aborted like the others.
 
     :param prompts: prompts (each a str or a list of messages).
     :param max_workers: threads of the built-in pool (and connections kept).

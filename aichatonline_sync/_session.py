@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -423,6 +423,7 @@ class Session:
         timeout: TimeoutTypes = None,
         conversation_id: Optional[str] = None,
         keep_text: bool = True,
+        _on_open: Optional[Callable[[ChatStream], None]] = None,
     ) -> ChatStream:
         """Send a chat and return its reply as a :class:`ChatStream` of text pieces.
 
@@ -459,14 +460,14 @@ class Session:
             nonlocal refreshed
             token = self._chat_token(chat_timeout, deadline)
             try:
-                return self._open(body, token, model, chat_timeout, deadline, keep_text)
+                return self._open(body, token, model, chat_timeout, deadline, keep_text, _on_open)
             except (AuthenticationError, UpstreamError) as exc:
                 if refreshed or not _is_auth_rejection(exc):
                     raise
                 refreshed = True
                 logger.info("the upstream rejected the token (%s); fetching a fresh one", exc)
                 token = self._chat_token(chat_timeout, deadline, stale=token)
-                return self._open(body, token, model, chat_timeout, deadline, keep_text)
+                return self._open(body, token, model, chat_timeout, deadline, keep_text, _on_open)
 
         try:
             return run_with_retries(attempt, self.retry, what="chat request", deadline=deadline)
@@ -500,6 +501,7 @@ class Session:
         timeout: Timeout,
         deadline: Optional[float],
         keep_text: bool,
+        on_open: Optional[Callable[[ChatStream], None]] = None,
     ) -> ChatStream:
         headers = dict(self._request_headers)
         headers["UniqueId"] = token
@@ -534,6 +536,12 @@ class Session:
             keep_text=keep_text,
             secrets=self._secrets(token),
         )
+        if on_open is not None:  # lets a batch abort a chat still waiting for its first piece
+            try:
+                on_open(stream)
+            except BaseException:
+                stream.close()
+                raise
         stream._prime()
         return stream
 

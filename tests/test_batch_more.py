@@ -101,6 +101,31 @@ def test_keyboard_interrupt_in_batch_iter_loop(stalling: Emulator) -> None:
     assert len(stalling.chat_requests) == 8
 
 
+def test_keyboard_interrupt_aborts_chats_waiting_for_their_first_piece(
+    emulator: MakeEmulator,
+) -> None:
+    """Chats stalled before any piece (headers sent, no text yet) are aborted too: their sockets
+    are shut down while the session still waits for the first piece, inside Session.chat()."""
+    emu = emulator(reply=REPLY)
+    emu.stall("chat", after=0, times=3)
+    prompts = [f"p{i}" for i in range(8)]
+    before = set(batch_threads())
+    got: list[BatchResult] = []
+    with Session(emu.url, timeout=LONG, max_retries=0) as session:
+        interrupted_at = 0.0
+        with pytest.raises(KeyboardInterrupt):  # noqa: PT012 - the loop is the thing under test
+            for result in aco.batch_iter(prompts, session=session, max_workers=4):
+                got.append(result)
+                if len(got) == 5:
+                    threads = [t for t in batch_threads() if t not in before]
+                    interrupted_at = time.monotonic()
+                    raise KeyboardInterrupt
+        returned = time.monotonic() - interrupted_at
+    assert returned < RETURN_WITHIN
+    assert_threads_finish(threads)
+    assert all(r.ok for r in got)
+
+
 def test_keyboard_interrupt_in_batch_keeps_finished_results(stalling: Emulator) -> None:
     """A real interrupt of the main thread while batch() waits: KeyboardInterrupt is raised within
     a second or two, and on_result has seen every result that finished before."""
