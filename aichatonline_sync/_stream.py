@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Callable, Optional
 
@@ -60,6 +60,11 @@ class _Reply:
         self._finished = False
         self._released = False
         self._callbacks: list[Callable[[str], None]] = []
+
+    def __del__(self) -> None:
+        # Dropped before it was iterated (a started generator releases in its ``finally``).
+        if not getattr(self, "_released", True):
+            self._release()
 
     # -- the machinery --------------------------------------------------------------------------
 
@@ -206,7 +211,7 @@ class ChatStream:
     """The reply of one chat: iterate it for the text pieces, in order, each as soon as it arrives.
 
     Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection;
-    so does dropping the last reference to it (for example ``break`` out of
+    so does dropping the last reference to it and to its iterator (for example ``break`` out of
     ``for text in aco.chat(...)``).
     After exhaustion :attr:`text` is the whole reply.
 
@@ -245,8 +250,11 @@ class ChatStream:
         )
         self._gen = self._reply._iterate()
 
-    def __iter__(self) -> ChatStream:
-        return self
+    def __iter__(self) -> Iterator[str]:
+        # The generator itself, so that a ``for`` loop runs at generator speed. It holds the
+        # machinery but not this object: a loop over ``aco.chat(...)`` keeps the reply going,
+        # and dropping the loop and the stream closes it at once.
+        return self._gen
 
     def __next__(self) -> str:
         return next(self._gen)
@@ -304,8 +312,3 @@ class ChatStream:
         state = "done" if reply._finished else ("closed" if reply._released else "open")
         return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
 
-    def __del__(self) -> None:
-        gen = getattr(self, "_gen", None)
-        if gen is not None:
-            gen.close()
-            self._reply._release()
