@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
@@ -56,6 +57,8 @@ class _Reply:
         self._parts: list[str] = []
         self._acc: Optional[str] = None
         self._text: Optional[str] = None
+        self._batch: Optional[list[str]] = None
+        self._position: Optional[Iterator[str]] = None
         self._first: list[str] = []
         self._finished = False
         self._released = False
@@ -72,9 +75,12 @@ class _Reply:
     def text(self) -> str:
         if self._text is not None:
             return self._text
-        if self._acc is not None:
-            return self._acc
-        return "".join(self._parts)
+        done = self._acc if self._acc is not None else "".join(self._parts)
+        batch, position = self._batch, self._position
+        if batch is None or position is None:
+            return done
+        handed = len(batch) - operator.length_hint(position)  # of the batch being handed out
+        return done + "".join(batch[:handed])
 
     def _prime(self) -> None:
         """Read until the first pieces have arrived (called by the session, inside its retries).
@@ -99,29 +105,31 @@ class _Reply:
                 while batch is not None:
                     yield from batch
                     batch = self._next_batch(started=True)
-            elif _GROW_IN_PLACE:
-                # ``acc += piece`` on a local that nothing else holds makes CPython grow the str in
-                # place (realloc), so the whole reply costs about its own size in memory, never a
-                # list of pieces plus a joined copy. ``self._acc`` is dropped around each append
-                # (it would pin the old str) and set again for .text/.partial.
-                acc = ""
-                while batch is not None:
-                    for piece in batch:
-                        self._acc = None
-                        acc += piece
-                        self._acc = acc
-                        yield piece
-                    batch = self._next_batch(started=True)
-                self._text = acc
-                self._acc = None
             else:
+                # A batch (the pieces of one read) is handed out with ``yield from``, at C speed;
+                # .text counts the pieces handed out from the batch by its iterator's position,
+                # and the batch joins the kept text once it is all out.
+                grow = _GROW_IN_PLACE
+                acc = ""
                 parts = self._parts
                 while batch is not None:
-                    for piece in batch:
-                        parts.append(piece)
-                        yield piece
+                    position = iter(batch)
+                    self._batch, self._position = batch, position
+                    yield from position
+                    if grow:
+                        # ``acc += ...`` on a local that nothing else holds makes CPython grow
+                        # the str in place (realloc), so the whole reply costs about its own size
+                        # in memory, never a list of pieces plus a joined copy. ``self._acc`` is
+                        # dropped first (it would pin the old str), then set again for .text.
+                        self._acc = None
+                        acc += "".join(batch)
+                        self._acc = acc
+                    else:
+                        parts.extend(batch)
+                    self._batch = self._position = None
                     batch = self._next_batch(started=True)
-                self._text = "".join(parts)
+                self._text = acc if grow else "".join(parts)
+                self._acc = None
                 parts.clear()
             self._finished = True
             for callback in self._callbacks:
