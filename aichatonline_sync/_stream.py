@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import sys
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Callable, Optional
@@ -23,8 +22,8 @@ from ._transport import DeadlineExceeded, iter_body, translate_exception
 
 __all__ = ["ChatStream"]
 
-#: CPython grows a str in place on ``s += t`` when nothing else holds ``s``; elsewhere, join a list.
-_GROW_IN_PLACE = sys.implementation.name == "cpython"
+_FOLD_BLOCKS = 256  # fold the kept text after this many reads...
+_FOLD_CHARS = 65536  # ... or this many characters (or 1/8 of the text, if more)
 
 logger = logging.getLogger("aichatonline_sync")
 
@@ -54,7 +53,7 @@ class _Reply:
         self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout)
         self._parser = LineParser(max_line)
         self._keep_text = keep_text
-        self._parts: list[str] = []
+        self._pending: list[str] = []
         self._acc: Optional[str] = None
         self._text: Optional[str] = None
         self._batch: Optional[list[str]] = None
@@ -75,7 +74,7 @@ class _Reply:
     def text(self) -> str:
         if self._text is not None:
             return self._text
-        done = self._acc if self._acc is not None else "".join(self._parts)
+        done = (self._acc or "") + "".join(self._pending)
         batch, position = self._batch, self._position
         if batch is None or position is None:
             return done
@@ -107,30 +106,36 @@ class _Reply:
                     batch = self._next_batch(started=True)
             else:
                 # A batch (the pieces of one read) is handed out with ``yield from``, at C speed;
-                # .text counts the pieces handed out from the batch by its iterator's position,
-                # and the batch joins the kept text once it is all out.
-                grow = _GROW_IN_PLACE
+                # .text counts the pieces handed out of it by its iterator's position. Then the
+                # batch is joined into one block, and the blocks fold into the kept text when
+                # they are many or large (at least 1/8 of the text): ``acc += ...`` on a local
+                # that nothing else holds grows the str in place on CPython (about 1.0x the text
+                # in memory, no list of pieces plus a joined copy), and where it copies instead
+                # (a tracer, coverage, another Python) the folds are few enough to stay linear.
                 acc = ""
-                parts = self._parts
+                pending = self._pending
+                pending_chars = 0
                 while batch is not None:
                     position = iter(batch)
                     self._batch, self._position = batch, position
                     yield from position
-                    if grow:
-                        # ``acc += ...`` on a local that nothing else holds makes CPython grow
-                        # the str in place (realloc), so the whole reply costs about its own size
-                        # in memory, never a list of pieces plus a joined copy. ``self._acc`` is
-                        # dropped first (it would pin the old str), then set again for .text.
-                        self._acc = None
-                        acc += "".join(batch)
-                        self._acc = acc
-                    else:
-                        parts.extend(batch)
+                    block = "".join(batch)
+                    pending.append(block)
+                    pending_chars += len(block)
                     self._batch = self._position = None
+                    if len(pending) >= _FOLD_BLOCKS or pending_chars >= max(
+                        _FOLD_CHARS, len(acc) >> 3
+                    ):
+                        self._acc = None  # it would pin the old str
+                        acc += "".join(pending)
+                        self._acc = acc
+                        pending.clear()
+                        pending_chars = 0
                     batch = self._next_batch(started=True)
-                self._text = acc if grow else "".join(parts)
                 self._acc = None
-                parts.clear()
+                acc += "".join(pending)
+                pending.clear()
+                self._text = acc
             self._finished = True
             for callback in self._callbacks:
                 callback(self.text)
