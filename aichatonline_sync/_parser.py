@@ -24,6 +24,7 @@ logger = logging.getLogger("aichatonline_sync")
 #: The longest line accepted, in bytes; a longer one is a :class:`ProtocolError`.
 DEFAULT_MAX_LINE = 1 << 20
 _QUOTE = 200  # bytes of the body quoted in a ProtocolError
+_DECODER = json.JSONDecoder()
 _OK_CODES = (None, 0, 200, "0", "200", "success")
 
 
@@ -56,13 +57,14 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_loads", "_overflow", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_loads", "_overflow", "_raw_decode", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = b""
         self._head = b""
         self._loads = json.loads
+        self._raw_decode = _DECODER.raw_decode
         #: How many lines carried a message so far.
         self.pieces = 0
         #: The error line that stopped the parse, if any.
@@ -101,10 +103,23 @@ class LineParser:
                 self._buf = b""
                 raise self._too_long()
             return []
+        check = len(data) > self.max_line  # only then can a line be too long
+        if not check:
+            # The fast path: decode every complete line of this read at once (strict UTF-8), and
+            # parse each with raw_decode: about 2x faster than json.loads per bytes line, which
+            # detects the encoding and decodes line by line. A line it does not take as a plain
+            # message line goes to the careful path below, with the same outcome as json.loads.
+            cut = data.rfind(b"\n") + 1
+            try:
+                text = data[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                pass  # the careful path, line by line
+            else:
+                self._buf = data[cut:]
+                return self._feed_text(text)
         lines = data.split(b"\n")
         rest = lines.pop()
         self._buf = rest
-        check = len(data) > self.max_line  # only then can a line be too long
         out: list[str] = []
         loads = self._loads
         for line in lines:
@@ -135,6 +150,33 @@ class LineParser:
                 self._overflow = self._too_long()
                 if not out:
                     raise self._overflow
+        self.pieces += len(out)
+        return out
+
+    def _feed_text(self, text: str) -> list[str]:
+        lines = text.split("\n")
+        lines.pop()  # "" after the last newline
+        out: list[str] = []
+        raw_decode = self._raw_decode
+        for line in lines:
+            if not line or line == "\r":
+                continue  # a blank line
+            try:
+                obj, end = raw_decode(line)
+                message = obj["data"]["message"]
+            except Exception:
+                message = None
+            else:
+                if end != len(line) and line[end:].strip(" \t\r"):
+                    message = None  # more after the object: not a plain line
+            if message.__class__ is str:
+                out.append(message)
+                continue
+            piece = self._slow_line(line.encode("utf-8"))
+            if piece is not None:
+                out.append(piece)
+            elif self.error is not None:
+                break
         self.pieces += len(out)
         return out
 
