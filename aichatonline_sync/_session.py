@@ -185,6 +185,16 @@ class Session:
         self._http = http if http is not None else self._make_http(pool_maxsize)
         self._pool_maxsize = pool_maxsize
         self._proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else None
+        self._verify: Union[bool, str] = verify
+        if self._owns_http:
+            # requests reads the environment (proxies, NO_PROXY, CA bundle variables, .netrc) on
+            # every request, about a quarter of a short chat's cost: read it once, here.
+            settings = self._http.merge_environment_settings(
+                self.base_url, dict(self._proxies or {}), True, verify, None
+            )
+            self._proxies = settings["proxies"] or None
+            self._verify = verify if settings["verify"] is None else settings["verify"]
+            self._http.trust_env = False
         self._token: Optional[str] = None
         self._token_lock = threading.Lock()
         self._pool_lock = threading.Lock()
@@ -319,7 +329,7 @@ class Session:
                 json=json,
                 timeout=connect_read,
                 proxies=self._proxies,
-                verify=self.verify,
+                verify=self._verify,
                 stream=True,
                 allow_redirects=False,
             )
