@@ -4,13 +4,13 @@ timeouts, error lines, tokens, threads."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from typing import Any, Callable
 
 import pytest
 import requests
 import urllib3
+from _threads import run_threads
 
 import aichatonline_sync as aco
 from aichatonline_sync import (
@@ -522,29 +522,6 @@ def test_module_level_reads_the_environment(
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
     assert aco.complete("one", timeout=SHORT) == TEXT
     assert len(emu.chat_requests) == 1
-
-
-def run_threads(
-    count: int, work: Callable[[int], str]
-) -> tuple[dict[int, str], list[BaseException]]:
-    barrier = threading.Barrier(count, timeout=10)
-    results: dict[int, str] = {}
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait()
-            results[index] = work(index)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    return results, errors
 
 
 def test_threads_share_one_session(

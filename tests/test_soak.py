@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
+import _threads
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
@@ -109,23 +110,7 @@ class GatedHTTP(requests.Session):
 
 
 def run_threads(count: int, work: Callable[[int], str]) -> dict[int, str]:
-    barrier = threading.Barrier(count, timeout=WAIT)
-    results: dict[int, str] = {}
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait()
-            results[index] = work(index)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    results, errors = _threads.run_threads(count, work, wait=WAIT)
     assert errors == []
     return results
 
