@@ -36,7 +36,7 @@ from ._errors import (
 from ._parser import DEFAULT_MAX_LINE
 from ._prompt import build_prompt, get_random_string
 from ._retry import parse_retry_after, run_with_retries
-from ._stream import ChatStream
+from ._stream import ChatStream, Reply
 from ._transport import iter_body, translate_exception
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "Session"]
@@ -535,17 +535,16 @@ class Session:
                 f"(a captcha or an outage page?); it begins: {page[:200]!r}",
                 body=page,
             )
-        stream = ChatStream(
+        reply = Reply(
             response,
             url=self._shown_chat_url,
-            conversation_id=body["conversationId"],
-            model=model,
             deadline=deadline,
             read_timeout=timeout.read,
             max_line=self.max_line_bytes,
             keep_text=keep_text,
             secrets=self._secrets(token),
         )
+        stream = ChatStream(reply, conversation_id=body["conversationId"], model=model)
         if on_open is not None:  # lets a batch abort a chat still waiting for its first piece
             try:
                 on_open(stream)

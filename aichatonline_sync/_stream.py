@@ -20,7 +20,7 @@ from ._errors import (
 from ._parser import LineParser
 from ._transport import DeadlineExceeded, iter_body, translate_exception
 
-__all__ = ["ChatStream"]
+__all__ = ["ChatStream", "Reply"]
 
 _FOLD_BLOCKS = 256  # fold the kept text after this many reads...
 _FOLD_CHARS = 65536  # ... or this many characters (or 1/8 of the text, if more)
@@ -28,7 +28,7 @@ _FOLD_CHARS = 65536  # ... or this many characters (or 1/8 of the text, if more)
 logger = logging.getLogger("aichatonline_sync")
 
 
-class _Reply:
+class Reply:
     """The machinery of a :class:`ChatStream`: reading, parsing, keeping the text.
 
     Its generator holds it, but nothing here holds the generator or the ChatStream, so dropping
@@ -237,30 +237,10 @@ class ChatStream:
     Not thread-safe: iterate one stream from one thread at a time.
     """
 
-    def __init__(
-        self,
-        response: requests.Response,
-        *,
-        url: str,
-        conversation_id: str,
-        model: str,
-        deadline: Optional[float] = None,
-        read_timeout: Optional[float] = None,
-        max_line: int,
-        keep_text: bool = True,
-        secrets: Iterable[Optional[str]] = (),
-    ) -> None:
+    def __init__(self, reply: Reply, *, conversation_id: str, model: str) -> None:
         self.conversation_id = conversation_id
         self.model = model
-        self._reply = _Reply(
-            response,
-            url=url,
-            deadline=deadline,
-            read_timeout=read_timeout,
-            max_line=max_line,
-            keep_text=keep_text,
-            secrets=secrets,
-        )
+        self._reply = reply
         self._gen = self._reply._iterate()
 
     def __iter__(self) -> Iterator[str]:
