@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.cookies import extract_cookies_to_jar
+from requests.structures import CaseInsensitiveDict
 
 from ._config import (
     RetryPolicy,
@@ -202,6 +204,20 @@ class Session:
         self._request_headers = self._build_headers()
         self._token_url = f"{self.base_url}{TOKEN_PATH}"
         self._chat_url = f"{self.base_url}{CHAT_PATH}"
+        # The chat POST of a session that made its own requests.Session skips Session.request
+        # (about a third of a short chat's cost): nothing a user set can be on that session
+        # (auth, hooks, mounts), so the request is prepared as requests would, once, and each
+        # chat only adds its token. A given ``http`` keeps the full path.
+        self._chat_headers: Optional[CaseInsensitiveDict[str]] = None
+        if self._owns_http:
+            prepared = requests.PreparedRequest()
+            prepared.prepare_url(self._chat_url, None)
+            self._chat_url = prepared.url or self._chat_url
+            merged: CaseInsensitiveDict[str] = CaseInsensitiveDict()  # requests' merge_setting
+            for name, field in self._http.headers.items():
+                merged[name] = field if isinstance(field, str) else field.decode("latin-1")
+            merged.update(self._request_headers)
+            self._chat_headers = merged
         # What messages, errors and logs show: the URLs without credentials.
         self._shown_token_url = redact_url(self._token_url)
         self._shown_chat_url = redact_url(self._chat_url)
@@ -343,6 +359,55 @@ class Session:
                 else connect_read[1],
                 proxy=self.proxy,
             ) from exc
+
+    def _post_chat(
+        self, body: dict[str, str], token: str, timeout: Timeout, deadline: Optional[float]
+    ) -> requests.Response:
+        """The chat POST as ``requests.Session.request`` sends it, without re-preparing it.
+
+        Same bytes on the wire, same adapter (so ``responses`` and other adapter-level mocks still
+        see it), same cookie handling; only the work that cannot change between chats is skipped.
+        """
+        self._check_open()
+        assert self._chat_headers is not None
+        http = self._http
+        data = json.dumps(body, allow_nan=False).encode("utf-8")
+        headers = self._chat_headers.copy()
+        headers["UniqueId"] = token
+        if "Content-Type" not in headers:
+            headers["Content-Type"] = "application/json"
+        headers["Content-Length"] = str(len(data))
+        request = requests.PreparedRequest()
+        request.method = "POST"
+        request.url = self._chat_url
+        request.headers = headers
+        request.body = data
+        request.hooks = {"response": []}
+        if http.cookies:  # cookies the token reply (or an earlier chat) set, as requests sends them
+            request.prepare_cookies(http.cookies)
+        connect_read = self._timeout_for(timeout, deadline)
+        try:
+            response: requests.Response = http.get_adapter(self._chat_url).send(
+                request,
+                stream=True,
+                timeout=connect_read,
+                verify=self._verify,
+                cert=None,
+                proxies=self._proxies or {},
+            )
+        except Exception as exc:
+            raise translate_exception(
+                exc,
+                url=self._shown_chat_url,
+                secrets=self._secrets(token),
+                timeout=connect_read[0]
+                if isinstance(exc, requests.exceptions.ConnectTimeout)
+                else connect_read[1],
+                proxy=self.proxy,
+            ) from exc
+        if "Set-Cookie" in response.headers:
+            extract_cookies_to_jar(http.cookies, request, response.raw)  # type: ignore[no-untyped-call]
+        return response
 
     # -- the token ------------------------------------------------------------------------------
 
@@ -513,18 +578,21 @@ class Session:
         keep_text: bool,
         on_open: Optional[Callable[[ChatStream], None]] = None,
     ) -> ChatStream:
-        headers = dict(self._request_headers)
-        headers["UniqueId"] = token
-        headers.setdefault("Content-Type", "application/json")
-        response = self._send(
-            "POST",
-            self._chat_url,
-            timeout=timeout,
-            deadline=deadline,
-            headers=headers,
-            json=body,
-            token=token,
-        )
+        if self._chat_headers is not None:
+            response = self._post_chat(body, token, timeout, deadline)
+        else:
+            headers = dict(self._request_headers)
+            headers["UniqueId"] = token
+            headers.setdefault("Content-Type", "application/json")
+            response = self._send(
+                "POST",
+                self._chat_url,
+                timeout=timeout,
+                deadline=deadline,
+                headers=headers,
+                json=body,
+                token=token,
+            )
         if not 200 <= response.status_code < 300:
             raise _status_error(response, self._shown_chat_url, "the chat request")
         content_type = response.headers.get("Content-Type", "").lower()
