@@ -111,7 +111,26 @@ def run_with_retries(
 
     The last error is raised as it is. ``deadline`` (a :func:`time.monotonic` value) stops retrying
     when the next wait would end past it.
+
+    The first attempt runs before tenacity is involved; only when it fails with something worth
+    retrying does tenacity take over, with that failure replayed to it as its attempt 1. So the
+    waits, stops, attempt numbers and logs are tenacity's in every case, and a call that succeeds
+    at once (nearly all of them) costs no retry machinery at all.
     """
+    try:
+        return func()
+    except Exception as exc:
+        if policy.max_retries < 1 or retry_reason(exc, policy) is None:
+            raise
+        first: Optional[BaseException] = exc
+
+    def replay() -> T:
+        nonlocal first
+        if first is not None:
+            failure, first = first, None
+            raise failure
+        return func()
+
     import tenacity
 
     def should_retry(state: tenacity.RetryCallState) -> bool:
@@ -152,4 +171,4 @@ def run_with_retries(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return retrying(func)  # type: ignore[no-any-return]
+    return retrying(replay)  # type: ignore[no-any-return]

@@ -381,3 +381,30 @@ def test_policy_sleep_is_not_called_for_the_real_clock() -> None:
     assert run_with_retries(func, RetryPolicy(sleep=sleep), what="test") == "ok"
     assert time.monotonic() - started < 5
     assert sleep.calls == [30.0]
+
+
+def test_a_call_that_succeeds_at_once_never_enters_tenacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tenacity
+
+    def no_tenacity(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tenacity was used for a call that needed no retry")
+
+    monkeypatch.setattr(tenacity, "Retrying", no_tenacity)
+    assert run_with_retries(lambda: "ok", RetryPolicy(sleep=Recorder()), what="test") == "ok"
+    with pytest.raises(APIStatusError):  # not retried: raised as it is, still without tenacity
+        run_with_retries(Flaky([status_error(400)]), RetryPolicy(sleep=Recorder()), what="x")
+    with pytest.raises(AssertionError, match="tenacity was used"):  # a retry does go through it
+        run_with_retries(Flaky([status_error(503)]), RetryPolicy(sleep=Recorder()), what="x")
+
+
+def test_the_first_failure_is_tenacitys_attempt_one(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    first = APIConnectionError("refused")
+    func = Flaky([first, first])
+    with pytest.raises(APIConnectionError) as info:
+        run_with_retries(func, RetryPolicy(max_retries=1, sleep=Recorder()), what="x")
+    assert info.value is first
+    assert func.calls == 2  # the first attempt is not run twice
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(messages) == 1
+    assert "retry 1 of 1" in messages[0]
