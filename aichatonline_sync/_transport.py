@@ -304,13 +304,15 @@ def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> t
     """
     left, need_crlf = state
     end = len(buf)
+    find = buf.find
+    append = out.append
     try:
         while True:
             if left:
                 if pos >= end:
                     return pos, False
                 take = left if left <= end - pos else end - pos
-                out.append(buf[pos : pos + take])
+                append(buf[pos : pos + take])
                 pos += take
                 left -= take
                 if left:
@@ -326,7 +328,26 @@ def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> t
                 else:
                     raise ProtocolError("malformed chunked encoding: no CRLF after a chunk")
                 need_crlf = False
-            nl = buf.find(b"\n", pos)
+            # Fast path: the whole chunks ("SIZE\r\nDATA\r\n", no extension) from here on. Any
+            # other case (a part, an extension, the last chunk, bad framing) stops it, and the
+            # careful steps below take over at the same place.
+            while True:
+                nl = find(b"\n", pos)
+                if nl < 0:
+                    break
+                try:
+                    size = int(buf[pos:nl], 16)
+                except ValueError:
+                    break
+                if size <= 0:
+                    break
+                start = nl + 1
+                stop = start + size
+                if buf[stop : stop + 2] != b"\r\n":
+                    break
+                append(buf[start:stop])
+                pos = stop + 2
+            nl = find(b"\n", pos)
             if nl < 0:
                 if end - pos > _MAX_CHUNK_LINE:
                     raise ProtocolError("malformed chunked encoding: chunk-size line too long")
