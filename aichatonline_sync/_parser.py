@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from ._errors import ProtocolError
 
@@ -28,8 +27,7 @@ _DECODER = json.JSONDecoder()
 _OK_CODES = (None, 0, 200, "0", "200", "success")
 
 
-@dataclass(frozen=True)
-class ErrorLine:
+class ErrorLine(NamedTuple):
     """An error line of the upstream: ``code`` (an int when numeric) and ``message``."""
 
     code: Any

@@ -13,12 +13,13 @@ made outside the timed part, as a long-lived program would), then ``run(prompt, 
   asyncio (one kept-alive ``ClientSession``).
 * ``g4f``: gpt4free 6.7.1's own provider (``g4f/Provider/not_working/AiChatOnline.py``, loaded as one
   file), pointed at the local server: a new ``ClientSession``, token and connection per chat.
-* ``floor``: a raw socket: de-chunk, (gunzip), split, ``json.loads``: the floor of a Python client.
+* ``floor``: a raw socket: de-chunk, (gunzip), decode, split, ``raw_decode``: the floor of a Python client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import http.client
 import importlib.util
 import json
@@ -371,7 +372,7 @@ _LENGTH_RE = re.compile(r"^content-length:\s*(\d+)", re.M)
 
 
 class Floor(Client):
-    """A raw socket per chat: de-chunk, gunzip, split on ``b"\\n"``, ``json.loads``."""
+    """A raw socket per chat: de-chunk, gunzip, decode each block, split on ``"\\n"``, ``raw_decode``."""
 
     name = "raw socket floor"
 
@@ -415,8 +416,10 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
     if not head.startswith("http/1.1 200"):
         raise ConnectionError(head.split("\r\n", 1)[0])
     decompress = zlib.decompressobj(31).decompress if "content-encoding: gzip" in head else None
-    loads = json.loads
-    rest = b""
+    # The same fast parse as ours: decode each block's text once, split on "\n", raw_decode.
+    raw_decode = json.JSONDecoder().raw_decode
+    text_of = codecs.getincrementaldecoder("utf-8")().decode
+    rest = ""
     if "transfer-encoding: chunked" in head:
         pos = 0
         done = False
@@ -440,11 +443,11 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                 data = b"".join(parts)
                 if decompress is not None:
                     data = decompress(data)
-                lines = (rest + data).split(b"\n")
+                lines = (rest + text_of(data)).split("\n")
                 rest = lines.pop()
                 for line in lines:
                     if line:
-                        sink(loads(line)["data"]["message"])
+                        sink(raw_decode(line)[0]["data"]["message"])
             if done:
                 break
             more = recv(65536)
@@ -462,11 +465,11 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                     remaining -= len(data)
                 if decompress is not None:
                     data = decompress(data)
-                lines = (rest + data).split(b"\n")
+                lines = (rest + text_of(data)).split("\n")
                 rest = lines.pop()
                 for line in lines:
                     if line:
-                        sink(loads(line)["data"]["message"])
+                        sink(raw_decode(line)[0]["data"]["message"])
                 if remaining is not None and remaining <= 0:
                     break
             data = recv(65536)
@@ -474,8 +477,9 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                 if remaining:
                     raise ConnectionError("body cut short")
                 break
+    rest += text_of(b"", True)
     if rest.strip():
-        sink(loads(rest)["data"]["message"])
+        sink(raw_decode(rest.strip())[0]["data"]["message"])
 
 
 # --- the registry ---------------------------------------------------------------------------------

@@ -112,6 +112,86 @@ def test_timeout_is_frozen() -> None:
         timeout.read = 5  # type: ignore[misc]
 
 
+
+@pytest.mark.parametrize(
+    "value",
+    [Timeout(3, 20, 90), Timeout(None, None), RetryPolicy(max_retries=5, initial_delay=0.25)],
+    ids=repr,
+)
+def test_value_objects_pickle_copy_and_replace(value: Any) -> None:
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(value)) == value
+    assert copy.copy(value) == value
+    assert copy.deepcopy(value) == value
+    changed = value.replace()
+    assert changed == value
+    assert changed is not value
+    with pytest.raises(AttributeError):
+        delattr(value, "max_retries" if isinstance(value, RetryPolicy) else "read")
+    with pytest.raises(TypeError, match="no field 'nope'"):
+        value.replace(nope=1)
+
+
+def test_replace_validates_like_the_constructor() -> None:
+    assert Timeout(3, 20).replace(total=60) == Timeout(3, 20, 60)
+    assert RetryPolicy().replace(max_retries=7).max_retries == 7
+    with pytest.raises(InvalidRequestError):
+        Timeout().replace(read=-1)
+    with pytest.raises(InvalidRequestError):
+        RetryPolicy().replace(max_delay=0.1)  # below initial_delay
+    if sys.version_info >= (3, 13):
+        import copy
+
+        assert copy.replace(Timeout(), read=5) == Timeout(read=5)  # type: ignore[attr-defined]
+
+
+def test_retry_policy_pickles_its_sleep_and_hides_it() -> None:
+    import pickle
+
+    policy = RetryPolicy(max_retries=1, sleep=print)
+    assert pickle.loads(pickle.dumps(policy)).sleep is print
+    assert "sleep" not in repr(policy)
+    assert hash(policy) == hash(RetryPolicy(max_retries=1))
+
+
+def test_module_level_option_names_are_the_session_signatures() -> None:
+    import inspect
+
+    from aichatonline_sync._api import CHAT_OPTIONS, SESSION_OPTIONS
+
+    init = inspect.signature(Session.__init__).parameters
+    assert frozenset(init) - {"self"} == SESSION_OPTIONS
+    chat = inspect.signature(Session.chat).parameters
+    keyword_only = {
+        name
+        for name, parameter in chat.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")
+    }
+    assert keyword_only == CHAT_OPTIONS
+
+
+def test_import_loads_no_dataclasses_or_inspect() -> None:
+    import subprocess
+
+    code = (
+        "import sys; import aichatonline_sync; "
+        "print(sorted(m for m in ('dataclasses', 'inspect', 'tenacity') if m in sys.modules))"
+    )
+    import os
+
+    # -S: no .pth files (an editable install's finder imports inspect itself, at start-up).
+    path = [os.path.dirname(os.path.dirname(os.path.abspath(aco.__file__))), *sys.path]
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", f"import sys; sys.path[:0] = {path!r}; {code}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
 # -- RetryPolicy ------------------------------------------------------------------------------
 
 

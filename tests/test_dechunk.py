@@ -7,8 +7,6 @@ split the body. A simple whole-body decoder written here is the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,10 +28,6 @@ def reference(body: bytes) -> bytes:
         out.append(body[pos : pos + size])
         pos += size
         pos += 2 if body[pos : pos + 2] == b"\r\n" else 1
-
-
-def reader(pieces: list[bytes]) -> Iterator[bytes]:
-    return iter(pieces)
 
 
 def decode(body: bytes, cuts: list[int]) -> tuple[list[bytes], BaseException | None]:
