@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ._errors import ProtocolError
 
@@ -24,6 +24,11 @@ logger = logging.getLogger("aichatonline_sync")
 DEFAULT_MAX_LINE = 1 << 20
 _QUOTE = 200  # bytes of the body quoted in a ProtocolError
 _DECODER = json.JSONDecoder()
+#: The C scanner behind ``JSONDecoder.raw_decode`` (which only wraps it, in a Python frame per
+#: call): ``(value, end)`` for the JSON value at an index, ``StopIteration`` where there is none.
+_SCAN: Callable[[str, int], tuple[Any, int]] = (
+    getattr(_DECODER, "scan_once", None) or _DECODER.raw_decode
+)
 _OK_CODES = (None, 0, 200, "0", "200", "success")
 
 
@@ -55,14 +60,14 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_loads", "_overflow", "_raw_decode", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_loads", "_overflow", "_scan", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = b""
         self._head = b""
         self._loads = json.loads
-        self._raw_decode = _DECODER.raw_decode
+        self._scan = _SCAN
         #: How many lines carried a message so far.
         self.pieces = 0
         #: The error line that stopped the parse, if any.
@@ -155,20 +160,21 @@ class LineParser:
         lines = text.split("\n")
         lines.pop()  # "" after the last newline
         out: list[str] = []
-        raw_decode = self._raw_decode
+        append = out.append
+        scan = self._scan
         for line in lines:
-            if not line or line == "\r":
-                continue  # a blank line
             try:
-                obj, end = raw_decode(line)
+                obj, end = scan(line, 0)
                 message = obj["data"]["message"]
             except Exception:
+                if not line or line == "\r":
+                    continue  # a blank line
                 message = None
             else:
                 if end != len(line) and line[end:].strip(" \t\r"):
                     message = None  # more after the object: not a plain line
             if message.__class__ is str:
-                out.append(message)
+                append(message)
                 continue
             piece = self._slow_line(line.encode("utf-8"))
             if piece is not None:

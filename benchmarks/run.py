@@ -234,7 +234,8 @@ def bench_throughput(srv: ServerProcess, report: Report, quick: bool) -> None:
     report()
     report(
         'Each reply line is `{"code": 200, "msg": "success", "data": {"message": "<word> "}}`; '
-        "chunked sends one HTTP chunk per line. Every reader `json.loads` each line and hands "
+        "chunked sends one HTTP chunk per line. Every reader parses each line as JSON (`json.loads`; "
+        "ours and the floor decode each block's text once and `raw_decode` each line) and hands "
         "`data.message` to the caller (who keeps it); ours also keeps `.text` unless keep_text=False. "
         "Each round runs every reader once, in a rotated order."
     )
@@ -582,6 +583,7 @@ def _session_table(srv: ServerProcess, report: Report, rounds: int, block: int, 
             for key in order:
                 client = clients[key]
                 srv.call("reset")
+                gc.collect()  # the garbage of the client before (g4f's) is not this one's cost
                 for _ in range(block):
                     got: list[str] = []
                     start = time.perf_counter()
