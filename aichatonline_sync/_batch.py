@@ -155,6 +155,7 @@ def _abort(stream: ChatStream) -> None:
     """Make a read of ``stream`` blocked in another thread fail at once."""
     if stream.closed:
         return
+    stream._reply._aborted = True  # what fails now is no reason to retry
     sock = _socket_of(stream)
     if sock is None:
         logger.debug("no socket to shut down for %r", stream)

@@ -12,6 +12,7 @@ import requests
 
 from ._errors import (
     AiChatOnlineError,
+    APIConnectionError,
     APITimeoutError,
     IncompleteStreamError,
     ProtocolError,
@@ -61,6 +62,7 @@ class Reply:
         self._first: list[str] = []
         self._finished = False
         self._released = False
+        self._aborted = False  # set by a batch that stops: its failure is then not retried
         self._callbacks: list[Callable[[str], None]] = []
 
     def __del__(self) -> None:
@@ -190,6 +192,13 @@ class Reply:
             exc, url=self._url, secrets=self._secrets, timeout=self._read_timeout
         )
         if not started:
+            if self._aborted:  # its socket was shut down on purpose: no retry, no warning
+                return APIConnectionError(
+                    f"the chat with {self._url} was aborted before its first piece "
+                    "(its batch was stopped)",
+                    url=self._url,
+                    retryable=False,
+                )
             return translated
         partial = self.text
         if isinstance(exc, DeadlineExceeded):

@@ -24,6 +24,7 @@ from aichatonline_sync import (
     APIStatusError,
     BatchResult,
     InvalidRequestError,
+    RetryPolicy,
     Session,
     Timeout,
     _batch,
@@ -124,6 +125,32 @@ def test_keyboard_interrupt_aborts_chats_waiting_for_their_first_piece(
     assert returned < RETURN_WITHIN
     assert_threads_finish(threads)
     assert all(r.ok for r in got)
+
+
+def test_chats_aborted_before_their_first_piece_are_not_retried(
+    emulator: MakeEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping a batch shuts down the sockets of chats still waiting for their first piece. That
+    failure is the batch's doing, not the network's: no retry, no retry warning."""
+    caplog.set_level(logging.WARNING, logger="aichatonline_sync")
+    emu = emulator(reply=REPLY)
+    emu.stall("chat", after=0, times=3)
+    prompts = [f"p{i}" for i in range(8)]
+    before = set(batch_threads())
+    sleeps: list[float] = []
+    policy = RetryPolicy(max_retries=3, sleep=sleeps.append)
+    got: list[BatchResult] = []
+    with Session(emu.url, timeout=LONG, retry=policy) as session:
+        with pytest.raises(KeyboardInterrupt):  # noqa: PT012 - the loop is the thing under test
+            for result in aco.batch_iter(prompts, session=session, max_workers=4):
+                got.append(result)
+                if len(got) == 5:
+                    threads = [t for t in batch_threads() if t not in before]
+                    raise KeyboardInterrupt
+        assert_threads_finish(threads)
+    assert len(emu.chat_requests) == 8  # 5 finished, 3 aborted, none sent again
+    assert sleeps == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_keyboard_interrupt_in_batch_keeps_finished_results(stalling: Emulator) -> None:
