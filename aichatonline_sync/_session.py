@@ -350,15 +350,21 @@ class Session:
                 allow_redirects=False,
             )
         except Exception as exc:
-            raise translate_exception(
-                exc,
-                url=url.split("?", 1)[0],
-                secrets=self._secrets(token),
-                timeout=connect_read[0]
-                if isinstance(exc, requests.exceptions.ConnectTimeout)
-                else connect_read[1],
-                proxy=self.proxy,
-            ) from exc
+            raise self._send_error(exc, url.split("?", 1)[0], token, connect_read) from exc
+
+    def _send_error(
+        self, exc: Exception, url: str, token: Optional[str], connect_read: tuple[Any, Any]
+    ) -> AiChatOnlineError:
+        """The library's error for a request that failed before any reply (one place)."""
+        return translate_exception(
+            exc,
+            url=url,
+            secrets=self._secrets(token),
+            timeout=connect_read[0]
+            if isinstance(exc, requests.exceptions.ConnectTimeout)
+            else connect_read[1],
+            proxy=self.proxy,
+        )
 
     def _post_chat(
         self, body: dict[str, str], token: str, timeout: Timeout, deadline: Optional[float]
@@ -396,15 +402,7 @@ class Session:
                 proxies=self._proxies or {},
             )
         except Exception as exc:
-            raise translate_exception(
-                exc,
-                url=self._shown_chat_url,
-                secrets=self._secrets(token),
-                timeout=connect_read[0]
-                if isinstance(exc, requests.exceptions.ConnectTimeout)
-                else connect_read[1],
-                proxy=self.proxy,
-            ) from exc
+            raise self._send_error(exc, self._shown_chat_url, token, connect_read) from exc
         if "Set-Cookie" in response.headers:
             extract_cookies_to_jar(http.cookies, request, response.raw)  # type: ignore[no-untyped-call]
         return response
