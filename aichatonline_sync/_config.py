@@ -31,7 +31,7 @@ class _Frozen:
     compared). Written out because importing :mod:`dataclasses` costs ``inspect``, ``ast`` and
     ``dis``: about 5 ms of every program's start-up."""
 
-    __slots__ = ()
+    __slots__ = ("__weakref__",)
     _FIELDS: ClassVar[tuple[str, ...]] = ()
     _HIDDEN: ClassVar[tuple[str, ...]] = ()
 
@@ -64,6 +64,15 @@ class _Frozen:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), tuple(getattr(self, name) for name in self._FIELDS))
+
+    def __setstate__(self, state: Any) -> None:
+        # Pickles written when these were dataclasses: an empty object, then its ``__dict__``.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = state[1] or state[0]
+        if not isinstance(state, dict):
+            raise TypeError(f"cannot restore a {type(self).__name__} from {type(state).__name__}")
+        fields = {name: state[name] for name in self._FIELDS if name in state}
+        type(self).__init__(self, **fields)
 
     def __replace__(self, **changes: Any) -> Any:
         """A copy with some fields changed (``copy.replace`` on Python 3.13+)."""
@@ -103,6 +112,7 @@ class Timeout(_Frozen):
 
     __slots__ = ("connect", "read", "total")
     _FIELDS = ("connect", "read", "total")
+    __match_args__ = ("connect", "read", "total")
 
     connect: Optional[float]
     read: Optional[float]
@@ -173,6 +183,7 @@ class RetryPolicy(_Frozen):
     __slots__ = ("initial_delay", "max_delay", "max_retries", "max_retry_after", "sleep")
     _FIELDS = ("max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep")
     _HIDDEN = ("sleep",)
+    __match_args__ = ("max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep")
 
     max_retries: int
     initial_delay: float

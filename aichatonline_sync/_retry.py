@@ -120,8 +120,8 @@ def run_with_retries(
     try:
         return func()
     except Exception as exc:
-        if policy.max_retries < 1 or retry_reason(exc, policy) is None:
-            raise
+        if retry_reason(exc, policy) is None or policy.max_retries < 1:
+            raise  # (the reason first: it logs why a long Retry-After is not waited for)
         first: Optional[BaseException] = exc
 
     def replay() -> T:

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests.cookies import extract_cookies_to_jar
 from requests.structures import CaseInsensitiveDict
 
 from ._config import (
@@ -369,10 +368,13 @@ class Session:
     def _post_chat(
         self, body: dict[str, str], token: str, timeout: Timeout, deadline: Optional[float]
     ) -> requests.Response:
-        """The chat POST as ``requests.Session.request`` sends it, without re-preparing it.
+        """The chat POST as ``requests.Session.request`` sends it, without preparing it again.
 
-        Same bytes on the wire, same adapter (so ``responses`` and other adapter-level mocks still
-        see it), same cookie handling; only the work that cannot change between chats is skipped.
+        ``Session.request`` merges the session's settings and prepares the request at every call;
+        here the headers were merged once, and the request goes to ``Session.send`` as it would
+        from there. Same bytes on the wire (headers, then cookies, then the body's headers), and
+        the same ``send``: cookies, hooks, redirect handling, and mocks that patch ``send`` or an
+        adapter (``requests-mock``, ``responses``) see it.
         """
         self._check_open()
         assert self._chat_headers is not None
@@ -380,32 +382,30 @@ class Session:
         data = json.dumps(body, allow_nan=False).encode("utf-8")
         headers = self._chat_headers.copy()
         headers["UniqueId"] = token
-        if "Content-Type" not in headers:
+        if "Content-Type" not in headers:  # a user's own, in any case, is kept
             headers["Content-Type"] = "application/json"
-        headers["Content-Length"] = str(len(data))
         request = requests.PreparedRequest()
         request.method = "POST"
         request.url = self._chat_url
         request.headers = headers
-        request.body = data
         request.hooks = {"response": []}
-        if http.cookies:  # cookies the token reply (or an earlier chat) set, as requests sends them
-            request.prepare_cookies(http.cookies)
         connect_read = self._timeout_for(timeout, deadline)
         try:
-            response: requests.Response = http.get_adapter(self._chat_url).send(
+            if http.cookies:  # what the token reply (or an earlier chat) set
+                request.prepare_cookies(http.cookies)
+            request.body = data
+            headers["Content-Length"] = str(len(data))
+            return http.send(
                 request,
                 stream=True,
                 timeout=connect_read,
                 verify=self._verify,
                 cert=None,
                 proxies=self._proxies or {},
+                allow_redirects=False,
             )
         except Exception as exc:
             raise self._send_error(exc, self._shown_chat_url, token, connect_read) from exc
-        if "Set-Cookie" in response.headers:
-            extract_cookies_to_jar(http.cookies, request, response.raw)  # type: ignore[no-untyped-call]
-        return response
 
     # -- the token ------------------------------------------------------------------------------
 
@@ -581,7 +581,8 @@ class Session:
         else:
             headers = dict(self._request_headers)
             headers["UniqueId"] = token
-            headers.setdefault("Content-Type", "application/json")
+            if not any(key.lower() == "content-type" for key in headers):
+                headers["Content-Type"] = "application/json"
             response = self._send(
                 "POST",
                 self._chat_url,

@@ -156,6 +156,41 @@ def test_retry_policy_pickles_its_sleep_and_hides_it() -> None:
     assert hash(policy) == hash(RetryPolicy(max_retries=1))
 
 
+#: Pickles written by 0.1.0's development versions, when these were dataclasses (protocols 0 and 4).
+OLD_PICKLES = [
+    (
+        b"ccopy_reg\n_reconstructor\np0\n(caichatonline_sync._config\nTimeout\np1\nc__builtin__\n"
+        b"object\np2\nNtp3\nRp4\n(dp5\nVconnect\np6\nF3.0\nsVread\np7\nF20.0\nsVtotal\np8\n"
+        b"F90.0\nsb.",
+        Timeout(3, 20, 90),
+    ),
+    (
+        b"\x80\x04\x95\xa7\x00\x00\x00\x00\x00\x00\x00\x8c\x19aichatonline_sync._config\x94"
+        b"\x8c\x0bRetryPolicy\x94\x93\x94)\x81\x94}\x94(\x8c\x0bmax_retries\x94K\x05\x8c\r"
+        b"initial_delay\x94G?\xd0\x00\x00\x00\x00\x00\x00\x8c\tmax_delay\x94G@ \x00\x00\x00"
+        b"\x00\x00\x00\x8c\x0fmax_retry_after\x94G@N\x00\x00\x00\x00\x00\x00\x8c\x05sleep\x94"
+        b"\x8c\x04time\x94\x8c\x05sleep\x94\x93\x94ub.",
+        RetryPolicy(max_retries=5, initial_delay=0.25),
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), OLD_PICKLES, ids=["Timeout-0", "RetryPolicy-4"])
+def test_pickles_from_the_dataclass_versions_still_load(data: bytes, expected: Any) -> None:
+    import pickle
+
+    assert pickle.loads(data) == expected
+
+
+def test_value_objects_match_and_take_weak_references() -> None:
+    import weakref
+
+    timeout = Timeout(5, 30)
+    assert weakref.ref(timeout)() is timeout
+    assert Timeout.__match_args__ == ("connect", "read", "total")
+    assert RetryPolicy.__match_args__[0] == "max_retries"
+
+
 def test_module_level_option_names_are_the_session_signatures() -> None:
     import inspect
 

@@ -7,6 +7,9 @@ handling, and the same adapter (so adapter-level mocks such as ``responses`` sti
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -124,3 +127,115 @@ def test_fast_path_connection_errors_are_typed(monkeypatch: pytest.MonkeyPatch) 
     assert calls[0].method == "POST"
     assert "tok" not in str(info.value)
     assert isinstance(info.value.__cause__, requests.exceptions.ConnectionError)
+
+
+class RawServer:
+    """Records every request exactly as its bytes arrived; answers the token and chat endpoints,
+    each reply setting a cookie (keep-alive, Content-Length framing)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                body, buf = buf[:length], buf[length:]
+                self.requests.append(head + b"\r\n\r\n" + body)
+                n = len(self.requests)
+                if head.startswith(b"GET"):
+                    reply = json.dumps({"code": 200, "msg": "success", "data": "tok"}).encode()
+                    kind = b"application/json"
+                else:
+                    piece = {"code": 200, "msg": "success", "data": {"message": "hi"}}
+                    reply = json.dumps(piece).encode() + b"\n"
+                    kind = b"text/event-stream"
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: " + kind
+                    + b"\r\nSet-Cookie: c%d=v%d; Path=/\r\nContent-Length: %d\r\n\r\n" % (n, n, len(reply))
+                    + reply
+                )
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[RawServer]:
+    server = RawServer()
+    yield server
+    server.close()
+
+
+def _exchange(raw_server: RawServer, http: Any, headers: dict[str, str]) -> list[bytes]:
+    start = len(raw_server.requests)
+    with Session(raw_server.url, timeout=SHORT, headers=headers, http=http) as session:
+        for _ in range(2):
+            assert session.complete("Hi", conversation_id="conv123") == "hi"
+    return raw_server.requests[start:]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"content-type": "application/json; charset=utf-8", "X-Extra": "1"}],
+    ids=["default-headers", "own-content-type"],
+)
+def test_the_exact_bytes_match_the_full_path_with_cookies(
+    raw_server: RawServer, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    fast = _exchange(raw_server, None, headers)
+    http = requests.Session()
+    full = _exchange(raw_server, http, headers)
+    http.close()
+    assert [r.split(b" ", 1)[0] for r in fast] == [b"GET", b"POST", b"POST"]
+    # The token URL has a random canvas; the chats (with their cookies) must be byte for byte
+    # the same, the cookies numbered by the order the replies set them.
+    assert fast[1].replace(b"c1=v1", b"cX") == full[1].replace(b"c4=v4", b"cX")
+    assert fast[2].replace(b"c1=v1; c2=v2", b"cX") == full[2].replace(b"c4=v4; c5=v5", b"cX")
+    assert b"\r\nCookie: c1=v1; c2=v2\r\n" in fast[2]
+    if headers:
+        assert b"\r\ncontent-type: application/json; charset=utf-8\r\n" in fast[1]
+
+
+def test_mocks_that_patch_session_send_see_the_chat(
+    raw_server: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests-mock (and others) patch ``requests.Session.send``: the chat must go through it."""
+    seen: list[str] = []
+    send = requests.Session.send
+
+    def recording_send(self: requests.Session, request: Any, **kwargs: Any) -> Any:
+        seen.append(request.method)
+        return send(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "send", recording_send)
+    with Session(raw_server.url, timeout=SHORT) as session:
+        assert session.complete("Hi") == "hi"
+    assert seen == ["GET", "POST"]

@@ -408,3 +408,14 @@ def test_the_first_failure_is_tenacitys_attempt_one(caplog: pytest.LogCaptureFix
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(messages) == 1
     assert "retry 1 of 1" in messages[0]
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_retry_after_above_the_limit_is_logged_whatever_max_retries(
+    max_retries: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    exc = status_error(429, retry_after=120)
+    with pytest.raises(RateLimitError):
+        run_with_retries(Flaky([exc]), RetryPolicy(max_retries=max_retries, sleep=Recorder()), what="x")
+    assert any("above max_retry_after" in r.getMessage() for r in caplog.records)
