@@ -13,7 +13,7 @@ made outside the timed part, as a long-lived program would), then ``run(prompt, 
   asyncio (one kept-alive ``ClientSession``).
 * ``g4f``: gpt4free 6.7.1's own provider (``g4f/Provider/not_working/AiChatOnline.py``, loaded as one
   file), pointed at the local server: a new ``ClientSession``, token and connection per chat.
-* ``floor``: a raw socket: de-chunk, (gunzip), decode, split, ``raw_decode``: the floor of a Python client.
+* ``floor``: a raw socket: de-chunk, (gunzip), decode, split, scan each line: the floor of a Python client.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ _LENGTH_RE = re.compile(r"^content-length:\s*(\d+)", re.M)
 
 
 class Floor(Client):
-    """A raw socket per chat: de-chunk, gunzip, decode each block, split on ``"\\n"``, ``raw_decode``."""
+    """A raw socket per chat: de-chunk, gunzip, decode each block, split on ``"\\n"``, scan each line."""
 
     name = "raw socket floor"
 
@@ -416,8 +416,9 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
     if not head.startswith("http/1.1 200"):
         raise ConnectionError(head.split("\r\n", 1)[0])
     decompress = zlib.decompressobj(31).decompress if "content-encoding: gzip" in head else None
-    # The same fast parse as ours: decode each block's text once, split on "\n", raw_decode.
-    raw_decode = json.JSONDecoder().raw_decode
+    # The same fast parse as ours: decode each block's text once, split on "\n", and the JSON
+    # decoder's C scanner on each line (what raw_decode calls, without its Python frame).
+    scan = json.JSONDecoder().scan_once
     text_of = codecs.getincrementaldecoder("utf-8")().decode
     rest = ""
     if "transfer-encoding: chunked" in head:
@@ -447,7 +448,7 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                 rest = lines.pop()
                 for line in lines:
                     if line:
-                        sink(raw_decode(line)[0]["data"]["message"])
+                        sink(scan(line, 0)[0]["data"]["message"])
             if done:
                 break
             more = recv(65536)
@@ -469,7 +470,7 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                 rest = lines.pop()
                 for line in lines:
                     if line:
-                        sink(raw_decode(line)[0]["data"]["message"])
+                        sink(scan(line, 0)[0]["data"]["message"])
                 if remaining is not None and remaining <= 0:
                     break
             data = recv(65536)
@@ -479,7 +480,7 @@ def _floor_read(recv: Callable[[int], bytes], sink: Sink) -> None:
                 break
     rest += text_of(b"", True)
     if rest.strip():
-        sink(raw_decode(rest.strip())[0]["data"]["message"])
+        sink(scan(rest.strip(), 0)[0]["data"]["message"])
 
 
 # --- the registry ---------------------------------------------------------------------------------
