@@ -182,8 +182,21 @@ def _complete(
         if not running.add(stream):
             raise _Stopped("the batch was stopped")
 
+    policy_sleep = session.retry.sleep
+
+    def wait_to_retry(seconds: float) -> None:
+        # A retry wait (up to a Retry-After's max_retry_after) ends when the batch is stopped,
+        # and no request is sent after it. A sleep the policy injects (a test's) is kept.
+        if policy_sleep is time.sleep:
+            if running.wait(seconds):
+                raise _Stopped("the batch was stopped")
+            return
+        policy_sleep(seconds)
+        if running.stopped.is_set():
+            raise _Stopped("the batch was stopped")
+
     try:
-        with session.chat(prompt, _on_open=track, **options) as stream:
+        with session.chat(prompt, _on_open=track, _sleep=wait_to_retry, **options) as stream:
             for _ in stream:
                 pass
             return stream.text
@@ -329,9 +342,10 @@ def batch_iter(
     ...     for r in results:
     ...         save(r)
 
-    A chat still waiting for its token, for the reply's headers, or in a retry wait cannot be
-    aborted: its worker thread ends when that wait ends or at the chat's timeout (nothing more is
-    handed out). A chat waiting for its first piece of text is aborted like the others.
+    A chat in a retry wait stops waiting at once and sends nothing more; a chat waiting for its
+    first piece of text is aborted like the others. A chat still waiting for its token or for the
+    reply's headers cannot be aborted: its worker thread ends when that wait ends or at the chat's
+    timeout (nothing more is handed out).
 
     :param prompts: prompts (each a str or a list of messages).
     :param max_workers: threads of the built-in pool (and connections kept).

@@ -106,11 +106,13 @@ def run_with_retries(
     *,
     what: str,
     deadline: Optional[float] = None,
+    sleep: Optional[Callable[[float], None]] = None,
 ) -> T:
     """Call ``func`` until it succeeds, it raises something not retried, or the policy gives up.
 
     The last error is raised as it is. ``deadline`` (a :func:`time.monotonic` value) stops retrying
-    when the next wait would end past it.
+    when the next wait would end past it. ``sleep`` waits instead of the policy's (a batch passes
+    one that ends, and raises, when the batch is stopped).
 
     The first attempt runs before tenacity is involved; only when it fails with something worth
     retrying does tenacity take over, with that failure replayed to it as its attempt 1. So the
@@ -167,7 +169,7 @@ def run_with_retries(
         retry=should_retry,
         wait=wait,
         stop=stop,
-        sleep=policy.sleep,
+        sleep=policy.sleep if sleep is None else sleep,
         before_sleep=before_sleep,
         reraise=True,
     )

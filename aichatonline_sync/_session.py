@@ -497,6 +497,7 @@ class Session:
         conversation_id: Optional[str] = None,
         keep_text: bool = True,
         _on_open: Optional[Callable[[ChatStream], None]] = None,
+        _sleep: Optional[Callable[[float], None]] = None,
     ) -> ChatStream:
         """Send a chat and return its reply as a :class:`ChatStream` of text pieces.
 
@@ -543,7 +544,9 @@ class Session:
                 return self._open(body, token, model, chat_timeout, deadline, keep_text, _on_open)
 
         try:
-            return run_with_retries(attempt, self.retry, what="chat request", deadline=deadline)
+            return run_with_retries(
+                attempt, self.retry, what="chat request", deadline=deadline, sleep=_sleep
+            )
         except _TokenFailure as failure:
             raise failure.error from failure.error.__cause__
 

@@ -153,6 +153,29 @@ def test_chats_aborted_before_their_first_piece_are_not_retried(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_stopping_ends_retry_waits_and_sends_nothing_more(emulator: MakeEmulator) -> None:
+    """Chats waiting out a Retry-After when the batch stops: their threads end at once, and no
+    retry reaches the server afterwards."""
+    emu = emulator(reply=REPLY)
+    emu.fail("chat", 503, headers={"Retry-After": "30"}, times=2)
+    prompts = [f"p{i}" for i in range(4)]
+    before = set(batch_threads())
+    got: list[BatchResult] = []
+    with Session(emu.url, timeout=LONG) as session:  # the real clock: a 30 s wait
+        results = aco.batch_iter(prompts, session=session, max_workers=4)
+        for result in results:
+            got.append(result)
+            if len(got) == 2:  # the two that were not rejected
+                break
+        threads = [t for t in batch_threads() if t not in before]
+        stopped_at = time.monotonic()
+        results.close()  # type: ignore[attr-defined]
+        assert_threads_finish(threads)
+        assert time.monotonic() - stopped_at < RETURN_WITHIN
+    assert all(r.ok for r in got)
+    assert len(emu.chat_requests) == 4  # the two rejected chats were not sent again
+
+
 def test_keyboard_interrupt_in_batch_keeps_finished_results(stalling: Emulator) -> None:
     """A real interrupt of the main thread while batch() waits: KeyboardInterrupt is raised within
     a second or two, and on_result has seen every result that finished before."""
