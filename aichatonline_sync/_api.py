@@ -21,6 +21,7 @@ __all__ = [
     "split_options",
 ]
 
+
 def _parameters(function: Any, keyword_only: bool = False) -> frozenset[str]:
     """The parameter names of a plain function, read off its code (``inspect`` costs ms to import)."""
     code = function.__code__

@@ -60,14 +60,13 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_loads", "_overflow", "_scan", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_loads", "_overflow", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = b""
         self._head = b""
         self._loads = json.loads
-        self._scan = _SCAN
         #: How many lines carried a message so far.
         self.pieces = 0
         #: The error line that stopped the parse, if any.
@@ -161,7 +160,7 @@ class LineParser:
         lines.pop()  # "" after the last newline
         out: list[str] = []
         append = out.append
-        scan = self._scan
+        scan = _SCAN
         for line in lines:
             try:
                 obj, end = scan(line, 0)
