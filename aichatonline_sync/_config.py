@@ -2,88 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Optional, TypeVar, Union
 from urllib.parse import urlsplit
 
 from ._errors import InvalidRequestError
+from ._protocol import BASE_URL_ENV, DEFAULT_BASE_URL, RETRY_STATUSES
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "RetryPolicy",
     "Timeout",
     "TimeoutTypes",
+    "UNSET",
     "redact_url",
     "validate_base_url",
     "validate_proxy",
 ]
 
-DEFAULT_BASE_URL = "https://aichatonlineorg.erweima.ai"
-BASE_URL_ENV = "AICHATONLINE_BASE_URL"
-
-
-class _Frozen:
-    """An immutable value class, as ``@dataclass(frozen=True)`` makes one: ``__eq__``, ``__hash__``,
-    ``__repr__``, pickling and ``copy.replace``, over ``_FIELDS`` (``_HIDDEN``: neither shown nor
-    compared). Written out because importing :mod:`dataclasses` costs ``inspect``, ``ast`` and
-    ``dis``: about 5 ms of every program's start-up."""
-
-    __slots__ = ("__weakref__",)
-    _FIELDS: ClassVar[tuple[str, ...]] = ()
-    _HIDDEN: ClassVar[tuple[str, ...]] = ()
-
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is immutable")
-
-    def _key(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self._FIELDS if name not in self._HIDDEN)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, _Frozen)
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in self._FIELDS if name not in self._HIDDEN
-        )
-        return f"{type(self).__name__}({shown})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), tuple(getattr(self, name) for name in self._FIELDS))
-
-    def __setstate__(self, state: Any) -> None:
-        # Pickles written when these were dataclasses: an empty object, then its ``__dict__``.
-        if isinstance(state, tuple) and len(state) == 2:
-            state = state[1] or state[0]
-        if not isinstance(state, dict):
-            raise TypeError(f"cannot restore a {type(self).__name__} from {type(state).__name__}")
-        fields = {name: state[name] for name in self._FIELDS if name in state}
-        type(self).__init__(self, **fields)
-
-    def __replace__(self, **changes: Any) -> Any:
-        """A copy with some fields changed (``copy.replace`` on Python 3.13+)."""
-        unknown = set(changes) - set(self._FIELDS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
-        values = {name: getattr(self, name) for name in self._FIELDS}
-        values.update(changes)
-        return type(self)(**values)
-
-    replace = __replace__
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Optional[float]:
@@ -97,7 +38,8 @@ def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Opti
     return seconds
 
 
-class Timeout(_Frozen):
+@dataclass(frozen=True)
+class Timeout:
     """How long to wait, in seconds (``None``: no limit).
 
     :param connect: the longest wait to open a connection.
@@ -110,23 +52,13 @@ class Timeout(_Frozen):
     True
     """
 
-    __slots__ = ("connect", "read", "total")
-    _FIELDS = ("connect", "read", "total")
-    __match_args__ = ("connect", "read", "total")
+    connect: Optional[float] = 10.0
+    read: Optional[float] = 60.0
+    total: Optional[float] = None
 
-    connect: Optional[float]
-    read: Optional[float]
-    total: Optional[float]
-
-    def __init__(
-        self,
-        connect: Optional[float] = 10.0,
-        read: Optional[float] = 60.0,
-        total: Optional[float] = None,
-    ) -> None:
-        self._set("connect", _check_seconds("timeout connect", connect))
-        self._set("read", _check_seconds("timeout read", read))
-        self._set("total", _check_seconds("timeout total", total))
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "total"):
+            object.__setattr__(self, name, _check_seconds(f"timeout {name}", getattr(self, name)))
 
     @classmethod
     def coerce(cls, value: TimeoutTypes) -> Timeout:
@@ -151,6 +83,10 @@ class Timeout(_Frozen):
         """The ``(connect, read)`` pair that ``requests`` takes."""
         return (self.connect, self.read)
 
+    def replace(self, **changes: Any) -> Timeout:
+        """A copy with some fields changed, validated like the constructor."""
+        return _replace(self, changes)
+
 
 TimeoutTypes = Union[Timeout, float, int, tuple[Optional[float], Optional[float]], None]
 
@@ -161,7 +97,8 @@ def _check_count(name: str, value: object) -> int:
     return value
 
 
-class RetryPolicy(_Frozen):
+@dataclass(frozen=True)
+class RetryPolicy:
     """What to retry and how long to wait (built on tenacity).
 
     Retried: connection errors and timeouts before any text, HTTP 408, 409, 425, 429, 500, 502, 503
@@ -174,50 +111,70 @@ class RetryPolicy(_Frozen):
     :param initial_delay: the shortest wait between two attempts, in seconds.
     :param max_delay: the longest wait drawn by the backoff, in seconds.
     :param max_retry_after: the longest ``Retry-After`` honoured, in seconds.
-    :param sleep: the function that waits (inject a fake one in tests).
+    :param sleep: the function that waits (inject a fake one in tests); neither shown nor compared.
 
     >>> RetryPolicy(max_retries=3)
     RetryPolicy(max_retries=3, initial_delay=0.5, max_delay=8.0, max_retry_after=60.0)
     """
 
-    __slots__ = ("initial_delay", "max_delay", "max_retries", "max_retry_after", "sleep")
-    _FIELDS = ("max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep")
-    _HIDDEN = ("sleep",)
-    __match_args__ = ("max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep")
-
-    max_retries: int
-    initial_delay: float
-    max_delay: float
-    max_retry_after: float
-    sleep: Callable[[float], None]
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
     #: HTTP statuses (and error-line codes) that are retried.
-    RETRY_STATUSES: ClassVar[frozenset[int]] = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+    RETRY_STATUSES: ClassVar[frozenset[int]] = RETRY_STATUSES
 
-    def __init__(
-        self,
-        max_retries: int = 2,
-        initial_delay: float = 0.5,
-        max_delay: float = 8.0,
-        max_retry_after: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._set("max_retries", _check_count("max_retries", max_retries))
-        for name, value in (
-            ("initial_delay", initial_delay),
-            ("max_delay", max_delay),
-            ("max_retry_after", max_retry_after),
-        ):
+    def __post_init__(self) -> None:
+        _check_count("max_retries", self.max_retries)
+        for name in ("initial_delay", "max_delay", "max_retry_after"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise InvalidRequestError(f"{name} must be a number >= 0, not {value!r}")
-            self._set(name, float(value))
-        self._set("sleep", sleep)
+            object.__setattr__(self, name, float(value))
         if self.max_delay < self.initial_delay:
             raise InvalidRequestError(
                 f"max_delay ({self.max_delay}) must not be below initial_delay ({self.initial_delay})"
             )
         if not callable(self.sleep):
             raise InvalidRequestError(f"sleep must be callable, not {self.sleep!r}")
+
+    def replace(self, **changes: Any) -> RetryPolicy:
+        """A copy with some fields changed, validated like the constructor."""
+        return _replace(self, changes)
+
+
+_Value = TypeVar("_Value", Timeout, RetryPolicy)
+
+
+def _replace(value: _Value, changes: dict[str, Any]) -> _Value:
+    names = {item.name for item in fields(value)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise TypeError(f"{type(value).__name__} has no field {unknown[0]!r}")
+    return dataclasses.replace(value, **changes)
+
+
+class _Unset:
+    """The type of :data:`UNSET`."""
+
+    _instance: ClassVar[Optional[_Unset]] = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+#: "Not given", where ``None`` or a default value would also be a valid choice.
+UNSET: Any = _Unset()
 
 
 def redact_url(url: str) -> str:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
+from ._protocol import CHAT_PATH, TOKEN_PATH, piece_line, token_reply
+
 if TYPE_CHECKING:
     import responses
     from requests import PreparedRequest
@@ -134,14 +136,14 @@ class AiChatOnlineMock:
         self._pieces: list[str] = _split(_DEFAULT_MOCK_REPLY)
         self._required: set[str] = set()
         self.token_url = re.compile(
-            re.escape(f"{self.base_url}/api/v1/user/getUniqueId") + r"(\?.*)?\Z"
+            re.escape(f"{self.base_url}{TOKEN_PATH}") + r"(\?.*)?\Z"
         )
         #: The chat URL.
-        self.chat_url = f"{self.base_url}/aichatonline/api/chat/gpt"
+        self.chat_url = f"{self.base_url}{CHAT_PATH}"
         self._token_response = rsps.add(
             "GET",
             self.token_url,
-            json={"code": 200, "msg": "success", "data": self.token},
+            json=token_reply(self.token),
         )
         self._chat_response = rsps.add_callback(
             "POST",
@@ -194,13 +196,7 @@ class AiChatOnlineMock:
             self._required.add("chat")
 
     def _chat_callback(self, request: PreparedRequest) -> tuple[int, dict[str, str], bytes]:
-        body = b"".join(
-            json.dumps(
-                {"code": 200, "msg": "success", "data": {"message": piece}}, ensure_ascii=False
-            ).encode()
-            + b"\n"
-            for piece in self._pieces
-        )
+        body = b"".join(piece_line(piece) for piece in self._pieces)
         return 200, {"Content-Type": "text/event-stream;charset=UTF-8"}, body
 
     def _drop_unrequired(self) -> None:

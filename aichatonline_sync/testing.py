@@ -57,6 +57,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Callable, Union
 from urllib.parse import parse_qsl, urlsplit
 
+from ._protocol import CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
+
 try:
     import fcntl
     import termios
@@ -77,10 +79,6 @@ __all__ = [
 
 logger = logging.getLogger("aichatonline_sync.testing")
 
-#: Path of the token endpoint.
-TOKEN_PATH = "/api/v1/user/getUniqueId"
-#: Path of the chat endpoint.
-CHAT_PATH = "/aichatonline/api/chat/gpt"
 #: Content type of a chat reply unless ``content_type=`` says otherwise.
 DEFAULT_CONTENT_TYPE = "text/event-stream;charset=UTF-8"
 
@@ -96,7 +94,6 @@ _BATCH_BYTES = 64 * 1024
 _STOP_JOIN_SECONDS = 1.0
 _DRAIN_SECONDS = 2.0
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
-_LINE_HEAD = '{"code": 200, "msg": "success", "data": {"message": '
 _PIECE_RE = re.compile(r"\S+\s*|\s+")
 
 _HTML_PAGE = (
@@ -140,19 +137,6 @@ def _reason(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
-
-
-def _error_json(status: int, message: str) -> bytes:
-    return json.dumps({"code": status, "message": message, "data": None}).encode()
-
-
-_encode_json_str = json.JSONEncoder(ensure_ascii=False).encode
-
-
-def _piece_line(piece: str) -> bytes:
-    # Same bytes as json.dumps({"code": 200, "msg": "success", "data": {"message": piece}},
-    # ensure_ascii=False) + b"\n", several times faster.
-    return (_LINE_HEAD + _encode_json_str(piece) + "}}\n").encode()
 
 
 def _check_times(times: int) -> None:
@@ -449,10 +433,10 @@ class Emulator:
         with self._lock:
             if self._reply_kind == "static":
                 if self._static_lines is None:
-                    self._static_lines = [_piece_line(p) for p in self._static_pieces]
+                    self._static_lines = [piece_line(p) for p in self._static_pieces]
                 return list(self._static_pieces), self._static_lines
         pieces = self.pieces_for(prompt)
-        return pieces, [_piece_line(p) for p in pieces]
+        return pieces, [piece_line(p) for p in pieces]
 
     def _gzip_segments(self, lines: list[bytes]) -> list[bytes]:
         """Compress each line into its own decodable gzip segment (cached for a fixed reply)."""
@@ -698,7 +682,7 @@ class Emulator:
         checked = _check_headers(headers)
         content_type = "application/json"
         if body is None:
-            data = _error_json(status, _reason(status))
+            data = error_json(status, _reason(status))
         elif isinstance(body, (bytes, bytearray)):
             data = bytes(body)
             content_type = "text/plain; charset=utf-8"
@@ -1035,7 +1019,7 @@ class _Connection:
                 except _BadRequest as exc:
                     logger.debug("bad request: %s", exc.message)
                     self._send_simple(
-                        exc.status, _error_json(exc.status, exc.message), keep_alive=False
+                        exc.status, error_json(exc.status, exc.message), keep_alive=False
                     )
                     break
                 if request is None:
@@ -1182,12 +1166,12 @@ class _Connection:
                 allowed = "GET" if path == TOKEN_PATH else "POST"
                 return self._send_simple(
                     405,
-                    _error_json(405, f"method {req.method} not allowed"),
+                    error_json(405, f"method {req.method} not allowed"),
                     keep_alive=req.keep_alive,
                     headers=[("Allow", allowed)],
                 )
             return self._send_simple(
-                404, _error_json(404, f"no such path: {path}"), keep_alive=req.keep_alive
+                404, error_json(404, f"no such path: {path}"), keep_alive=req.keep_alive
             )
 
         fault = self.emu._take_fault(endpoint)
@@ -1210,7 +1194,7 @@ class _Connection:
                 if fault.kind == "stall" and self._wait(fault.seconds):
                     return _ABORT
         if endpoint == "token":
-            body = json.dumps({"code": 200, "msg": "success", "data": self.emu._issue_token()})
+            body = json.dumps(token_reply(self.emu._issue_token()))
             return self._send_simple(200, body.encode(), keep_alive=req.keep_alive)
         return self._chat(req, parsed, fault)
 
@@ -1223,24 +1207,24 @@ class _Connection:
         if fault is None:
             if self.emu.require_token and not self.emu._token_valid(req.headers.get("uniqueid")):
                 return self._send_simple(
-                    401, _error_json(401, "invalid UniqueId"), keep_alive=req.keep_alive
+                    401, error_json(401, "invalid UniqueId"), keep_alive=req.keep_alive
                 )
             if not isinstance(parsed, dict):
                 return self._send_simple(
                     400,
-                    _error_json(400, "the body is not a JSON object"),
+                    error_json(400, "the body is not a JSON object"),
                     keep_alive=req.keep_alive,
                 )
             if not isinstance(prompt, str):
                 return self._send_simple(
-                    400, _error_json(400, "prompt must be a string"), keep_alive=req.keep_alive
+                    400, error_json(400, "prompt must be a string"), keep_alive=req.keep_alive
                 )
         try:
             pieces, lines = self.emu._lines_for(prompt if isinstance(prompt, str) else "")
         except Exception as exc:
             logger.exception("the emulator's reply callable failed")
             return self._send_simple(
-                500, _error_json(500, f"reply callable failed: {exc!r}"), keep_alive=req.keep_alive
+                500, error_json(500, f"reply callable failed: {exc!r}"), keep_alive=req.keep_alive
             )
         return self._stream(req, len(pieces), lines, fault)
 
