@@ -214,7 +214,7 @@ def test_import_loads_no_retry_machinery_or_optional_packages() -> None:
 
     code = (
         "import sys; import aichatonline_sync; "
-        "print(sorted(m for m in ('tenacity', 'g4f', 'tqdm', 'socks', 'aichatonline_sync.testing',"
+        "print(sorted(m for m in ('tenacity', 'g4f', 'tqdm', 'aichatonline_sync.testing',"
         " 'aichatonline_sync._cli') if m in sys.modules))"
     )
     import os
