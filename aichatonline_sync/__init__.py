@@ -9,7 +9,8 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._api import chat, complete
+from ._api import batch, batch_iter, chat, close_shared_sessions, complete
+from ._cancel import Cancellation
 from ._config import RetryPolicy, Timeout
 from ._errors import (
     AiChatOnlineError,
@@ -40,6 +41,7 @@ __all__ = [
     "AuthenticationError",
     "BatchError",
     "BatchResult",
+    "Cancellation",
     "ChatStream",
     "Conversation",
     "IncompleteStreamError",
@@ -56,6 +58,7 @@ __all__ = [
     "batch",
     "batch_iter",
     "chat",
+    "close_shared_sessions",
     "complete",
     "display_stream",
     "format_prompt",
@@ -63,7 +66,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._batch import BatchResult, batch, batch_iter
+    from ._batch import BatchResult
     from ._conversation import Conversation
     from ._notebook import display_stream
     from ._provider import AiChatOnline
@@ -74,8 +77,6 @@ _LAZY = {
     "BatchResult": "._batch",
     "Conversation": "._conversation",
     "display_stream": "._notebook",
-    "batch": "._batch",
-    "batch_iter": "._batch",
 }
 
 

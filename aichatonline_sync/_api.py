@@ -1,103 +1,36 @@
-"""The module-level ``chat()`` and ``complete()``: find or make a shared ``Session``, and delegate."""
+"""The module-level functions: find or make a shared :class:`Session`, and delegate to it."""
 
 from __future__ import annotations
 
-import atexit
-import threading
-from typing import Any
+import concurrent.futures
+from collections.abc import Generator, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ._config import RetryPolicy, validate_base_url
-from ._errors import InvalidRequestError
+from ._registry import (
+    CHAT_OPTIONS,
+    SESSION_OPTIONS,
+    close_shared_sessions,
+    shared_session,
+    split_options,
+    using_shared_session,
+)
 from ._session import Session
 from ._stream import ChatStream
+
+if TYPE_CHECKING:
+    from ._batch import BatchResult
 
 __all__ = [
     "CHAT_OPTIONS",
     "SESSION_OPTIONS",
+    "batch",
+    "batch_iter",
     "chat",
     "close_shared_sessions",
     "complete",
     "shared_session",
     "split_options",
 ]
-
-
-def _parameters(function: Any, keyword_only: bool = False) -> frozenset[str]:
-    """The parameter names of a plain function, read off its code (``inspect`` costs ms to import)."""
-    code = function.__code__
-    first = code.co_argcount if keyword_only else 1  # skip ``self``
-    names = code.co_varnames[first : code.co_argcount + code.co_kwonlyargcount]
-    return frozenset(name for name in names if not name.startswith("_"))
-
-
-#: Options of :class:`Session` accepted by the module-level functions.
-SESSION_OPTIONS = _parameters(Session.__init__)
-#: Options of :meth:`Session.chat` (``timeout`` is one of them: it does not need its own session).
-CHAT_OPTIONS = _parameters(Session.chat, keyword_only=True)
-
-_sessions: dict[tuple[Any, ...], Session] = {}
-_lock = threading.Lock()
-
-
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword options into ``(session_options, chat_options)``.
-
-    :raises InvalidRequestError: an unknown option name.
-    """
-    unknown = set(options) - SESSION_OPTIONS - CHAT_OPTIONS
-    if unknown:
-        valid = ", ".join(sorted(SESSION_OPTIONS | CHAT_OPTIONS))
-        raise InvalidRequestError(
-            f"unknown option(s): {', '.join(sorted(unknown))}; valid options are: {valid}"
-        )
-    chat_options = {key: value for key, value in options.items() if key in CHAT_OPTIONS}
-    session_options = {key: value for key, value in options.items() if key not in CHAT_OPTIONS}
-    return session_options, chat_options
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple(sorted((str(key).lower(), _freeze(item)) for key, item in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(item) for item in value)
-    try:
-        hash(value)
-    except TypeError:
-        return ("id", id(value))
-    if isinstance(value, RetryPolicy):
-        return (value, id(value.sleep))
-    return value
-
-
-def shared_session(**session_options: Any) -> Session:
-    """The process-wide :class:`Session` for these settings (made on first use, then reused)."""
-    options = dict(session_options)
-    options["base_url"] = validate_base_url(options.get("base_url"))
-    http = options.get("http")
-    key = tuple(
-        sorted(
-            (name, ("id", id(value)) if name == "http" and http is not None else _freeze(value))
-            for name, value in options.items()
-        )
-    )
-    with _lock:
-        session = _sessions.get(key)
-        if session is None or session.closed:
-            session = Session(**options)
-            _sessions[key] = session
-        return session
-
-
-def close_shared_sessions() -> None:
-    """Close every shared session (done at exit; call it to drop pooled connections sooner)."""
-    with _lock:
-        sessions = list(_sessions.values())
-        _sessions.clear()
-    for session in sessions:
-        session.close()
-
-
-atexit.register(close_shared_sessions)
 
 
 def chat(messages: Any, **options: Any) -> ChatStream:
@@ -112,10 +45,116 @@ def chat(messages: Any, **options: Any) -> ChatStream:
     :raises InvalidRequestError: bad messages or options, before anything is sent.
     """
     session_options, chat_options = split_options(options)
-    return shared_session(**session_options).chat(messages, **chat_options)
+    with using_shared_session(**session_options) as session:
+        return session.chat(messages, **chat_options)
 
 
 def complete(messages: Any, **options: Any) -> str:
     """Send a chat and return the whole reply as one str (same options as :func:`chat`)."""
     session_options, chat_options = split_options(options)
-    return shared_session(**session_options).complete(messages, **chat_options)
+    with using_shared_session(**session_options) as session:
+        return session.complete(messages, **chat_options)
+
+
+def batch_iter(
+    prompts: Iterable[Any],
+    *,
+    max_workers: int = 8,
+    session: Optional[Session] = None,
+    progress: bool = False,
+    executor: Optional[concurrent.futures.Executor] = None,
+    rate_limit: Optional[float] = None,
+    **options: Any,
+) -> Generator[BatchResult, None, None]:
+    """Run every prompt and yield a :class:`BatchResult` for each, as each one finishes.
+
+    >>> for r in batch_iter(["Q1", "Q2"], max_workers=8):    # doctest: +SKIP
+    ...     print(r.index, r.text if r.error is None else r.error)
+
+    Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
+    not yet started and cancels the chats running in this process (retry waits end, streams are
+    aborted), then returns within about a second; what finished was handed out already. A
+    generator that is still referred to stops only when closed, so keep it in
+    ``contextlib.closing``:
+
+    >>> with contextlib.closing(batch_iter(prompts)) as results:    # doctest: +SKIP
+    ...     for r in results:
+    ...         save(r)
+
+    A chat still waiting for its token or for the reply's headers cannot be aborted: its worker
+    thread ends when that wait ends or at the chat's timeout (nothing more is handed out).
+
+    :param prompts: prompts (each a str or a list of messages).
+    :param max_workers: threads of the built-in pool (and connections kept). With an
+        ``executor`` of your own, give its number of threads.
+    :param session: the :class:`Session` to use; default: the shared one for ``options``.
+    :param progress: show a tqdm progress bar (the ``progress`` extra): done, failed and the rate.
+    :param executor: any :class:`concurrent.futures.Executor` instead of the built-in thread pool
+        (it is not shut down). A :class:`~concurrent.futures.ThreadPoolExecutor` shares the
+        session; an executor of another kind (processes, Dask's ``Client.get_executor()``) gets
+        picklable settings instead, and each of its processes reuses one session.
+    :param rate_limit: at most this many chats per second, across all workers (thread executors).
+    :param options: :class:`Session` options (without ``session``) and :meth:`Session.chat` options.
+    :raises InvalidRequestError: a bad prompt or option, before anything is sent.
+    """
+    from ._batch import iter_batch
+
+    session_options, chat_options = split_options(options)
+    yield from iter_batch(
+        prompts,
+        session=session,
+        session_options=session_options,
+        chat_options=chat_options,
+        shared=shared_session,
+        max_workers=max_workers,
+        progress=progress,
+        executor=executor,
+        rate_limit=rate_limit,
+    )
+
+
+def batch(
+    prompts: Iterable[Any],
+    *,
+    max_workers: int = 8,
+    session: Optional[Session] = None,
+    progress: bool = False,
+    return_exceptions: bool = False,
+    executor: Optional[concurrent.futures.Executor] = None,
+    rate_limit: Optional[float] = None,
+    on_result: Optional[Callable[[BatchResult], object]] = None,
+    **options: Any,
+) -> list[Any]:
+    """Run every prompt concurrently and return the replies in input order.
+
+    >>> texts = batch(["Q1", "Q2", "Q3"], max_workers=8)     # doctest: +SKIP
+
+    Ctrl-C (a :class:`KeyboardInterrupt` in the calling thread) stops the batch as
+    :func:`batch_iter` does and is raised again; to keep what finished before it, collect results
+    with ``on_result`` (or iterate :func:`batch_iter`).
+
+    :param return_exceptions: put a failed prompt's exception in its place instead of raising.
+    :param on_result: called in the calling thread with each :class:`BatchResult` as it finishes
+        (an exception it raises stops the batch and is raised).
+    :raises BatchError: some prompts failed (every prompt still ran): ``.results`` holds the text or
+        ``None`` per prompt, ``.errors`` the exceptions by index.
+    :raises InvalidRequestError: a bad prompt or option, before anything is sent.
+
+    The other parameters are those of :func:`batch_iter`.
+    """
+    from ._batch import run_batch
+
+    session_options, chat_options = split_options(options)
+    return run_batch(
+        prompts,
+        session=session,
+        session_options=session_options,
+        chat_options=chat_options,
+        shared=shared_session,
+        max_workers=max_workers,
+        progress=progress,
+        return_exceptions=return_exceptions,
+        executor=executor,
+        rate_limit=rate_limit,
+        on_result=on_result,
+    )

@@ -5,30 +5,35 @@ of workers). An executor that runs work elsewhere (processes, a Dask cluster) is
 picklable settings instead, and each of its processes makes and reuses one shared session.
 
 Stopping early (Ctrl-C, ``break``, closing the iterator): prompts not yet started are cancelled, and
-the chats running in this process are aborted by shutting down their sockets, so that the worker
-threads blocked in a read return at once. What finished before was already handed out.
+the chats running in this process are cancelled through the batch's :class:`Cancellation` (retry
+waits end, streams are aborted), so that the worker threads return at once. What finished before
+was already handed out.
+
+This module imports nothing of the session's (``Session.batch`` imports it); the public
+``batch()``/``batch_iter()`` in :mod:`._api` find the session and hand the options over split.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import pickle
 import queue
-import socket
 import threading
 import time
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ._api import shared_session, split_options
+from ._cancel import Cancellation
 from ._errors import BatchError, InvalidRequestError
 from ._prompt import build_prompt
-from ._session import Session
-from ._stream import ChatStream
 
-__all__ = ["BatchResult", "RateLimiter", "batch", "batch_iter"]
+if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
+    from ._session import Session
+
+__all__ = ["BatchResult", "RateLimiter", "iter_batch", "run_batch"]
 
 logger = logging.getLogger("aichatonline_sync")
 
@@ -95,114 +100,34 @@ class RateLimiter:
             self._sleep(start - now)
 
 
-class _Stopped(concurrent.futures.CancelledError):
-    """The batch was stopped before this prompt finished (no one sees this result)."""
-
-
-class _Running:
-    """The chats of one batch that run in this process, so that stopping the batch can abort them.
-
-    A stream being read in a worker thread cannot be closed from another thread: its generator is
-    executing, and closing its response waits for the reader's buffer lock instead of waking the
-    read. Shutting the socket down does wake it: the worker then fails, closes the stream itself
-    and returns.
-    """
-
-    def __init__(self) -> None:
-        self.stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._streams: set[ChatStream] = set()
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep ``seconds``, or less when the batch is stopped meanwhile (then ``True``)."""
-        return self.stopped.wait(seconds)
-
-    def add(self, stream: ChatStream) -> bool:
-        """Track ``stream``; ``False`` (not tracked) when the batch was stopped already."""
-        with self._lock:
-            if self.stopped.is_set():
-                return False
-            self._streams.add(stream)
-            return True
-
-    def discard(self, stream: ChatStream) -> None:
-        with self._lock:
-            self._streams.discard(stream)
-
-    def stop(self) -> int:
-        """Stop the batch: no new chats, and abort the open ones. Returns how many were open."""
-        with self._lock:
-            self.stopped.set()
-            streams = list(self._streams)
-            self._streams.clear()
-        for stream in streams:
-            _abort(stream)
-        return len(streams)
-
-
-def _socket_of(stream: ChatStream) -> Optional[socket.socket]:
-    """The socket a chat reply is read from, or ``None`` (already released to the pool)."""
-    raw = getattr(stream._response, "raw", None)
-    sock = getattr(getattr(raw, "_connection", None), "sock", None)  # urllib3 1.26 and 2.x
-    if isinstance(sock, socket.socket):
-        return sock
-    buffered = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's reader
-    sock = getattr(getattr(buffered, "raw", None), "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
-
-
-def _abort(stream: ChatStream) -> None:
-    """Make a read of ``stream`` blocked in another thread fail at once."""
-    if stream.closed:
-        return
-    stream._reply._aborted = True  # what fails now is no reason to retry
-    sock = _socket_of(stream)
-    if sock is None:
-        logger.debug("no socket to shut down for %r", stream)
-        return
-    try:
-        # The plain TCP shutdown, also for TLS: it wakes the reader; SSLSocket.shutdown would
-        # unwrap the TLS object under the reader's feet.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        logger.debug("could not shut down the socket of %r", stream, exc_info=True)
-
-
 def _complete(
-    session: Session, prompt: Any, chat_options: dict[str, Any], running: Optional[_Running]
+    session: Session, prompt: Any, chat_options: dict[str, Any], cancel: Optional[Cancellation]
 ) -> str:
-    if running is None:
-        return session.complete(prompt, **chat_options)
-    options = dict(chat_options)
-    options["keep_text"] = True
-    opened: list[ChatStream] = []  # every attempt's stream, from before its first piece on
+    if cancel is not None:
+        cancel.check("the chat request")  # the batch was stopped before this prompt began
+    return session.complete(prompt, cancel=cancel, **chat_options)
 
-    def track(stream: ChatStream) -> None:
-        opened.append(stream)
-        if not running.add(stream):
-            raise _Stopped("the batch was stopped")
 
-    policy_sleep = session.retry.sleep
+class _InFlight:
+    """Counts the chats of a batch that run at once, and keeps the session's pool at least that
+    large: an executor of the caller's may run more threads than ``max_workers``."""
 
-    def wait_to_retry(seconds: float) -> None:
-        # A retry wait (up to a Retry-After's max_retry_after) ends when the batch is stopped,
-        # and no request is sent after it. A sleep the policy injects (a test's) is kept.
-        if policy_sleep is time.sleep:
-            if running.wait(seconds):
-                raise _Stopped("the batch was stopped")
-            return
-        policy_sleep(seconds)
-        if running.stopped.is_set():
-            raise _Stopped("the batch was stopped")
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._lock = threading.Lock()
+        self._count = 0
 
-    try:
-        with session.chat(prompt, _on_open=track, _sleep=wait_to_retry, **options) as stream:
-            for _ in stream:
-                pass
-            return stream.text
-    finally:
-        for stream in opened:
-            running.discard(stream)
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+            count = self._count
+        # Growing the pool makes a new one (the connections of the old one are not reused):
+        # grow by doubling, so that it happens rarely.
+        self._session.ensure_pool(count, grow_to=2 * count)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._count -= 1
 
 
 def _run_one(
@@ -211,17 +136,17 @@ def _run_one(
     prompt: Any,
     chat_options: dict[str, Any],
     limiter: Optional[RateLimiter],
-    running: Optional[_Running] = None,
+    cancel: Optional[Cancellation] = None,
+    in_flight: Optional[_InFlight] = None,
 ) -> BatchResult:
     started = time.monotonic()
     try:
-        if running is not None and running.stopped.is_set():
-            raise _Stopped("the batch was stopped")
         if limiter is not None:
+            if cancel is not None:
+                cancel.check("the chat request")
             limiter.acquire()
-            if running is not None and running.stopped.is_set():
-                raise _Stopped("the batch was stopped")
-        text = _complete(session, prompt, chat_options, running)
+        with in_flight or contextlib.nullcontext():
+            text = _complete(session, prompt, chat_options, cancel)
     except Exception as exc:
         return BatchResult(index, prompt, None, exc, time.monotonic() - started)
     return BatchResult(index, prompt, text, None, time.monotonic() - started)
@@ -243,11 +168,15 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def _run_remote(
-    session_options: dict[str, Any], index: int, prompt: Any, chat_options: dict[str, Any]
+    shared: Callable[..., Session],
+    session_options: dict[str, Any],
+    index: int,
+    prompt: Any,
+    chat_options: dict[str, Any],
 ) -> _Outcome:
-    """The work item sent to executors in other processes: only settings and the prompt travel,
-    and each process reuses one shared session for these settings."""
-    result = _run_one(shared_session(**session_options), index, prompt, chat_options, None)
+    """The work item sent to executors in other processes: only settings, the prompt and the
+    function that finds a process's shared session (by reference) travel."""
+    result = _run_one(shared(**session_options), index, prompt, chat_options, None)
     error = None if result.error is None else _picklable(result.error)
     return (result.text, error, result.elapsed)
 
@@ -303,62 +232,37 @@ def _result_of(
     return BatchResult(index, prompt, text, error, elapsed)
 
 
-def _stop(futures: Iterable[concurrent.futures.Future[Any]], running: Optional[_Running]) -> None:
+def _stop(
+    futures: Iterable[concurrent.futures.Future[Any]], cancel: Optional[Cancellation]
+) -> None:
     """Stop early: cancel what has not started, abort the chats running here, and give their
     threads a moment to return."""
-    aborted = running.stop() if running is not None else 0
+    if cancel is not None:
+        cancel.cancel()
     futures = list(futures)
     cancelled = sum(future.cancel() for future in futures)
-    logger.debug(
-        "batch stopped early: %d prompts cancelled, %d running chats aborted", cancelled, aborted
-    )
-    if running is not None:
+    logger.debug("batch stopped early: %d prompts cancelled", cancelled)
+    if cancel is not None:
         unfinished = [future for future in futures if not future.done()]
         if unfinished:
             concurrent.futures.wait(unfinished, timeout=_GRACE_SECONDS)
 
 
-def batch_iter(
+def iter_batch(
     prompts: Iterable[Any],
     *,
+    session: Optional[Session],
+    session_options: dict[str, Any],
+    chat_options: dict[str, Any],
+    shared: Optional[Callable[..., Session]] = None,
     max_workers: int = 8,
-    session: Optional[Session] = None,
     progress: bool = False,
     executor: Optional[concurrent.futures.Executor] = None,
     rate_limit: Optional[float] = None,
-    **options: Any,
 ) -> Generator[BatchResult, None, None]:
-    """Run every prompt and yield a :class:`BatchResult` for each, as each one finishes.
-
-    >>> for r in batch_iter(["Q1", "Q2"], max_workers=8):    # doctest: +SKIP
-    ...     print(r.index, r.text if r.error is None else r.error)
-
-    Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
-    not yet started and aborts the chats running in this process (their sockets are shut down),
-    then returns within about a second; what finished was handed out already. A generator that is
-    still referred to stops only when closed, so keep it in ``contextlib.closing``:
-
-    >>> with contextlib.closing(batch_iter(prompts)) as results:    # doctest: +SKIP
-    ...     for r in results:
-    ...         save(r)
-
-    A chat in a retry wait stops waiting at once and sends nothing more; a chat waiting for its
-    first piece of text is aborted like the others. A chat still waiting for its token or for the
-    reply's headers cannot be aborted: its worker thread ends when that wait ends or at the chat's
-    timeout (nothing more is handed out).
-
-    :param prompts: prompts (each a str or a list of messages).
-    :param max_workers: threads of the built-in pool (and connections kept).
-    :param session: the :class:`Session` to use; default: the shared one for ``options``.
-    :param progress: show a tqdm progress bar (the ``progress`` extra): done, failed and the rate.
-    :param executor: any :class:`concurrent.futures.Executor` instead of the built-in thread pool
-        (it is not shut down). A :class:`~concurrent.futures.ThreadPoolExecutor` shares the
-        session; an executor of another kind (processes, Dask's ``Client.get_executor()``) gets
-        picklable settings instead, and each of its processes reuses one session.
-    :param rate_limit: at most this many chats per second, across all workers (thread executors).
-    :param options: :class:`Session` options (without ``session``) and :meth:`Session.chat` options.
-    :raises InvalidRequestError: a bad prompt or option, before anything is sent.
-    """
+    """The engine of :func:`aichatonline_sync.batch_iter` (which documents it): options split
+    already; ``shared(**session_options)`` finds a process's shared session when no ``session``
+    is given (it travels by reference to executors in other processes)."""
     items = list(prompts)
     _check(max_workers, rate_limit)
     for index, prompt in enumerate(items):
@@ -366,7 +270,6 @@ def batch_iter(
             build_prompt(prompt)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"prompt {index}: {exc}") from None
-    session_options, chat_options = split_options(options)
     if session is not None and session_options:
         raise InvalidRequestError(
             f"give session options ({', '.join(sorted(session_options))}) to the Session, "
@@ -381,20 +284,22 @@ def batch_iter(
         raise InvalidRequestError(
             "a Session cannot be sent to another process: pass its options instead of session="
         )
+    if session is None and shared is None:
+        raise InvalidRequestError("a batch needs a session")
     bar = _progress_bar(len(items)) if progress else None
-    running = None if remote else _Running()
+    cancel = None if remote else Cancellation()
     limiter = (
-        RateLimiter(rate_limit, sleep=running.wait)
-        if rate_limit is not None and running is not None
+        RateLimiter(rate_limit, sleep=cancel.wait)
+        if rate_limit is not None and cancel is not None
         else None
     )
     client = session
     if not remote and client is None:
-        client = shared_session(**session_options)
+        assert shared is not None
+        client = shared(**session_options)
     if client is not None:
-        # A caller's thread pool may have more threads than max_workers: one connection each.
-        threads = getattr(executor, "_max_workers", 0)
-        client.ensure_pool(max(max_workers, threads if isinstance(threads, int) else 0))
+        client.ensure_pool(max_workers)  # one connection per thread
+    in_flight = None if client is None else _InFlight(client)
     own_executor = executor is None
     pool = executor or concurrent.futures.ThreadPoolExecutor(
         max_workers=max_workers, thread_name_prefix=_THREAD_PREFIX
@@ -407,11 +312,14 @@ def batch_iter(
         for index, prompt in enumerate(items):
             future: concurrent.futures.Future[Any]
             if remote:
-                future = pool.submit(_run_remote, session_options, index, prompt, chat_options)
+                assert shared is not None  # (a Session given is refused above)
+                future = pool.submit(
+                    _run_remote, shared, session_options, index, prompt, chat_options
+                )
             else:
                 assert client is not None
                 future = pool.submit(
-                    _run_one, client, index, prompt, chat_options, limiter, running
+                    _run_one, client, index, prompt, chat_options, limiter, cancel, in_flight
                 )
             index_of[future] = index
             future.add_done_callback(done.put)
@@ -429,7 +337,7 @@ def batch_iter(
     finally:
         try:
             if not finished:
-                _stop(index_of, running)
+                _stop(index_of, cancel)
         finally:  # also when a second Ctrl-C cuts the grace wait short
             if own_executor:
                 pool.shutdown(wait=finished, cancel_futures=True)
@@ -437,49 +345,21 @@ def batch_iter(
                 bar.close()
 
 
-def batch(
+def run_batch(
     prompts: Iterable[Any],
     *,
-    max_workers: int = 8,
-    session: Optional[Session] = None,
-    progress: bool = False,
     return_exceptions: bool = False,
-    executor: Optional[concurrent.futures.Executor] = None,
-    rate_limit: Optional[float] = None,
     on_result: Optional[Callable[[BatchResult], object]] = None,
-    **options: Any,
+    **engine: Any,
 ) -> list[Any]:
-    """Run every prompt concurrently and return the replies in input order.
-
-    >>> texts = batch(["Q1", "Q2", "Q3"], max_workers=8)     # doctest: +SKIP
-
-    Ctrl-C (a :class:`KeyboardInterrupt` in the calling thread) stops the batch as
-    :func:`batch_iter` does and is raised again; to keep what finished before it, collect results
-    with ``on_result`` (or iterate :func:`batch_iter`).
-
-    :param return_exceptions: put a failed prompt's exception in its place instead of raising.
-    :param on_result: called in the calling thread with each :class:`BatchResult` as it finishes
-        (an exception it raises stops the batch and is raised).
-    :raises BatchError: some prompts failed (every prompt still ran): ``.results`` holds the text or
-        ``None`` per prompt, ``.errors`` the exceptions by index.
-    :raises InvalidRequestError: a bad prompt or option, before anything is sent.
-
-    The other parameters are those of :func:`batch_iter`.
-    """
+    """The engine of :func:`aichatonline_sync.batch` (which documents it); ``engine`` are the
+    arguments of :func:`iter_batch`."""
     if on_result is not None and not callable(on_result):
         raise InvalidRequestError(f"on_result must be callable, not {on_result!r}")
     items = list(prompts)
     results: list[Any] = [None] * len(items)
     errors: dict[int, BaseException] = {}
-    results_iter = batch_iter(
-        items,
-        max_workers=max_workers,
-        session=session,
-        progress=progress,
-        executor=executor,
-        rate_limit=rate_limit,
-        **options,
-    )
+    results_iter = iter_batch(items, **engine)
     try:
         for result in results_iter:
             if result.error is None:

@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, Union
 import requests
 from requests.adapters import HTTPAdapter
 
-from ._batch import batch_iter
+from ._api import batch_iter
 from ._config import validate_base_url, validate_proxy
 from ._errors import AiChatOnlineError, InvalidRequestError
 from ._prompt import build_prompt

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, TypeVar, Union
 from urllib.parse import urlsplit
@@ -22,7 +23,11 @@ __all__ = [
     "UNSET",
     "redact_url",
     "validate_base_url",
+    "validate_headers",
+    "validate_positive_int",
     "validate_proxy",
+    "validate_retry",
+    "validate_verify",
 ]
 
 
@@ -82,6 +87,18 @@ class Timeout:
     def requests_timeout(self) -> tuple[Optional[float], Optional[float]]:
         """The ``(connect, read)`` pair that ``requests`` takes."""
         return (self.connect, self.read)
+
+    def within(self, deadline: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+        """The ``(connect, read)`` pair for a request, shortened to what is left before
+        ``deadline`` (a :func:`time.monotonic` value)."""
+        if deadline is None:
+            return (self.connect, self.read)
+        remaining = max(0.001, deadline - time.monotonic())
+        connect, read = self.connect, self.read
+        return (
+            remaining if connect is None else min(connect, remaining),
+            remaining if read is None else min(read, remaining),
+        )
 
     def replace(self, **changes: Any) -> Timeout:
         """A copy with some fields changed, validated like the constructor."""
@@ -175,6 +192,63 @@ class _Unset:
 
 #: "Not given", where ``None`` or a default value would also be a valid choice.
 UNSET: Any = _Unset()
+
+
+def validate_retry(max_retries: Any, retry: Any) -> RetryPolicy:
+    """The session's :class:`RetryPolicy`: ``retry``, or one with ``max_retries``, not both."""
+    if retry is None:
+        return RetryPolicy() if max_retries is UNSET else RetryPolicy(max_retries=max_retries)
+    if not isinstance(retry, RetryPolicy):
+        raise InvalidRequestError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+    if max_retries is not UNSET:
+        raise InvalidRequestError(
+            "give either max_retries or retry=RetryPolicy(max_retries=...), not both"
+        )
+    return retry
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def validate_headers(headers: Any) -> dict[str, str]:
+    """Check extra request headers: a mapping of str names (HTTP tokens) to str values without
+    line breaks."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidRequestError(f"headers must be a mapping, not {type(headers).__name__}")
+    checked = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequestError(f"header names and values must be str: {key!r}")
+        if not _HEADER_NAME.fullmatch(key):
+            raise InvalidRequestError(f"invalid header name {key!r}")
+        if any(ch in value for ch in "\r\n\0"):
+            raise InvalidRequestError(f"the value of header {key!r} contains a line break")
+        checked[key] = value
+    return checked
+
+
+def validate_verify(verify: Any) -> Union[bool, str]:
+    """Check ``verify``: ``True``, ``False``, or the path of a CA bundle file or folder that exists."""
+    if isinstance(verify, bool):
+        return verify
+    if not isinstance(verify, (str, os.PathLike)):
+        raise InvalidRequestError(f"verify must be True, False or a CA bundle path, not {verify!r}")
+    path = os.fspath(verify)
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise InvalidRequestError(
+            f"verify={path!r}: no CA bundle there (no such file or folder); give the path of a "
+            "PEM file of trusted certificates, or True for the system's"
+        )
+    return path
+
+
+def validate_positive_int(name: str, value: object) -> int:
+    """Check a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(f"{name} must be a whole number >= 1, not {value!r}")
+    return value
 
 
 def redact_url(url: str) -> str:

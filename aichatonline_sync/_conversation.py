@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._api import shared_session, split_options
 from ._errors import InvalidRequestError
 from ._prompt import _content_to_text, validate_messages
+from ._registry import shared_session, split_options
 from ._session import Session
 from ._stream import ChatStream
 

@@ -37,6 +37,7 @@ __all__ = [
     "StreamError",
     "TokenError",
     "UpstreamError",
+    "status_error",
 ]
 
 
@@ -172,3 +173,56 @@ class BatchError(AiChatOnlineError):
         super().__init__(message)
         self.results = results
         self.errors = errors
+
+
+def status_error(
+    *,
+    status: int,
+    reason: str,
+    headers: Mapping[str, str],
+    body: str,
+    url: str,
+    what: str,
+    retry_after: Optional[float],
+    token_sent: bool,
+) -> AiChatOnlineError:
+    """The error for a non-2xx reply to ``what`` (``"the chat request"``, ...): the one mapping of
+    HTTP statuses to exception classes.
+
+    :param token_sent: whether the request carried a token (only then can a 401/403 mean that the
+        upstream rejected it; a proxy that answers 401 instead of 407 is not the upstream).
+    """
+    reason = f" {reason}" if reason else ""
+    if status == 407:  # only a proxy answers this: it is no reply of the service
+        return APIConnectionError(
+            f"the proxy refused {what} to {url}: HTTP 407{reason}. "
+            "Check the proxy's user name and password.",
+            url=url,
+            retryable=False,
+        )
+    cls: type[APIStatusError] = APIStatusError
+    hint = advice = ""
+    if 300 <= status < 400:
+        location = headers.get("Location") or headers.get("location")
+        advice = (
+            f": it redirects to {location or '(no Location header)'}. Redirects are not followed "
+            "(a token or a chat sent elsewhere would leak or be lost); check base_url"
+        )
+    elif status in (401, 403):
+        cls = AuthenticationError
+        hint = (
+            " (the upstream rejected the token)"
+            if token_sent
+            else " (no token was sent yet: a proxy or gateway in between may require credentials)"
+        )
+    elif status == 429:
+        cls = RateLimitError
+        hint = " (rate limited" + (f"; retry after {retry_after:g} s)" if retry_after else ")")
+    return cls(
+        f"{what} failed: HTTP {status}{reason}{hint} from {url}{advice}",
+        status_code=status,
+        body=body,
+        url=url,
+        headers=headers,
+        retry_after=retry_after,
+    )

@@ -8,8 +8,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
-from ._api import shared_session, split_options
 from ._errors import InvalidRequestError
+from ._registry import shared_session, split_options
 from ._session import Session
 
 __all__ = ["DEFAULT_MIN_INTERVAL", "display_stream"]

@@ -15,6 +15,7 @@ import logging
 from typing import Any, Callable, NamedTuple, Optional
 
 from ._errors import ProtocolError
+from ._protocol import OK_CODES
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
 
@@ -29,7 +30,6 @@ _DECODER = json.JSONDecoder()
 _SCAN: Callable[[str, int], tuple[Any, int]] = (
     getattr(_DECODER, "scan_once", None) or _DECODER.raw_decode
 )
-_OK_CODES = (None, 0, 200, "0", "200", "success")
 
 
 class ErrorLine(NamedTuple):
@@ -38,6 +38,15 @@ class ErrorLine(NamedTuple):
     code: Any
     message: str
     raw: str
+
+
+def _is_ok(code: Any) -> bool:
+    """Does a line's ``code``/``status`` say success (``200``, ``0``, ``"ok"``, ``"success"``...)?"""
+    if code is None:
+        return True
+    if isinstance(code, str):
+        return code.strip().lower() in OK_CODES
+    return not isinstance(code, bool) and code in OK_CODES
 
 
 def _as_code(value: Any) -> Any:
@@ -238,7 +247,7 @@ class LineParser:
             text = error.get("message", error.get("msg", text))
         elif isinstance(error, str) and error:
             text = error if text is None else text
-        if code not in _OK_CODES or error:
+        if not _is_ok(code) or error:
             self.error = ErrorLine(
                 code=code,
                 message="" if text is None else str(text),

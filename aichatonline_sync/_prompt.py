@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from ._errors import InvalidRequestError
 
-__all__ = ["Messages", "build_prompt", "format_prompt", "get_random_string", "validate_messages"]
+__all__ = [
+    "validate_conversation_id","Messages", "build_prompt", "format_prompt", "get_random_string", "validate_messages"]
 
 #: A prompt string, or a list of ``{"role": ..., "content": ...}`` dicts.
 Messages = Union[str, Sequence[Mapping[str, Any]]]
@@ -134,4 +136,26 @@ def build_prompt(messages: object) -> str:
         raise InvalidRequestError(
             "the prompt is empty (or only white space) after formatting the messages"
         )
-    return format_prompt(checked)
+    prompt = format_prompt(checked)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the prompt cannot be sent: it is not valid Unicode text (a lone surrogate "
+            f"{prompt[exc.start]!r} at character {exc.start}; was it decoded with "
+            "errors='surrogateescape'?)"
+        ) from None
+    return prompt
+
+
+_CONVERSATION_RE = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def validate_conversation_id(conversation_id: object) -> str:
+    """Check a ``conversationId``: 1-128 printable ASCII characters without spaces."""
+    if not isinstance(conversation_id, str) or not _CONVERSATION_RE.fullmatch(conversation_id):
+        raise InvalidRequestError(
+            "conversation_id must be 1-128 printable characters without spaces, "
+            f"not {conversation_id!r}"
+        )
+    return conversation_id

@@ -9,9 +9,10 @@ from typing import Any, ClassVar, Optional
 
 import requests
 
-from ._config import BASE_URL_ENV, DEFAULT_BASE_URL, validate_base_url
+from ._config import validate_base_url
 from ._prompt import Messages, build_prompt
-from ._session import CHAT_PATH, DEFAULT_MODEL, MODELS, Session
+from ._protocol import BASE_URL_ENV, CHAT_PATH, DEFAULT_BASE_URL, DEFAULT_MODEL, MODELS
+from ._session import Session
 
 __all__ = ["AiChatOnline"]
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
+from ._cancel import Cancellation
 from ._config import RetryPolicy
 from ._errors import (
     APIConnectionError,
@@ -20,7 +21,7 @@ from ._errors import (
 if TYPE_CHECKING:  # tenacity is imported at the first request, not at ``import aichatonline_sync``
     import tenacity
 
-__all__ = ["parse_retry_after", "retry_reason", "run_with_retries"]
+__all__ = ["backoff", "build_retrying", "parse_retry_after", "retry_reason", "run_with_retries"]
 
 logger = logging.getLogger("aichatonline_sync")
 
@@ -100,61 +101,38 @@ def backoff(policy: RetryPolicy, attempt: int, exc: Optional[BaseException] = No
     return random.uniform(policy.initial_delay, max(policy.initial_delay, ceiling))
 
 
-def run_with_retries(
-    func: Callable[[], T],
+def build_retrying(
     policy: RetryPolicy,
     *,
     what: str,
     deadline: Optional[float] = None,
-    sleep: Optional[Callable[[float], None]] = None,
-) -> T:
-    """Call ``func`` until it succeeds, it raises something not retried, or the policy gives up.
+    cancel: Optional[Cancellation] = None,
+) -> tenacity.Retrying:
+    """The :class:`tenacity.Retrying` for one call of ``what`` ("chat request", "token request").
 
-    The last error is raised as it is. ``deadline`` (a :func:`time.monotonic` value) stops retrying
-    when the next wait would end past it. ``sleep`` waits instead of the policy's (a batch passes
-    one that ends, and raises, when the batch is stopped).
-
-    The first attempt runs before tenacity is involved; only when it fails with something worth
-    retrying does tenacity take over, with that failure replayed to it as its attempt 1. So the
-    waits, stops, attempt numbers and logs are tenacity's in every case, and a call that succeeds
-    at once (nearly all of them) costs no retry machinery at all.
+    - retry: :func:`retry_reason` (the one predicate);
+    - stop: after ``policy.max_retries`` retries, or when the next wait would end past
+      ``deadline`` (a :func:`time.monotonic` value), or once ``cancel`` is cancelled;
+    - wait: :func:`backoff` (``Retry-After`` when the reply asked for it);
+    - sleep: ``policy.sleep``, ended early by ``cancel`` (which then raises its error);
+    - before each retry, a warning with the reason and the wait. The last error is raised as it is.
     """
-    try:
-        return func()
-    except Exception as exc:
-        if retry_reason(exc, policy) is None or policy.max_retries < 1:
-            raise  # (the reason first: it logs why a long Retry-After is not waited for)
-        first: Optional[BaseException] = exc
+    import tenacity  # at the first request, not at ``import aichatonline_sync``
 
-    def replay() -> T:
-        nonlocal first
-        if first is not None:
-            failure, first = first, None
-            raise failure
-        return func()
-
-    import tenacity
-
-    def should_retry(state: tenacity.RetryCallState) -> bool:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None and outcome.failed else None
-        return exc is not None and retry_reason(exc, policy) is not None
+    def should_retry(exc: BaseException) -> bool:
+        return retry_reason(exc, policy) is not None
 
     def wait(state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        return backoff(policy, state.attempt_number, exc)
+        outcome = state.outcome
+        return backoff(policy, state.attempt_number, outcome.exception() if outcome else None)
 
-    def stop(state: tenacity.RetryCallState) -> bool:
-        if state.attempt_number > policy.max_retries:
-            return True
-        if deadline is not None:
-            upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
-            if time.monotonic() + upcoming >= deadline:
-                logger.debug("%s: not retrying, the total deadline would pass", what)
-                return True
-        return False
+    def past_deadline(state: tenacity.RetryCallState) -> bool:
+        if deadline is None or time.monotonic() + state.upcoming_sleep < deadline:
+            return False
+        logger.debug("%s: not retrying, the total deadline would pass", what)
+        return True
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
+    def log(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         logger.warning(
             "%s failed (%s); retry %d of %d in %.2f s",
@@ -165,12 +143,30 @@ def run_with_retries(
             state.upcoming_sleep,
         )
 
-    retrying: Any = tenacity.Retrying(
-        retry=should_retry,
+    stops: list[Any] = [tenacity.stop_after_attempt(policy.max_retries + 1), past_deadline]
+    sleep: Callable[[float], None] = policy.sleep
+    if cancel is not None:
+        stops.append(tenacity.stop_when_event_set(cancel.event))
+        sleep = cancel.sleeper(policy.sleep, what)
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(should_retry),
+        stop=tenacity.stop_any(*stops),
         wait=wait,
-        stop=stop,
-        sleep=policy.sleep if sleep is None else sleep,
-        before_sleep=before_sleep,
+        sleep=sleep,
+        before_sleep=log,
         reraise=True,
     )
-    return retrying(replay)  # type: ignore[no-any-return]
+
+
+def run_with_retries(
+    func: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    what: str,
+    deadline: Optional[float] = None,
+    cancel: Optional[Cancellation] = None,
+) -> T:
+    """Call ``func`` until it succeeds, it raises something not retried, or the policy gives up
+    (see :func:`build_retrying`); the last error is raised as it is."""
+    retrying = build_retrying(policy, what=what, deadline=deadline, cancel=cancel)
+    return retrying(func)

@@ -1,119 +1,74 @@
-"""``Session``: the token, the pooled connection, retries and timeouts, shared by many chats."""
+"""``Session``: one token, one connection pool, retries and timeouts, shared by many chats.
+
+The session only orchestrates: options are checked by :mod:`._config`, requests go through the
+:class:`~._transport.Transport`, the token is the :class:`~._token.TokenStore`'s, retries are a
+:func:`~._retry.build_retrying`, and the reply is read by :class:`~._stream.Reply`.
+"""
 
 from __future__ import annotations
 
-import json
+import concurrent.futures
+import inspect
 import logging
-import re
-import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
 
+from ._cancel import Cancellation
 from ._config import (
+    UNSET,
     RetryPolicy,
     Timeout,
     TimeoutTypes,
     redact_url,
     validate_base_url,
+    validate_headers,
+    validate_positive_int,
     validate_proxy,
+    validate_retry,
+    validate_verify,
 )
 from ._errors import (
     AiChatOnlineError,
-    APIConnectionError,
-    APIStatusError,
     AuthenticationError,
     InvalidRequestError,
     ProtocolError,
-    RateLimitError,
-    TokenError,
     UpstreamError,
 )
 from ._parser import DEFAULT_MAX_LINE
-from ._prompt import build_prompt, get_random_string
-from ._retry import parse_retry_after, run_with_retries
+from ._prompt import build_prompt, get_random_string, validate_conversation_id
+from ._protocol import CHAT_PATH, DEFAULT_MODEL, MODELS, TOKEN_HEADER, TOKEN_PATH, chat_body
+from ._protocol import request_headers as protocol_headers
+from ._retry import build_retrying
 from ._stream import ChatStream, Reply
-from ._transport import iter_body, translate_exception
+from ._token import TokenStore
+from ._transport import Transport, read_start
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "Session"]
+if TYPE_CHECKING:
+    from ._batch import BatchResult
+
+__all__ = ["CHAT_OPTIONS", "DEFAULT_MODEL", "MODELS", "SESSION_OPTIONS", "Session", "split_options"]
 
 logger = logging.getLogger("aichatonline_sync")
 
-DEFAULT_MODEL = "gpt-4o-mini"
-MODELS = (DEFAULT_MODEL,)
-
-TOKEN_PATH = "/api/v1/user/getUniqueId"
-CHAT_PATH = "/aichatonline/api/chat/gpt"
-
-#: The browser identity gpt4free sent (Firefox 119), minus encodings this client cannot decode.
-BROWSER_HEADERS = {
-    "User-Agent": "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:109.0) Gecko/20100101 Firefox/119.0",
-    "Accept-Language": "de,en-US;q=0.7,en;q=0.3",
-    "Accept-Encoding": "gzip, deflate",
-    "Sec-Fetch-Dest": "empty",
-    "Sec-Fetch-Mode": "cors",
-    "Sec-Fetch-Site": "same-origin",
-    "TE": "trailers",
-}
-
-_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,256}")
-_CONVERSATION_RE = re.compile(r"[\x21-\x7e]{1,128}")
-_STATUS_BODY_LIMIT = 2048
-_TOKEN_BODY_LIMIT = 65536
-_DEFAULT_POOL = 10
+#: Connections kept per host: enough for the threads of most batches and gateways (a free slot
+#: costs nothing until a connection fills it); a batch grows it to its number of workers.
+_DEFAULT_POOL = 32
 
 
-def _read_start(response: requests.Response) -> str:
-    """The first 2 KiB of a reply that is an error, as text; the response is closed."""
-    body = b""
-    try:
-        for chunk in iter_body(response):
-            body += chunk
-            if len(body) >= _STATUS_BODY_LIMIT:
-                break
-    except Exception:
-        logger.debug("could not read the body of an HTTP %s reply", response.status_code)
-    finally:
-        response.close()
-    return body[:_STATUS_BODY_LIMIT].decode("utf-8", "replace")
+class _Chat(NamedTuple):
+    """One chat, checked: what is sent, and how long it may take."""
 
-
-def _status_error(
-    response: requests.Response, url: str, what: str
-) -> Union[APIStatusError, APIConnectionError]:
-    """Read at most 2 KiB of a non-2xx reply and build the matching :class:`APIStatusError`."""
-    text = _read_start(response)
-    status = response.status_code
-    if status == 407:  # only a proxy answers this: it is no reply of the service
-        return APIConnectionError(
-            f"the proxy refused {what} to {url}: HTTP 407 Proxy Authentication Required. "
-            "Check the proxy's user name and password.",
-            url=url,
-            retryable=False,
-        )
-    retry_after = parse_retry_after(response.headers)
-    cls: type[APIStatusError] = APIStatusError
-    hint = ""
-    if status in (401, 403):
-        cls = AuthenticationError
-        hint = " (the upstream rejected the token)"
-    elif status == 429:
-        cls = RateLimitError
-        hint = " (rate limited" + (f"; retry after {retry_after:g} s)" if retry_after else ")")
-    reason = response.reason or ""
-    return cls(
-        f"{what} failed: HTTP {status} {reason}{hint} from {url}",
-        status_code=status,
-        body=text,
-        url=url,
-        headers=dict(response.headers),
-        retry_after=retry_after,
-    )
+    body: bytes
+    conversation_id: str
+    model: str
+    timeout: Timeout
+    deadline: Optional[float]
+    keep_text: bool
+    cancel: Optional[Cancellation]
 
 
 class Session:
@@ -126,14 +81,14 @@ class Session:
     :param base_url: the service's base URL; default ``$AICHATONLINE_BASE_URL``, else the real one.
     :param proxy: one proxy URL for http and https (``socks5://`` needs the ``socks`` extra).
     :param timeout: a number, a ``(connect, read)`` tuple, or a :class:`Timeout`.
-    :param max_retries: retries after the first attempt (see :class:`RetryPolicy`).
-    :param retry: a :class:`RetryPolicy`, for full control.
+    :param max_retries: retries after the first attempt (default 2; see :class:`RetryPolicy`).
+    :param retry: a :class:`RetryPolicy`, for full control (not together with ``max_retries``).
     :param headers: extra or overriding request headers.
-    :param verify: TLS verification: ``True``, ``False``, or a CA bundle path.
+    :param verify: TLS verification: ``True``, ``False``, or the path of a CA bundle.
     :param reuse_token: keep the token for later chats (a fresh one when it is rejected).
     :param http: an existing :class:`requests.Session` to send through (not closed by :meth:`close`).
     :param max_line_bytes: the longest reply line accepted (default 1 MiB).
-    :param pool_maxsize: connections kept per host (default 10; raise it for more threads).
+    :param pool_maxsize: connections kept per host (default 32; raise it for more threads).
     :raises InvalidRequestError: a bad option; nothing is sent.
     """
 
@@ -143,7 +98,7 @@ class Session:
         *,
         proxy: Optional[str] = None,
         timeout: TimeoutTypes = None,
-        max_retries: int = 2,
+        max_retries: int = UNSET,
         retry: Optional[RetryPolicy] = None,
         headers: Optional[Mapping[str, str]] = None,
         verify: Union[bool, str] = True,
@@ -155,127 +110,34 @@ class Session:
         self.base_url = validate_base_url(base_url)
         self.proxy = validate_proxy(proxy)
         self.timeout = Timeout.coerce(timeout)
-        if retry is not None:
-            if not isinstance(retry, RetryPolicy):
-                raise InvalidRequestError(
-                    f"retry must be a RetryPolicy, not {type(retry).__name__}"
-                )
-            if max_retries not in (2, retry.max_retries):
-                raise InvalidRequestError(
-                    "give either max_retries or retry=RetryPolicy(max_retries=...), not both"
-                )
-            self.retry = retry
-        else:
-            self.retry = RetryPolicy(max_retries=max_retries)
-        self.headers = self._check_headers(headers)
-        if not isinstance(verify, (bool, str)):
-            raise InvalidRequestError(
-                f"verify must be True, False or a CA bundle path, not {verify!r}"
-            )
-        self.verify = verify
+        self.retry = validate_retry(max_retries, retry)
+        self.headers = validate_headers(headers)
+        self.verify = validate_verify(verify)
         if not isinstance(reuse_token, bool):
             raise InvalidRequestError(f"reuse_token must be True or False, not {reuse_token!r}")
         self.reuse_token = reuse_token
         if http is not None and not isinstance(http, requests.Session):
             raise InvalidRequestError(f"http must be a requests.Session, not {type(http).__name__}")
-        for name, value in (("max_line_bytes", max_line_bytes), ("pool_maxsize", pool_maxsize)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"{name} must be a whole number >= 1, not {value!r}")
-        self.max_line_bytes = max_line_bytes
-        self._owns_http = http is None
-        self._http = http if http is not None else self._make_http(pool_maxsize)
-        self._pool_maxsize = pool_maxsize
-        self._proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else None
-        self._verify: Union[bool, str] = verify
-        if self._owns_http:
-            # requests reads the environment (proxies, NO_PROXY, CA bundle variables, .netrc) on
-            # every request, about a quarter of a short chat's cost: read it once, here.
-            settings = self._http.merge_environment_settings(
-                self.base_url, dict(self._proxies or {}), True, verify, None
-            )
-            self._proxies = settings["proxies"] or None
-            self._verify = verify if settings["verify"] is None else settings["verify"]
-            self._http.trust_env = False
-        self._token: Optional[str] = None
-        self._token_lock = threading.Lock()
-        self._pool_lock = threading.Lock()
+        self.max_line_bytes = validate_positive_int("max_line_bytes", max_line_bytes)
+        pool_maxsize = validate_positive_int("pool_maxsize", pool_maxsize)
         self._closed = False
-        self._request_headers = self._build_headers()
-        self._token_url = f"{self.base_url}{TOKEN_PATH}"
+        self._transport = Transport(
+            self.base_url, http=http, proxy=self.proxy, verify=self.verify, pool_maxsize=pool_maxsize
+        )
+        self._headers = _merge_headers(protocol_headers(self.base_url), self.headers)
         self._chat_url = f"{self.base_url}{CHAT_PATH}"
-        # The chat POST of a session that made its own requests.Session skips Session.request
-        # (about a third of a short chat's cost): nothing a user set can be on that session
-        # (auth, hooks, mounts), so the request is prepared as requests would, once, and each
-        # chat only adds its token. A given ``http`` keeps the full path.
-        self._chat_headers: Optional[CaseInsensitiveDict[str]] = None
-        if self._owns_http:
-            prepared = requests.PreparedRequest()
-            prepared.prepare_url(self._chat_url, None)
-            self._chat_url = prepared.url or self._chat_url
-            merged: CaseInsensitiveDict[str] = CaseInsensitiveDict()  # requests' merge_setting
-            for name, field in self._http.headers.items():
-                merged[name] = field if isinstance(field, str) else field.decode("latin-1")
-            merged.update(self._request_headers)
-            self._chat_headers = merged
         # What messages, errors and logs show: the URLs without credentials.
-        self._shown_token_url = redact_url(self._token_url)
         self._shown_chat_url = redact_url(self._chat_url)
+        self._tokens = TokenStore(
+            self._transport,
+            url=f"{self.base_url}{TOKEN_PATH}",
+            shown_url=redact_url(f"{self.base_url}{TOKEN_PATH}"),
+            headers=self._headers,
+            retry=self.retry,
+            reuse=reuse_token,
+        )
 
-    # -- set-up ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_headers(headers: Optional[Mapping[str, str]]) -> dict[str, str]:
-        if headers is None:
-            return {}
-        if not isinstance(headers, Mapping):
-            raise InvalidRequestError(f"headers must be a mapping, not {type(headers).__name__}")
-        checked = {}
-        for key, value in headers.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise InvalidRequestError(f"header names and values must be str: {key!r}")
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", key):
-                raise InvalidRequestError(f"invalid header name {key!r}")
-            if any(ch in value for ch in "\r\n\0"):
-                raise InvalidRequestError(f"the value of header {key!r} contains a line break")
-            checked[key] = value
-        return checked
-
-    def _build_headers(self) -> dict[str, str]:
-        parts = urlsplit(self.base_url)
-        headers = dict(BROWSER_HEADERS)
-        headers["Referer"] = f"{self.base_url}/chatgpt/chat/"
-        headers["Origin"] = f"{parts.scheme}://{parts.netloc}"
-        headers["Alt-Used"] = parts.netloc
-        lowered = {key.lower(): key for key in headers}
-        for key, value in self.headers.items():
-            old = lowered.get(key.lower())
-            if old is not None:
-                del headers[old]
-            headers[key] = value
-        return headers
-
-    @staticmethod
-    def _make_http(pool_maxsize: int) -> requests.Session:
-        http = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
-        http.mount("http://", adapter)
-        http.mount("https://", adapter)
-        return http
-
-    def ensure_pool(self, size: int) -> None:
-        """Make the connection pool hold at least ``size`` connections (for ``size`` threads).
-
-        Only for a session that made its own ``requests.Session``; a given ``http`` is left alone.
-        """
-        if not self._owns_http or size <= self._pool_maxsize:
-            return
-        with self._pool_lock:
-            if size <= self._pool_maxsize:
-                return
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
-            self._http.mount("http://", adapter)
-            self._http.mount("https://", adapter)
-            self._pool_maxsize = size
+    # -- life cycle -------------------------------------------------------------------------------
 
     def __enter__(self) -> Session:
         return self
@@ -288,15 +150,18 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        self._token = None
-        if self._owns_http:
-            _close_pools(self._http)
-            self._http.close()
+        self._tokens.clear()
+        self._transport.close()
 
     @property
     def closed(self) -> bool:
         """``True`` after :meth:`close`."""
         return self._closed
+
+    def ensure_pool(self, size: int, grow_to: Optional[int] = None) -> None:
+        """Keep at least ``size`` connections (for ``size`` threads); when the pool must grow, make
+        it ``grow_to`` large. A given ``http`` is left alone."""
+        self._transport.ensure_pool(size, grow_to)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -309,105 +174,7 @@ class Session:
         state = ", closed" if self._closed else ""
         return f"<Session base_url={redact_url(self.base_url)!r}{proxy}{state}>"
 
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _secrets(self, *extra: Optional[str]) -> tuple[Optional[str], ...]:
-        password = urlsplit(self.proxy).password if self.proxy else None
-        return (password, self._token, *extra)
-
-    def _timeout_for(self, timeout: Timeout, deadline: Optional[float]) -> tuple[Any, Any]:
-        connect, read = timeout.connect, timeout.read
-        if deadline is not None:
-            remaining = max(0.001, deadline - time.monotonic())
-            connect = remaining if connect is None else min(connect, remaining)
-            read = remaining if read is None else min(read, remaining)
-        return (connect, read)
-
-    def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        timeout: Timeout,
-        deadline: Optional[float],
-        headers: Optional[dict[str, str]] = None,
-        json: Any = None,
-        token: Optional[str] = None,
-    ) -> requests.Response:
-        self._check_open()
-        connect_read = self._timeout_for(timeout, deadline)
-        try:
-            return self._http.request(
-                method,
-                url,
-                headers=headers if headers is not None else self._request_headers,
-                json=json,
-                timeout=connect_read,
-                proxies=self._proxies,
-                verify=self._verify,
-                stream=True,
-                allow_redirects=False,
-            )
-        except Exception as exc:
-            raise self._send_error(exc, url.split("?", 1)[0], token, connect_read) from exc
-
-    def _send_error(
-        self, exc: Exception, url: str, token: Optional[str], connect_read: tuple[Any, Any]
-    ) -> AiChatOnlineError:
-        """The library's error for a request that failed before any reply (one place)."""
-        return translate_exception(
-            exc,
-            url=url,
-            secrets=self._secrets(token),
-            timeout=connect_read[0]
-            if isinstance(exc, requests.exceptions.ConnectTimeout)
-            else connect_read[1],
-            proxy=self.proxy,
-        )
-
-    def _post_chat(
-        self, body: dict[str, str], token: str, timeout: Timeout, deadline: Optional[float]
-    ) -> requests.Response:
-        """The chat POST as ``requests.Session.request`` sends it, without preparing it again.
-
-        ``Session.request`` merges the session's settings and prepares the request at every call;
-        here the headers were merged once, and the request goes to ``Session.send`` as it would
-        from there. Same bytes on the wire (headers, then cookies, then the body's headers), and
-        the same ``send``: cookies, hooks, redirect handling, and mocks that patch ``send`` or an
-        adapter (``requests-mock``, ``responses``) see it.
-        """
-        self._check_open()
-        assert self._chat_headers is not None
-        http = self._http
-        data = json.dumps(body, allow_nan=False).encode("utf-8")
-        headers = self._chat_headers.copy()
-        headers["UniqueId"] = token
-        if "Content-Type" not in headers:  # a user's own, in any case, is kept
-            headers["Content-Type"] = "application/json"
-        request = requests.PreparedRequest()
-        request.method = "POST"
-        request.url = self._chat_url
-        request.headers = headers
-        request.hooks = {"response": []}
-        connect_read = self._timeout_for(timeout, deadline)
-        try:
-            if http.cookies:  # what the token reply (or an earlier chat) set
-                request.prepare_cookies(http.cookies)
-            request.body = data
-            headers["Content-Length"] = str(len(data))
-            return http.send(
-                request,
-                stream=True,
-                timeout=connect_read,
-                verify=self._verify,
-                cert=None,
-                proxies=self._proxies or {},
-                allow_redirects=False,
-            )
-        except Exception as exc:
-            raise self._send_error(exc, self._shown_chat_url, token, connect_read) from exc
-
-    # -- the token ------------------------------------------------------------------------------
+    # -- the token --------------------------------------------------------------------------------
 
     def grab_token(self, refresh: bool = False) -> str:
         """Return the session's token, fetching it from ``getUniqueId`` when needed.
@@ -418,75 +185,9 @@ class Session:
         :raises APIConnectionError: the token request could not be made (after retries).
         """
         self._check_open()
-        return self._token_for(timeout=self.timeout, deadline=None, refresh=refresh)
+        return self._tokens.get(self.timeout, refresh=refresh)
 
-    def _token_for(
-        self,
-        *,
-        timeout: Timeout,
-        deadline: Optional[float],
-        refresh: bool = False,
-        stale: Optional[str] = None,
-    ) -> str:
-        if not self.reuse_token:
-            return self._fetch_token(timeout, deadline)
-        with self._token_lock:
-            current = self._token
-            if current is not None and not refresh and (stale is None or current != stale):
-                return current
-            token = self._fetch_token(timeout, deadline)
-            self._token = token
-            return token
-
-    def _fetch_token(self, timeout: Timeout, deadline: Optional[float]) -> str:
-        def attempt() -> str:
-            url = f"{self._token_url}?canvas=-{get_random_string()}"
-            response = self._send("GET", url, timeout=timeout, deadline=deadline)
-            if not 200 <= response.status_code < 300:
-                raise _status_error(response, self._shown_token_url, "the token request")
-            return self._read_token(response)
-
-        return run_with_retries(attempt, self.retry, what="token request", deadline=deadline)
-
-    def _read_token(self, response: requests.Response) -> str:
-        body = b""
-        try:
-            for chunk in iter_body(response):
-                body += chunk
-                if len(body) > _TOKEN_BODY_LIMIT:
-                    raise TokenError(
-                        f"the token reply from {self._shown_token_url} is larger than "
-                        f"{_TOKEN_BODY_LIMIT} bytes; not a token"
-                    )
-        except ProtocolError as exc:
-            raise TokenError(f"the token reply from {self._shown_token_url} is unreadable: {exc}") from exc
-        except AiChatOnlineError:
-            raise
-        except Exception as exc:
-            raise translate_exception(exc, url=self._shown_token_url, secrets=self._secrets()) from exc
-        finally:
-            response.close()
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise TokenError(
-                f"the token reply from {self._shown_token_url} is not JSON; it begins: "
-                f"{body[:200].decode('utf-8', 'replace')!r}"
-            ) from None
-        token = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
-            shape = (
-                "missing"
-                if token is None
-                else f"a {type(token).__name__} that is not a short printable string"
-            )
-            raise TokenError(
-                f"the token reply from {self._shown_token_url} has no usable token: its 'data' is {shape}"
-            )
-        logger.debug("got a token from %s", self._shown_token_url)
-        return token
-
-    # -- chatting -------------------------------------------------------------------------------
+    # -- chatting ---------------------------------------------------------------------------------
 
     def chat(
         self,
@@ -496,8 +197,7 @@ class Session:
         timeout: TimeoutTypes = None,
         conversation_id: Optional[str] = None,
         keep_text: bool = True,
-        _on_open: Optional[Callable[[ChatStream], None]] = None,
-        _sleep: Optional[Callable[[float], None]] = None,
+        cancel: Optional[Cancellation] = None,
     ) -> ChatStream:
         """Send a chat and return its reply as a :class:`ChatStream` of text pieces.
 
@@ -509,126 +209,33 @@ class Session:
         :param timeout: overrides the session's timeout for this chat.
         :param conversation_id: the upstream's ``conversationId`` (default: 10 random characters).
         :param keep_text: keep the text for :attr:`ChatStream.text` (``False`` saves memory).
+        :param cancel: a :class:`Cancellation` that stops this chat from another thread.
         :raises InvalidRequestError: bad messages or options, before anything is sent.
         """
         self._check_open()
-        prompt = build_prompt(messages)
-        model = self._check_model(model)
-        chat_timeout = self.timeout if timeout is None else Timeout.coerce(timeout)
-        if conversation_id is None:
-            conversation_id = get_random_string()
-        elif not isinstance(conversation_id, str) or not _CONVERSATION_RE.fullmatch(
-            conversation_id
-        ):
-            raise InvalidRequestError(
-                f"conversation_id must be 1-128 printable characters without spaces, "
-                f"not {conversation_id!r}"
+        chat = self._prepare(messages, model, timeout, conversation_id, keep_text, cancel)
+        stale: Optional[str] = None  # a token the upstream rejected
+        used = 0  # retries spent before that rejection
+        while True:
+            token = self._tokens.get(
+                chat.timeout, deadline=chat.deadline, cancel=chat.cancel, stale=stale
             )
-        if not isinstance(keep_text, bool):
-            raise InvalidRequestError(f"keep_text must be True or False, not {keep_text!r}")
-        deadline = time.monotonic() + chat_timeout.total if chat_timeout.total else None
-        body = {"conversationId": conversation_id, "prompt": prompt}
-        refreshed = False
-
-        def attempt() -> ChatStream:
-            nonlocal refreshed
-            token = self._chat_token(chat_timeout, deadline)
+            policy = self.retry.replace(max_retries=self.retry.max_retries - used) if used else self.retry
+            retrying = build_retrying(
+                policy,
+                what="chat request",
+                deadline=chat.deadline,
+                cancel=chat.cancel,
+            )
             try:
-                return self._open(body, token, model, chat_timeout, deadline, keep_text, _on_open)
+                return retrying(self._open, chat, token)
             except (AuthenticationError, UpstreamError) as exc:
-                if refreshed or not _is_auth_rejection(exc):
+                if stale is not None or not _is_rejection(exc):
                     raise
-                refreshed = True
+                # One fresh token and one more try, which max_retries does not count.
                 logger.info("the upstream rejected the token (%s); fetching a fresh one", exc)
-                token = self._chat_token(chat_timeout, deadline, stale=token)
-                return self._open(body, token, model, chat_timeout, deadline, keep_text, _on_open)
-
-        try:
-            return run_with_retries(
-                attempt, self.retry, what="chat request", deadline=deadline, sleep=_sleep
-            )
-        except _TokenFailure as failure:
-            raise failure.error from failure.error.__cause__
-
-    def _chat_token(
-        self, timeout: Timeout, deadline: Optional[float], stale: Optional[str] = None
-    ) -> str:
-        try:
-            return self._token_for(timeout=timeout, deadline=deadline, stale=stale)
-        except AiChatOnlineError as exc:
-            # The token request has its own retries: the chat's must not multiply them.
-            raise _TokenFailure(exc) from exc
-
-    @staticmethod
-    def _check_model(model: Optional[str]) -> str:
-        if model is None or model == "":
-            return DEFAULT_MODEL
-        if model not in MODELS:
-            raise InvalidRequestError(
-                f"unknown model {model!r}: the service offers only {', '.join(MODELS)}"
-            )
-        return model
-
-    def _open(
-        self,
-        body: dict[str, str],
-        token: str,
-        model: str,
-        timeout: Timeout,
-        deadline: Optional[float],
-        keep_text: bool,
-        on_open: Optional[Callable[[ChatStream], None]] = None,
-    ) -> ChatStream:
-        if self._chat_headers is not None:
-            response = self._post_chat(body, token, timeout, deadline)
-        else:
-            headers = dict(self._request_headers)
-            headers["UniqueId"] = token
-            if not any(key.lower() == "content-type" for key in headers):
-                headers["Content-Type"] = "application/json"
-            response = self._send(
-                "POST",
-                self._chat_url,
-                timeout=timeout,
-                deadline=deadline,
-                headers=headers,
-                json=body,
-                token=token,
-            )
-        if not 200 <= response.status_code < 300:
-            raise _status_error(response, self._shown_chat_url, "the chat request")
-        content_type = response.headers.get("Content-Type", "").lower()
-        if content_type.startswith("text/html"):
-            page = _read_start(response)
-            raise ProtocolError(
-                f"the chat reply from {self._shown_chat_url} is an HTML page, not a chat stream "
-                f"(a captcha or an outage page?); it begins: {page[:200]!r}",
-                body=page,
-            )
-        reply = Reply(
-            response,
-            url=self._shown_chat_url,
-            deadline=deadline,
-            read_timeout=timeout.read,
-            max_line=self.max_line_bytes,
-            keep_text=keep_text,
-            secrets=self._secrets(token),
-        )
-        stream = ChatStream(reply, conversation_id=body["conversationId"], model=model)
-        if on_open is not None:  # lets a batch abort a chat still waiting for its first piece
-            try:
-                on_open(stream)
-            except BaseException:
-                stream.close()
-                raise
-        stream._prime()
-        return stream
-
-    def batch(self, prompts: Any, **batch_options: Any) -> list[Any]:
-        """Run many prompts concurrently on this session; see :func:`aichatonline_sync.batch`."""
-        from ._batch import batch
-
-        return batch(prompts, session=self, **batch_options)
+                stale = token
+                used += retrying.statistics.get("attempt_number", 1) - 1
 
     def complete(self, messages: Any, **options: Any) -> str:
         """Send a chat and return the whole reply as one str (same options as :meth:`chat`)."""
@@ -638,32 +245,163 @@ class Session:
                 pass
             return stream.text
 
+    def batch(
+        self,
+        prompts: Any,
+        *,
+        max_workers: int = 8,
+        progress: bool = False,
+        return_exceptions: bool = False,
+        executor: Optional[concurrent.futures.Executor] = None,
+        rate_limit: Optional[float] = None,
+        on_result: Optional[Callable[[BatchResult], object]] = None,
+        **chat_options: Any,
+    ) -> list[Any]:
+        """Run many prompts concurrently on this session; see :func:`aichatonline_sync.batch`."""
+        from ._batch import run_batch
 
-def _close_pools(http: requests.Session) -> None:
-    """Close every pooled connection now. urllib3 2's ``PoolManager.clear()`` only forgets its
-    pools, which then close when garbage-collected: late if a stream or an error still holds them."""
-    for adapter in http.adapters.values():
-        managers = [getattr(adapter, "poolmanager", None)]
-        managers.extend(getattr(adapter, "proxy_manager", {}).values())
-        for manager in managers:
-            pools = getattr(manager, "pools", None)
-            if pools is None:
-                continue
-            for key in list(pools.keys()):
-                pool = pools.get(key)
-                if pool is not None:
-                    pool.close()
+        session_options, chat_options = split_options(chat_options)
+        return run_batch(
+            prompts,
+            session=self,
+            session_options=session_options,
+            chat_options=chat_options,
+            max_workers=max_workers,
+            progress=progress,
+            return_exceptions=return_exceptions,
+            executor=executor,
+            rate_limit=rate_limit,
+            on_result=on_result,
+        )
+
+    def _prepare(
+        self,
+        messages: Any,
+        model: Optional[str],
+        timeout: TimeoutTypes,
+        conversation_id: Optional[str],
+        keep_text: bool,
+        cancel: Optional[Cancellation],
+    ) -> _Chat:
+        """Check every input of a chat, before anything is sent."""
+        prompt = build_prompt(messages)
+        if model in (None, ""):
+            model = DEFAULT_MODEL
+        elif model not in MODELS:
+            raise InvalidRequestError(
+                f"unknown model {model!r}: the service offers only {', '.join(MODELS)}"
+            )
+        chat_timeout = self.timeout if timeout is None else Timeout.coerce(timeout)
+        if conversation_id is None:
+            conversation_id = get_random_string()
+        validate_conversation_id(conversation_id)
+        if not isinstance(keep_text, bool):
+            raise InvalidRequestError(f"keep_text must be True or False, not {keep_text!r}")
+        if cancel is not None and not isinstance(cancel, Cancellation):
+            raise InvalidRequestError(f"cancel must be a Cancellation, not {type(cancel).__name__}")
+        total = chat_timeout.total
+        return _Chat(
+            body=chat_body(conversation_id, prompt),
+            conversation_id=conversation_id,
+            model=str(model),
+            timeout=chat_timeout,
+            deadline=None if total is None else time.monotonic() + total,
+            keep_text=keep_text,
+            cancel=cancel,
+        )
+
+    def _open(self, chat: _Chat, token: str) -> ChatStream:
+        """One attempt: post the chat and read until its first piece."""
+        self._check_open()
+        if chat.cancel is not None:
+            chat.cancel.check("the chat request")
+        headers = dict(self._headers)
+        headers[TOKEN_HEADER] = token
+        if not any(key.lower() == "content-type" for key in headers):
+            headers["Content-Type"] = "application/json"
+        secrets = (*self._secrets(), token)
+        response = self._transport.send(
+            "POST",
+            self._chat_url,
+            headers=headers,
+            body=chat.body,
+            timeout=chat.timeout.within(chat.deadline),
+            shown_url=self._shown_chat_url,
+            secrets=secrets,
+        )
+        if not 200 <= response.status_code < 300:
+            raise self._transport.status_error(
+                response, url=self._shown_chat_url, what="the chat request", token_sent=True
+            )
+        if response.headers.get("Content-Type", "").lower().startswith("text/html"):
+            raise _html_error(response, self._shown_chat_url)
+        reply = Reply(
+            response,
+            url=self._shown_chat_url,
+            deadline=chat.deadline,
+            read_timeout=chat.timeout.read,
+            max_line=self.max_line_bytes,
+            keep_text=chat.keep_text,
+            secrets=secrets,
+            cancel=chat.cancel,
+        )
+        reply.prime()
+        return ChatStream(reply, conversation_id=chat.conversation_id, model=chat.model)
+
+    def _secrets(self) -> tuple[Optional[str], ...]:
+        password = urlsplit(self.proxy).password if self.proxy else None
+        return (password, self._tokens.current)
 
 
-class _TokenFailure(Exception):
-    """Carries a token error through the chat's retries, which must not retry it again."""
+#: Options of :class:`Session`, by name (the module-level functions accept them all).
+SESSION_OPTIONS = frozenset(inspect.signature(Session).parameters)
+#: Options of :meth:`Session.chat` (``timeout`` is one of them: it needs no session of its own).
+CHAT_OPTIONS = frozenset(
+    name
+    for name, parameter in inspect.signature(Session.chat).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
-    def __init__(self, error: AiChatOnlineError) -> None:
-        super().__init__(str(error))
-        self.error = error
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword options into ``(session_options, chat_options)``.
+
+    :raises InvalidRequestError: an unknown option name.
+    """
+    unknown = set(options) - SESSION_OPTIONS - CHAT_OPTIONS
+    if unknown:
+        valid = ", ".join(sorted(SESSION_OPTIONS | CHAT_OPTIONS))
+        raise InvalidRequestError(
+            f"unknown option(s): {', '.join(sorted(unknown))}; valid options are: {valid}"
+        )
+    chat_options = {key: value for key, value in options.items() if key in CHAT_OPTIONS}
+    session_options = {key: value for key, value in options.items() if key not in CHAT_OPTIONS}
+    return session_options, chat_options
 
 
-def _is_auth_rejection(exc: BaseException) -> bool:
+def _merge_headers(base: dict[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ``extra`` on top; a name given in another case replaces the base's."""
+    headers = dict(base)
+    lowered = {key.lower(): key for key in headers}
+    for key, value in extra.items():
+        old = lowered.get(key.lower())
+        if old is not None:
+            del headers[old]
+        headers[key] = value
+    return headers
+
+
+def _html_error(response: requests.Response, url: str) -> ProtocolError:
+    page = read_start(response)
+    return ProtocolError(
+        f"the chat reply from {url} is an HTML page, not a chat stream "
+        f"(a captcha or an outage page?); it begins: {page[:200]!r}",
+        body=page,
+    )
+
+
+def _is_rejection(exc: BaseException) -> bool:
+    """Did the upstream reject the token (a 401/403 status, or such an error line before text)?"""
     if isinstance(exc, AuthenticationError):
         return True
     return isinstance(exc, UpstreamError) and not exc.partial and exc.code in (401, 403)

@@ -1,4 +1,4 @@
-"""``ChatStream``: the reply of one chat, as an iterator of text pieces."""
+"""``ChatStream``: the reply of one chat, as an iterator of text pieces; ``Reply``, its machinery."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import requests
 
+from ._cancel import Cancellation
 from ._errors import (
     AiChatOnlineError,
     APIConnectionError,
@@ -19,21 +20,51 @@ from ._errors import (
     UpstreamError,
 )
 from ._parser import LineParser
-from ._transport import DeadlineExceeded, iter_body, translate_exception
+from ._transport import DeadlineExceeded, abort, iter_body, translate_exception
 
 __all__ = ["ChatStream", "Reply"]
-
-_FOLD_BLOCKS = 256  # fold the kept text after this many reads...
-_FOLD_CHARS = 65536  # ... or this many characters (or 1/8 of the text, if more)
 
 logger = logging.getLogger("aichatonline_sync")
 
 
-class Reply:
-    """The machinery of a :class:`ChatStream`: reading, parsing, keeping the text.
+class _KeptText:
+    """The text handed out so far: each read's pieces joined into one block, small blocks folded
+    into larger ones (so that many tiny pieces do not cost an object each), joined on demand."""
 
-    Its generator holds it, but nothing here holds the generator or the ChatStream, so dropping
-    the ChatStream closes the generator at once (no reference cycle waiting for the GC).
+    _FOLD_BLOCKS = 256
+    _FOLD_CHARS = 65536
+
+    def __init__(self) -> None:
+        self._folded: list[str] = []
+        self._blocks: list[str] = []
+        self._chars = 0
+
+    def add(self, pieces: list[str]) -> None:
+        block = "".join(pieces)
+        self._blocks.append(block)
+        self._chars += len(block)
+        if len(self._blocks) >= self._FOLD_BLOCKS or self._chars >= self._FOLD_CHARS:
+            self._folded.append("".join(self._blocks))
+            self._blocks.clear()
+            self._chars = 0
+
+    def text(self) -> str:
+        return "".join(self._folded) + "".join(self._blocks)
+
+    def finish(self) -> str:
+        """The whole text, kept as one str from now on."""
+        self._folded.extend(self._blocks)
+        self._blocks.clear()
+        text = "".join(self._folded)
+        self._folded = [text]
+        return text
+
+
+class Reply:
+    """Reads one chat reply: the body's bytes to pieces, the kept text, and the connection's release.
+
+    Its generator (:meth:`pieces`) holds it, but nothing here holds the generator or the
+    :class:`ChatStream`: dropping the stream closes the generator at once (no reference cycle).
     """
 
     def __init__(
@@ -46,6 +77,7 @@ class Reply:
         max_line: int,
         keep_text: bool = True,
         secrets: Iterable[Optional[str]] = (),
+        cancel: Optional[Cancellation] = None,
     ) -> None:
         self._response = response
         self._url = url
@@ -53,96 +85,74 @@ class Reply:
         self._read_timeout = read_timeout
         self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout)
         self._parser = LineParser(max_line)
-        self._keep_text = keep_text
-        self._pending: list[str] = []
-        self._acc: Optional[str] = None
-        self._text: Optional[str] = None
-        self._batch: Optional[list[str]] = None
-        self._position: Optional[Iterator[str]] = None
+        self._kept = _KeptText() if keep_text else None
+        self._batch: Optional[list[str]] = None  # the pieces being handed out...
+        self._position: Optional[Iterator[str]] = None  # ... and the iterator over them
         self._first: list[str] = []
-        self._finished = False
-        self._released = False
-        self._aborted = False  # set by a batch that stops: its failure is then not retried
         self._callbacks: list[Callable[[str], None]] = []
+        self._cancel = cancel
+        self.finished = False  #: read to its end
+        self.released = False  #: the connection was released (at the end, on close or error)
+        self.aborted = False  #: :meth:`abort` was called
+        if cancel is not None:
+            cancel.add(self)
 
     def __del__(self) -> None:
         # Dropped before it was iterated (a started generator releases in its ``finally``).
-        if not getattr(self, "_released", True):
-            self._release()
-
-    # -- the machinery --------------------------------------------------------------------------
+        if not getattr(self, "released", True):
+            self.release()
 
     @property
     def text(self) -> str:
-        if self._text is not None:
-            return self._text
-        done = (self._acc or "") + "".join(self._pending)
+        """The text handed out so far (``""`` without ``keep_text``)."""
+        if self._kept is None:
+            return ""
+        done = self._kept.text()
         batch, position = self._batch, self._position
         if batch is None or position is None:
             return done
         handed = len(batch) - operator.length_hint(position)  # of the batch being handed out
         return done + "".join(batch[:handed])
 
-    def _prime(self) -> None:
-        """Read until the first pieces have arrived (called by the session, inside its retries).
+    def prime(self) -> None:
+        """Read until the first pieces have arrived (the session does this inside its retries).
 
-        :raises AiChatOnlineError: anything before the first piece (the stream is then closed).
+        :raises AiChatOnlineError: anything before the first piece (the reply is then released).
         """
         try:
             batch = self._next_batch(started=False)
         except BaseException:
-            self._release()
+            self.release()
             raise
-        if batch is None:  # pragma: no cover - _next_batch raises ProtocolError instead
-            self._release()
-            raise ProtocolError("the reply carried no text", body=self._parser.head)
-        self._first = batch
+        self._first = batch or []
 
-    def _iterate(self) -> Generator[str, None, None]:
+    def pieces(self) -> Generator[str, None, None]:
+        """The pieces, in order: those :meth:`prime` read first, then the rest as they arrive."""
         try:
             batch: Optional[list[str]] = self._first
             self._first = []
-            if not self._keep_text:
-                while batch is not None:
+            kept = self._kept
+            while batch is not None:
+                if kept is None:
                     yield from batch
-                    batch = self._next_batch(started=True)
-            else:
-                # A batch (the pieces of one read) is handed out with ``yield from``, at C speed;
-                # .text counts the pieces handed out of it by its iterator's position. Then the
-                # batch is joined into one block, and the blocks fold into the kept text when
-                # they are many or large (at least 1/8 of the text): ``acc += ...`` on a local
-                # that nothing else holds grows the str in place on CPython (about 1.0x the text
-                # in memory, no list of pieces plus a joined copy), and where it copies instead
-                # (a tracer, coverage, another Python) the folds are few enough to stay linear.
-                acc = ""
-                pending = self._pending
-                pending_chars = 0
-                while batch is not None:
+                else:
+                    # ``yield from`` hands the batch out at generator speed; :attr:`text` counts
+                    # what was handed out of it by the position of its iterator.
                     position = iter(batch)
                     self._batch, self._position = batch, position
                     yield from position
-                    block = "".join(batch)
-                    pending.append(block)
-                    pending_chars += len(block)
+                    kept.add(batch)
                     self._batch = self._position = None
-                    if len(pending) >= _FOLD_BLOCKS or pending_chars >= max(
-                        _FOLD_CHARS, len(acc) >> 3
-                    ):
-                        self._acc = None  # it would pin the old str
-                        acc += "".join(pending)
-                        self._acc = acc
-                        pending.clear()
-                        pending_chars = 0
-                    batch = self._next_batch(started=True)
-                self._acc = None
-                acc += "".join(pending)
-                pending.clear()
-                self._text = acc
-            self._finished = True
+                batch = self._next_batch(started=True)
+            text = kept.finish() if kept is not None else ""
+            self.finished = True
             for callback in self._callbacks:
-                callback(self.text)
+                callback(text)
         finally:
-            self._release()
+            self.release()
+
+    def add_done_callback(self, callback: Callable[[str], None]) -> None:
+        self._callbacks.append(callback)
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Read until at least one piece is complete; ``None`` at the normal end of the body."""
@@ -153,28 +163,29 @@ class Reply:
                     raise self._upstream_error()
                 data = next(self._body, None)
                 if data is None:
-                    tail = parser.close()
-                    if tail:
-                        return tail
-                    if parser.error is not None:
-                        raise self._upstream_error()
-                    if parser.pieces == 0:
-                        raise ProtocolError(
-                            f"the reply from {self._url} is not a chat stream (no line carries "
-                            f"data.message); it begins: {parser.head[:200]!r}",
-                            body=parser.head,
-                        )
-                    return None
+                    return self._end()
                 pieces = parser.feed(data)
                 if pieces:
                     return pieces
-        except ProtocolError as exc:
-            exc.partial = self.text
-            raise
-        except AiChatOnlineError:
+        except UpstreamError:
             raise
         except Exception as exc:
             raise self._failure(exc, started) from exc
+
+    def _end(self) -> Optional[list[str]]:
+        parser = self._parser
+        tail = parser.close()
+        if tail:
+            return tail
+        if parser.error is not None:
+            raise self._upstream_error()
+        if parser.pieces == 0:
+            raise ProtocolError(
+                f"the reply from {self._url} is not a chat stream (no line carries "
+                f"data.message); it begins: {parser.head[:200]!r}",
+                body=parser.head,
+            )
+        return None
 
     def _upstream_error(self) -> UpstreamError:
         error = self._parser.error
@@ -188,41 +199,50 @@ class Reply:
         )
 
     def _failure(self, exc: Exception, started: bool) -> AiChatOnlineError:
-        translated = translate_exception(
-            exc, url=self._url, secrets=self._secrets, timeout=self._read_timeout
-        )
-        if not started:
-            if self._aborted:  # its socket was shut down on purpose: no retry, no warning
-                return APIConnectionError(
-                    f"the chat with {self._url} was aborted before its first piece "
-                    "(its batch was stopped)",
-                    url=self._url,
-                    retryable=False,
-                )
-            return translated
-        partial = self.text
-        if isinstance(exc, DeadlineExceeded):
-            reason = "the total deadline passed"
-        elif isinstance(translated, APITimeoutError):
-            reason = (
-                f"no data for {self._read_timeout:g} s (read timeout)"
-                if self._read_timeout
-                else "timed out"
-            )
+        """What a failure of the body is to the user: before the first piece, the error itself (a
+        ProtocolError, or the transport's); after it, an IncompleteStreamError with the text so far."""
+        if self.aborted:
+            reason = "the chat was aborted (cancelled, or its batch was stopped)"
+            if not started:  # the socket was shut down on purpose: no retry, no warning
+                return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
+        elif isinstance(exc, ProtocolError):
+            if not started:
+                return exc
+            reason = str(exc)
         else:
-            reason = "the connection broke"
+            translated = translate_exception(
+                exc, url=self._url, secrets=self._secrets, timeout=self._read_timeout
+            )
+            if not started:
+                return translated
+            if isinstance(exc, DeadlineExceeded):
+                reason = "the total deadline passed"
+            elif isinstance(translated, APITimeoutError) and self._read_timeout:
+                reason = f"no data for {self._read_timeout:g} s (read timeout)"
+            else:
+                reason = f"the connection broke ({translated})"
+        partial = self.text
         return IncompleteStreamError(
-            f"the reply from {self._url} stopped after {len(partial)} characters: {reason} "
-            f"({translated})",
+            f"the reply from {self._url} stopped after {len(partial)} characters: {reason}",
             partial=partial,
         )
 
-    def _release(self) -> None:
-        if self._released:
+    def abort(self) -> None:
+        """Stop the reply from any thread: a read blocked on it fails at once (see :meth:`ChatStream.abort`)."""
+        if self.released:
             return
-        self._released = True
-        if self._finished:
-            return  # the body was read to its end: the connection is already back in the pool
+        self.aborted = True
+        abort(self._response)
+
+    def release(self) -> None:
+        """Release the connection (idempotent). A body read to its end already went back to the pool."""
+        if self.released:
+            return
+        self.released = True
+        if self._cancel is not None:
+            self._cancel.discard(self)
+        if self.finished:
+            return
         try:
             self._response.close()
         except Exception:
@@ -234,8 +254,7 @@ class ChatStream:
 
     Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection;
     so does dropping the last reference to it and to its iterator (for example ``break`` out of
-    ``for text in aco.chat(...)``).
-    After exhaustion :attr:`text` is the whole reply.
+    ``for text in aco.chat(...)``). After exhaustion :attr:`text` is the whole reply.
 
     >>> with session.chat("Hello") as stream:      # doctest: +SKIP
     ...     for piece in stream:
@@ -243,19 +262,18 @@ class ChatStream:
     >>> stream.text                                 # doctest: +SKIP
     'Hello! ...'
 
-    Not thread-safe: iterate one stream from one thread at a time.
+    Iterate one stream from one thread at a time; :meth:`abort` may be called from any thread.
     """
 
     def __init__(self, reply: Reply, *, conversation_id: str, model: str) -> None:
         self.conversation_id = conversation_id
         self.model = model
         self._reply = reply
-        self._gen = self._reply._iterate()
+        self._gen = reply.pieces()
 
     def __iter__(self) -> Iterator[str]:
         # The generator itself, so that a ``for`` loop runs at generator speed. It holds the
-        # machinery but not this object: a loop over ``aco.chat(...)`` keeps the reply going,
-        # and dropping the loop and the stream closes it at once.
+        # machinery but not this object: dropping the loop and the stream closes it at once.
         return self._gen
 
     def __next__(self) -> str:
@@ -273,21 +291,27 @@ class ChatStream:
         self.close()
 
     def close(self) -> None:
-        """Stop reading and release the connection. Idempotent."""
+        """Stop reading and release the connection. Idempotent. From the iterating thread; from
+        another thread, use :meth:`abort`."""
         self._gen.close()
-        self._reply._release()
+        self._reply.release()
+
+    def abort(self) -> None:
+        """Stop the stream from any thread: a read blocked in another thread fails at once with
+        :class:`IncompleteStreamError` (``.partial`` keeps the text so far). Idempotent."""
+        self._reply.abort()
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` once the reply has been read to its end (not on error or close).
 
         ``text`` is the whole reply (``""`` with ``keep_text=False``).
         """
-        self._reply._callbacks.append(callback)
+        self._reply.add_done_callback(callback)
 
     @property
     def closed(self) -> bool:
         """``True`` once the stream is exhausted, closed, or failed."""
-        return self._reply._released
+        return self._reply.released
 
     @property
     def text(self) -> str:
@@ -302,15 +326,7 @@ class ChatStream:
         """The text handed out so far (the same as :attr:`text` until the stream ends)."""
         return self._reply.text
 
-    @property
-    def _response(self) -> requests.Response:
-        return self._reply._response
-
-    def _prime(self) -> None:
-        self._reply._prime()
-
     def __repr__(self) -> str:
         reply = self._reply
-        state = "done" if reply._finished else ("closed" if reply._released else "open")
+        state = "done" if reply.finished else ("closed" if reply.released else "open")
         return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
-

@@ -1,25 +1,46 @@
-"""The transport: the one place that turns ``requests``/``urllib3``/socket errors into ours, and the
-read loop that hands reply bytes out as soon as they arrive, whatever the HTTP framing.
+"""The transport: every request is sent here, every reply body is read here, and every exception of
+``requests``, ``urllib3``, PySocks or the socket layer is turned into ours here.
 
-Why a read loop of our own (see STREAMING.md): requests' ``iter_lines()`` holds lines back on
-Content-Length and close-delimited bodies and on gzip, ``iter_content(None)`` reads whole bodies, and
-``raw.read1`` is slow on one-line chunks and missing from urllib3 1.26. So, on a real connection, we
-read the socket's buffered reader with ``read1`` (one system call, whatever has arrived), de-chunk
-ourselves (every complete chunk of one read at once), and decode gzip/deflate incrementally.
+This is the one module that touches anything private or undocumented of requests, urllib3,
+http.client or the socket layer. Each use, why, and the public fallback that runs when the internals
+are not what this module expects (tests/test_transport.py runs the streaming cases on the fallback):
+
+1. ``response.raw._fp`` (urllib3's ``http.client.HTTPResponse``), its ``fp`` (the buffered socket
+   reader) and its ``chunked``, ``length`` and ``will_close`` attributes. The body is read with
+   ``fp.read1`` (one system call: whatever has arrived) and de-chunked by :mod:`._framing`, so each
+   line is handed out as soon as it arrives in every framing, with and without gzip. Why: urllib3
+   1.26 has no ``read1``; urllib3 2's ``read1`` is slow on one-line chunks; ``iter_content`` holds
+   lines back on Content-Length and close-delimited bodies and on gzip (STREAMING.md).
+   Fallback: ``raw.read1(n, decode_content=True)`` (urllib3 2), else ``raw.stream(n,
+   decode_content=True)`` (urllib3 1.26: prompt on chunked bodies, whole reads otherwise).
+2. ``raw._connection.sock``: its timeout is shortened so that no read waits past a chat's total
+   deadline. Fallback: the deadline is checked between reads, each bounded by the read timeout.
+3. The same socket is shut down to abort a stream that another thread is reading (closing the
+   response from here would wait for the reader's lock instead of waking it). Fallback:
+   ``response.close()``, which may wait for the blocked read to end.
+4. ``HTTPAdapter.poolmanager.pools`` and ``proxy_manager``: closing a session closes its pooled
+   connections at once (urllib3 2's ``PoolManager.clear()`` leaves them to the garbage collector).
+   Fallback: ``requests.Session.close()`` alone.
+
+No other module reads a private name of another package or of this one.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import re
 import socket
+import ssl
+import sys
+import threading
 import time
-import zlib
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Optional, Union
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 
 from ._config import redact_url
 from ._errors import (
@@ -27,444 +48,239 @@ from ._errors import (
     APIConnectionError,
     APITimeoutError,
     InvalidRequestError,
-    ProtocolError,
+    status_error,
 )
+from ._framing import READ_SIZE, BodyTruncated, dechunk, make_decoder
 
-__all__ = ["BodyTruncated", "DeadlineExceeded", "iter_body", "scrub", "translate_exception"]
+__all__ = [
+    "BodyTruncated",
+    "DeadlineExceeded",
+    "Transport",
+    "abort",
+    "iter_body",
+    "read_start",
+    "scrub",
+    "translate_exception",
+]
 
 logger = logging.getLogger("aichatonline_sync")
 
-_READ_SIZE = 65536
-_MAX_DECODED = 1 << 20  # the most bytes one decode step may produce
-_MAX_CHUNK_LINE = 4096
+#: Bytes of a non-2xx reply kept in the error (``APIStatusError.body``).
+STATUS_BODY_LIMIT = 2048
 
-
-class BodyTruncated(Exception):
-    """The body ended before its framing said it would (internal)."""
+TimeoutPair = tuple[Optional[float], Optional[float]]
 
 
 class DeadlineExceeded(Exception):
-    """The total deadline of a chat passed (internal)."""
+    """The total deadline of a chat passed (internal; mapped to a timeout error)."""
 
 
-def scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
-    """Remove every secret (token, proxy password) from ``text``."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
+# --- sending ------------------------------------------------------------------------------------
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while True:
-        inner: Optional[BaseException] = None
-        if exc.args and isinstance(exc.args[0], BaseException):
-            inner = exc.args[0]
-        reason = getattr(exc, "reason", None)
-        if isinstance(reason, BaseException):
-            inner = reason
-        if inner is None or id(inner) in seen:
-            return exc
-        seen.add(id(exc))
-        exc = inner
+class Transport:
+    """The ``requests.Session`` that every request goes through, with its proxy and TLS settings.
 
-
-def translate_exception(
-    exc: BaseException,
-    *,
-    url: str,
-    secrets: Iterable[Optional[str]] = (),
-    timeout: Optional[float] = None,
-    proxy: Optional[str] = None,
-) -> AiChatOnlineError:
-    """Turn a ``requests``, ``urllib3`` or socket exception into one of ours (the one place that does).
-
-    The caller raises the result ``from exc``. Messages name the URL without credentials and never
-    contain a token or proxy password.
-    """
-    if isinstance(exc, AiChatOnlineError):
-        return exc
-    shown = redact_url(url)
-    cause = scrub(str(_root_cause(exc)), secrets)
-    if isinstance(exc, DeadlineExceeded):
-        return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
-    if isinstance(exc, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)) or (
-        proxy is not None and proxy.startswith("socks") and _via_socks(exc)
-    ):
-        where = f" {redact_url(proxy)}" if proxy else ""
-        return APIConnectionError(
-            f"could not reach {shown} through the proxy{where}: {cause}. "
-            "Check the proxy URL, its user name and password, and that the proxy is running.",
-            url=shown,
-        )
-    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
-        verify_failed = "CERTIFICATE_VERIFY_FAILED" in cause or "certificate verify failed" in cause
-        return APIConnectionError(
-            f"TLS failed for {shown}: {cause}. If the server's certificate is signed by your own "
-            "CA, pass verify='/path/to/ca-bundle.pem'.",
-            url=shown,
-            retryable=not verify_failed,  # a certificate does not get better by asking again
-        )
-    timed_out = isinstance(
-        exc,
-        (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout),
-    )
-    if timed_out:
-        after = f" after {timeout:g} s" if timeout else ""
-        what = (
-            "connecting to"
-            if isinstance(
-                exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
-            )
-            else "waiting for"
-        )
-        return APITimeoutError(f"timed out {what} {shown}{after}", url=shown)
-    if isinstance(exc, (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL)):
-        return InvalidRequestError(f"invalid request to {shown}: {cause}")
-    if isinstance(exc, BodyTruncated):
-        return APIConnectionError(
-            f"the connection to {shown} closed before the reply was complete ({cause})", url=shown
-        )
-    if isinstance(
-        exc,
-        (
-            requests.exceptions.RequestException,
-            urllib3.exceptions.HTTPError,
-            http.client.HTTPException,
-            OSError,
-        ),
-    ):
-        return APIConnectionError(_connection_message(shown, exc, cause), url=shown)
-    return APIConnectionError(
-        f"request to {shown} failed: {type(exc).__name__}: {cause}", url=shown
-    )
-
-
-def _via_socks(exc: BaseException) -> bool:
-    """Did ``exc`` happen while opening a connection through a SOCKS proxy?"""
-    seen: set[int] = set()
-    item: Optional[BaseException] = exc
-    while item is not None and id(item) not in seen:
-        seen.add(id(item))
-        if type(item).__module__.split(".")[0] == "socks":
-            return True
-        if isinstance(item, (urllib3.exceptions.NewConnectionError, requests.exceptions.ConnectionError)):
-            return True  # with a SOCKS proxy, every connection is opened by the proxy
-        nxt = _root_cause(item)
-        item = nxt if nxt is not item else (item.__cause__ or item.__context__)
-    return False
-
-
-def _connection_message(shown: str, exc: BaseException, cause: str) -> str:
-    root = _root_cause(exc)
-    chain = [root, *(getattr(root, attr, None) for attr in ("__cause__", "__context__"))]
-    if any(isinstance(item, ConnectionRefusedError) for item in chain) or "Connection refused" in cause:
-        return (
-            f"could not connect to {shown}: connection refused. Is the service (or the emulator) "
-            "running, and is the URL right?"
-        )
-    if any(isinstance(item, socket.gaierror) for item in chain) or "Name or service not known" in cause:
-        return f"could not connect to {shown}: the host name does not resolve ({cause})"
-    if any(isinstance(item, ConnectionResetError) for item in chain):
-        return f"the connection to {shown} was reset by the server before the reply ({cause})"
-    return f"connection to {shown} failed: {cause}"
-
-
-# --- decoding ---------------------------------------------------------------------------------
-
-
-class _Decoder:
-    """Incremental, bounded Content-Encoding decoder (gzip with several members, deflate).
-
-    Each call hands out at most ``_MAX_DECODED`` bytes at a time, so a small, highly compressed
-    body (a decompression bomb) never expands in one go: the parser's line limit then stops it.
+    A session made here reads the environment (proxies, ``NO_PROXY``, CA bundle variables,
+    ``.netrc``) once, at creation, and is then told not to (``trust_env = False``): requests
+    would otherwise read it again at every request, about a quarter of a short chat's cost. A
+    given ``http`` session is used as it is (its ``trust_env``, mounts, auth and hooks apply).
     """
 
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        self._gzip = encoding in ("gzip", "x-gzip")
-        self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
-        self._first = not self._gzip
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http: Optional[requests.Session] = None,
+        proxy: Optional[str] = None,
+        verify: Union[bool, str] = True,
+        pool_maxsize: int = 10,
+    ) -> None:
+        self.proxy = proxy
+        self.owns_http = http is None
+        self.http = http if http is not None else _new_http(pool_maxsize)
+        self._pool_maxsize = pool_maxsize
+        self._pool_lock = threading.Lock()
+        proxies = {"http": proxy, "https": proxy} if proxy else {}
+        self._proxies: dict[str, str] = proxies
+        self._verify: Union[bool, str] = verify
+        if self.owns_http:
+            settings = self.http.merge_environment_settings(base_url, proxies, None, verify, None)
+            self._proxies = settings["proxies"]
+            self._verify = verify if settings["verify"] is None else settings["verify"]
+            self.http.trust_env = False
 
-    def decode(self, data: bytes) -> Iterator[bytes]:
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        timeout: TimeoutPair,
+        shown_url: str,
+        secrets: Iterable[Optional[str]],
+        body: Optional[bytes] = None,
+    ) -> requests.Response:
+        """Send one request and return its streamed response (redirects are not followed).
+
+        :raises AiChatOnlineError: the request failed before any reply (mapped by
+            :func:`translate_exception`, the original kept as ``__cause__``).
+        """
         try:
-            if self._first:
-                self._first = False
-                try:
-                    out = self._obj.decompress(data, _MAX_DECODED)
-                except zlib.error:  # raw deflate, as some servers send
-                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-                else:
-                    if out:
-                        yield out
-                    data = self._obj.unconsumed_tail
-            while data:
-                obj = self._obj
-                backup = obj.copy()
-                try:
-                    out = obj.decompress(data, _MAX_DECODED)
-                except zlib.error:
-                    salvaged = _salvage(backup, data)
-                    if salvaged:  # hand out what decoded before the bad bytes, then fail
-                        yield salvaged
-                    raise
-                data = obj.unconsumed_tail
-                if obj.eof and obj.unused_data:
-                    if not self._gzip:
-                        raise ProtocolError("the deflate body has data after its end")
-                    data = obj.unused_data  # the next gzip member
-                    self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                if out:
-                    yield out
-        except zlib.error as exc:
-            raise ProtocolError(
-                f"the reply says Content-Encoding: {self.encoding} but its body does not decode "
-                f"as such ({exc})"
+            return self.http.request(
+                method,
+                url,
+                headers=headers,
+                data=body,
+                timeout=timeout,
+                proxies=self._proxies,
+                verify=self._verify,
+                stream=True,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            raise translate_exception(
+                exc, url=shown_url, secrets=secrets, timeout=timeout, proxy=self.proxy
             ) from exc
 
-    def flush(self) -> bytes:
-        try:
-            return bytes(self._obj.flush())
-        except zlib.error:
-            return b""
+    def status_error(
+        self, response: requests.Response, *, url: str, what: str, token_sent: bool
+    ) -> AiChatOnlineError:
+        """The error for a non-2xx ``response`` (its first 2 KiB read; the response closed)."""
+        from ._retry import parse_retry_after
 
+        return status_error(
+            status=response.status_code,
+            reason=response.reason or "",
+            headers=dict(response.headers),
+            body=read_start(response),
+            url=url,
+            what=what,
+            retry_after=parse_retry_after(response.headers),
+            token_sent=token_sent,
+        )
 
-def _salvage(obj: Any, data: bytes) -> bytes:
-    """What ``obj`` decodes from ``data`` before the first byte that breaks it (error path only)."""
-    out = []
-    size = 0
-    for i in range(len(data)):
-        try:
-            piece = obj.decompress(data[i : i + 1], _MAX_DECODED - size)
-        except zlib.error:
-            break
-        out.append(piece)
-        size += len(piece)
-        if size >= _MAX_DECODED:
-            break
-    return b"".join(out)
-
-
-def make_decoder(content_encoding: Optional[str]) -> Optional[_Decoder]:
-    """The decoder for a ``Content-Encoding`` header, ``None`` for identity.
-
-    :raises ProtocolError: an encoding this client does not decode (it never asks for one).
-    """
-    encoding = (content_encoding or "").strip().lower()
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return _Decoder(encoding)
-    raise ProtocolError(
-        f"the reply uses Content-Encoding: {content_encoding!r}, which this client does not "
-        "decode (it only asks for gzip and deflate)"
-    )
-
-
-# --- framing ----------------------------------------------------------------------------------
-
-
-def _dechunk(read1: Callable[[int], bytes]) -> Iterator[bytes]:
-    """De-chunk a ``Transfer-Encoding: chunked`` body read from a buffered socket reader.
-
-    Yields the data of every chunk completed (or begun) by one read, joined, as soon as it is read.
-    Returns after the last chunk and its trailers; raises :class:`BodyTruncated` on a short body
-    and :class:`ProtocolError` on bad framing (after handing out the data before it).
-    """
-    buf = b""
-    pos = 0
-    state = [0, False]  # bytes of chunk data still due; a CRLF due after a chunk's data
-    while True:
-        out: list[bytes] = []
-        try:
-            pos, done = _parse_chunks(buf, pos, state, out)
-        except ProtocolError:
-            if out:
-                yield b"".join(out)
-            raise
-        if out:
-            yield out[0] if len(out) == 1 else b"".join(out)
-        if done:
-            _read_trailers(read1, buf[pos:])
+    def ensure_pool(self, size: int, grow_to: Optional[int] = None) -> None:
+        """Keep at least ``size`` connections per host (one per thread); when the pool must grow,
+        make it ``grow_to`` large (default ``size``). A given ``http`` session is left as it is."""
+        if not self.owns_http or size <= self._pool_maxsize:
             return
-        more = read1(_READ_SIZE)
-        if not more:
-            raise BodyTruncated("chunked body ended without its last chunk")
-        buf = buf[pos:] + more if pos < len(buf) else more
-        pos = 0
+        with self._pool_lock:
+            if size > self._pool_maxsize:
+                new = max(size, grow_to or size)
+                logger.debug("connection pool: %d -> %d connections", self._pool_maxsize, new)
+                _mount(self.http, new)
+                self._pool_maxsize = new
+
+    def close(self) -> None:
+        """Close the pooled connections of a session made here (a given one is left open)."""
+        if self.owns_http:
+            _close_pools(self.http)
+            self.http.close()
 
 
-def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> tuple[int, bool]:
-    """Parse the chunks in ``buf`` from ``pos`` on, appending their data to ``out``.
+def _mount(http: requests.Session, pool_maxsize: int) -> None:
+    # max_retries=0: tenacity owns the retries, and urllib3's own would multiply them.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
 
-    ``state`` is ``[left, need_crlf]``, carried from one read to the next.
 
-    :returns: ``(pos, done)``: where parsing stopped, and whether the last chunk was seen.
-    """
-    left, need_crlf = state
-    end = len(buf)
-    find = buf.find
-    append = out.append
-    try:
-        while True:
-            if left:
-                if pos >= end:
-                    return pos, False
-                take = left if left <= end - pos else end - pos
-                append(buf[pos : pos + take])
-                pos += take
-                left -= take
-                if left:
-                    return pos, False
-                need_crlf = True
-            if need_crlf:
-                if buf[pos : pos + 2] == b"\r\n":
-                    pos += 2
-                elif buf[pos : pos + 1] == b"\n":
-                    pos += 1
-                elif end - pos < 2:
-                    return pos, False
-                else:
-                    raise ProtocolError("malformed chunked encoding: no CRLF after a chunk")
-                need_crlf = False
-            # Fast path: the whole chunks ("SIZE\r\nDATA\r\n", no extension) from here on. Any
-            # other case (a part, an extension, the last chunk, bad framing) stops it, and the
-            # careful steps below take over at the same place.
+def _new_http(pool_maxsize: int) -> requests.Session:
+    http = requests.Session()
+    _mount(http, pool_maxsize)
+    return http
+
+
+def _close_pools(http: requests.Session) -> None:
+    """Close every pooled connection now (internal 4; the fallback is ``http.close()`` alone)."""
+    for adapter in http.adapters.values():
+        managers = [getattr(adapter, "poolmanager", None)]
+        managers.extend(getattr(adapter, "proxy_manager", {}).values())
+        for manager in managers:
+            pools = getattr(manager, "pools", None)
+            if pools is None or not hasattr(pools, "keys"):
+                continue
+            for key in list(pools.keys()):
+                pool = pools.get(key)
+                if pool is not None:
+                    pool.close()
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class _Wire:
+    """The ``http.client`` response under a ``requests`` response, read directly (internals 1, 2)."""
+
+    def __init__(self, fp: http.client.HTTPResponse, read1: Callable[[int], bytes], sock: Any):
+        self.fp = fp
+        self.read1 = read1
+        self.sock = sock if isinstance(sock, socket.socket) else None
+
+    @classmethod
+    def of(cls, response: requests.Response) -> Optional[_Wire]:
+        """The wire under ``response``, or ``None`` when the internals are not as expected."""
+        raw = response.raw
+        fp = getattr(raw, "_fp", None)
+        read1 = getattr(getattr(fp, "fp", None), "read1", None)
+        if not isinstance(fp, http.client.HTTPResponse) or not callable(read1):
+            return None
+        if not isinstance(getattr(fp, "chunked", None), bool) or not hasattr(fp, "will_close"):
+            return None
+        return cls(fp, read1, _socket_of(raw))
+
+    def chunks(self, deadline: Optional[float], read_timeout: Optional[float]) -> Iterator[bytes]:
+        read1 = self.read1
+        if deadline is not None:
+            read1 = _deadline_read1(read1, self.sock, deadline, read_timeout)
+        if self.fp.chunked:
+            return dechunk(read1)
+        return self._plain(read1)
+
+    def _plain(self, read1: Callable[[int], bytes]) -> Iterator[bytes]:
+        """A Content-Length or close-delimited body, one system call at a time."""
+        fp = self.fp
+        length = fp.length
+        if length is None:
             while True:
-                nl = find(b"\n", pos)
-                if nl < 0:
-                    break
-                try:
-                    size = int(buf[pos:nl], 16)
-                except ValueError:
-                    break
-                if size <= 0:
-                    break
-                start = nl + 1
-                stop = start + size
-                if buf[stop : stop + 2] != b"\r\n":
-                    break
-                append(buf[start:stop])
-                pos = stop + 2
-            nl = find(b"\n", pos)
-            if nl < 0:
-                if end - pos > _MAX_CHUNK_LINE:
-                    raise ProtocolError("malformed chunked encoding: chunk-size line too long")
-                return pos, False
-            size_field = buf[pos:nl].split(b";", 1)[0].strip()
-            try:
-                size = int(size_field, 16)
-            except ValueError:
-                raise ProtocolError(
-                    f"malformed chunked encoding: bad chunk size {size_field[:20]!r}"
-                ) from None
-            if size < 0:
-                raise ProtocolError("malformed chunked encoding: negative chunk size")
-            pos = nl + 1
-            if size == 0:
-                return pos, True
-            left = size
-    finally:
-        state[0] = left
-        state[1] = need_crlf
-
-
-def _read_trailers(read1: Callable[[int], bytes], buf: bytes) -> None:
-    """Consume the trailer section after the last chunk, up to and including its empty line."""
-    pos = 0
-    while True:
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            if len(buf) - pos > 65536:
-                raise ProtocolError("malformed chunked encoding: trailers too long")
-            more = read1(_READ_SIZE)
-            if not more:
-                # The server closed right after the last chunk: the body is complete.
-                return
-            buf = buf[pos:] + more
-            pos = 0
-            continue
-        line = buf[pos:nl].strip()
-        pos = nl + 1
-        if not line:
-            return
-
-
-def iter_body(
-    response: requests.Response,
-    *,
-    deadline: Optional[float] = None,
-    read_timeout: Optional[float] = None,
-) -> Iterator[bytes]:
-    """Yield the decoded bytes of a streamed reply as they arrive, in every framing.
-
-    On a normal end the connection goes back to the pool (or is closed when the server said so).
-    ``deadline`` (a :func:`time.monotonic` value) bounds every blocking read.
-
-    :raises BodyTruncated: the body ended early.
-    :raises DeadlineExceeded: the total deadline passed.
-    :raises ProtocolError: bad chunked framing or content encoding.
-    :raises OSError: socket errors and timeouts, as raised by the socket.
-    """
-    raw = response.raw
-    decoder = make_decoder(response.headers.get("Content-Encoding"))
-    fp = getattr(raw, "_fp", None)
-    reader = getattr(fp, "fp", None) if isinstance(fp, http.client.HTTPResponse) else None
-    if fp is None or reader is None or not hasattr(reader, "read1"):
-        yield from _iter_generic(raw)
-        return
-    assert isinstance(fp, http.client.HTTPResponse)
-    read1 = reader.read1
-    if deadline is not None:
-        read1 = _deadline_read1(read1, raw, deadline, read_timeout)
-    if fp.chunked:
-        source = _dechunk(read1)
-    else:
-        source = _read_plain(fp, read1)
-    if decoder is None:
-        yield from source
-    else:
-        decode = decoder.decode
-        for data in source:
-            yield from decode(data)
-        tail = decoder.flush()
-        if tail:
-            yield tail
-    # The body is complete: hand the connection back for reuse (http.client must see it closed).
-    will_close = fp.will_close
-    fp.close()
-    if will_close:
-        response.close()
-    else:
-        raw.release_conn()
-
-
-def _read_plain(fp: http.client.HTTPResponse, read1: Callable[[int], bytes]) -> Iterator[bytes]:
-    """A Content-Length or close-delimited body, read with one system call at a time."""
-    length = fp.length
-    if length is None:
-        while True:
-            data = read1(_READ_SIZE)
+                data = read1(READ_SIZE)
+                if not data:
+                    return
+                yield data
+        while length:
+            data = read1(min(length, READ_SIZE))
             if not data:
-                return
+                fp.length = length
+                raise BodyTruncated(f"{length} bytes of the Content-Length never arrived")
+            length -= len(data)
             yield data
-    while length:
-        data = read1(length if length < _READ_SIZE else _READ_SIZE)
-        if not data:
-            fp.length = length
-            raise BodyTruncated(f"{length} bytes of the Content-Length never arrived")
-        length -= len(data)
-        yield data
-    fp.length = 0
+        fp.length = 0
+
+    def finish(self, response: requests.Response) -> None:
+        """The body was read to its end: hand the connection back for reuse (http.client must
+        see its response closed first), or close it when the server said so."""
+        will_close = self.fp.will_close
+        self.fp.close()
+        if will_close:
+            response.close()
+        else:
+            response.raw.release_conn()
+
+
+def _socket_of(raw: Any) -> Optional[socket.socket]:
+    """The socket under a urllib3 response (1.26 and 2.x), or ``None`` (internal 2)."""
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _deadline_read1(
-    read1: Callable[[int], bytes], raw: Any, deadline: float, read_timeout: Optional[float]
+    read1: Callable[[int], bytes],
+    sock: Optional[socket.socket],
+    deadline: float,
+    read_timeout: Optional[float],
 ) -> Callable[[int], bytes]:
-    """Wrap ``read1`` so that no read waits past ``deadline`` (shortening the socket timeout)."""
-    connection = getattr(raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    """``read1`` that never waits past ``deadline``: the socket's timeout is shortened near it."""
     shortened = False
 
     def read(n: int) -> bytes:
@@ -485,14 +301,245 @@ def _deadline_read1(
     return read
 
 
-def _iter_generic(raw: Any) -> Iterator[bytes]:
-    """Any other transport (a mock, a custom adapter): urllib3's own reads and decoding."""
+def _public_reads(raw: Any, deadline: Optional[float]) -> Iterator[bytes]:
+    """The public fallback: urllib3's own reads, and its own decoding of the content."""
     if hasattr(raw, "read1"):
-        while True:
-            data = raw.read1(_READ_SIZE, decode_content=True)
-            if not data:
-                break
-            yield data
+        chunks: Iterable[bytes] = iter(lambda: raw.read1(READ_SIZE, decode_content=True), b"")
     else:
-        yield from raw.stream(_READ_SIZE, decode_content=True)
+        chunks = raw.stream(READ_SIZE, decode_content=True)
+    for data in chunks:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded()
+        yield data
     raw.release_conn()
+
+
+def iter_body(
+    response: requests.Response,
+    *,
+    deadline: Optional[float] = None,
+    read_timeout: Optional[float] = None,
+) -> Iterator[bytes]:
+    """Yield the decoded bytes of a streamed reply as they arrive, in every framing.
+
+    On a normal end the connection goes back to the pool (or is closed when the server said so).
+    ``deadline`` (a :func:`time.monotonic` value) bounds every read.
+
+    :raises BodyTruncated: the body ended early.
+    :raises DeadlineExceeded: the total deadline passed.
+    :raises ProtocolError: bad chunked framing or content encoding.
+    :raises OSError: socket errors and timeouts, as the socket raises them.
+    """
+    wire = _Wire.of(response)
+    if wire is None:
+        yield from _public_reads(response.raw, deadline)
+        return
+    decoder = make_decoder(response.headers.get("Content-Encoding"))
+    source = wire.chunks(deadline, read_timeout)
+    if decoder is None:
+        yield from source
+    else:
+        for data in source:
+            yield from decoder.decode(data)
+        tail = decoder.flush()
+        if tail:
+            yield tail
+    wire.finish(response)
+
+
+def read_start(response: requests.Response, limit: int = STATUS_BODY_LIMIT) -> str:
+    """The first ``limit`` bytes of a reply, as text (for errors); the response is closed."""
+    body = b""
+    try:
+        for chunk in iter_body(response):
+            body += chunk
+            if len(body) >= limit:
+                break
+    except Exception:
+        logger.debug("could not read the body of an HTTP %s reply", response.status_code)
+    finally:
+        response.close()
+    return body[:limit].decode("utf-8", "replace")
+
+
+def abort(response: requests.Response) -> None:
+    """Make a read of ``response`` that is blocked in another thread fail at once (internal 3)."""
+    sock = _socket_of(response.raw)
+    if sock is None:
+        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)  # http.client's SocketIO
+    if not isinstance(sock, socket.socket):
+        logger.debug("no socket to shut down; closing the response instead")
+        response.close()
+        return
+    try:
+        # The plain TCP shutdown, also for TLS: it wakes the reader, where SSLSocket.shutdown
+        # would unwrap the TLS layer under the reader's feet.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        logger.debug("could not shut down a socket (already closed?)", exc_info=True)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
+    """Remove every secret (token, proxy password) from ``text``."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception inside it: ``reason`` (urllib3), exceptions among ``args``
+    (requests wraps urllib3's so), ``__cause__`` and ``__context__``; outermost first."""
+    seen: set[int] = set()
+    order: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        item = todo.pop(0)
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        order.append(item)
+        inner = [getattr(item, "reason", None), *item.args, item.__cause__, item.__context__]
+        todo.extend(x for x in inner if isinstance(x, BaseException))
+    return order
+
+
+_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>:? ?|\b[A-Z]\w*Connection(Pool)?\([^()]*\):? ?")
+
+
+def _detail(chain: list[BaseException]) -> str:
+    """What went wrong, in words: the system's words for the innermost error that has them."""
+    for item in reversed(chain):
+        if isinstance(item, ssl.SSLCertVerificationError) and item.verify_message:
+            return str(item.verify_message)
+        if isinstance(item, OSError) and item.strerror:
+            return str(item.strerror)
+    for item in reversed(chain):
+        text = _REPR.sub("", str(item)).strip(" :")
+        if text and not text.startswith(("(", "[")):
+            return text
+    return type(chain[-1]).__name__
+
+
+def _connect_timeout(item: BaseException) -> bool:
+    # urllib3 2 makes NewConnectionError (refused, unreachable, ...) a ConnectTimeoutError too.
+    return isinstance(
+        item, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+    ) and not isinstance(item, urllib3.exceptions.NewConnectionError)
+
+
+def _timeout(item: BaseException) -> bool:
+    return isinstance(
+        item, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)
+    ) and not isinstance(item, urllib3.exceptions.NewConnectionError)
+
+
+def _is(*types: type[BaseException]) -> Callable[[BaseException], bool]:
+    return lambda item: isinstance(item, types)
+
+
+def _socks_error(item: BaseException) -> bool:
+    socks = sys.modules.get("socks")  # PySocks, loaded by requests when it is installed
+    error = getattr(socks, "ProxyError", None)
+    return isinstance(error, type) and isinstance(item, error)
+
+
+_NAME_RESOLUTION = getattr(urllib3.exceptions, "NameResolutionError", socket.gaierror)  # urllib3 2
+
+#: The mapping, in order: the first rule that matches any exception of the chain gives the kind
+#: of failure; the message is made from the kind and the detail.
+_RULES: tuple[tuple[str, Callable[[BaseException], bool]], ...] = (
+    ("deadline", _is(DeadlineExceeded)),
+    ("proxy", _socks_error),
+    ("proxy", _is(requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)),
+    ("untrusted", _is(ssl.SSLCertVerificationError)),
+    ("tls", _is(ssl.SSLError, requests.exceptions.SSLError, urllib3.exceptions.SSLError)),
+    ("refused", _is(ConnectionRefusedError)),
+    ("unresolved", _is(socket.gaierror, _NAME_RESOLUTION)),
+    ("connect-timeout", _connect_timeout),
+    ("timeout", _timeout),
+    ("invalid", _is(requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeEncodeError)),
+    ("truncated", _is(BodyTruncated, http.client.IncompleteRead)),
+    ("reset", _is(ConnectionResetError, BrokenPipeError, ConnectionAbortedError)),
+)
+
+
+def _kind(chain: list[BaseException]) -> str:
+    for kind, matches in _RULES:
+        if any(matches(item) for item in chain):
+            return kind
+    return "connection"
+
+
+def translate_exception(
+    exc: BaseException,
+    *,
+    url: str,
+    secrets: Iterable[Optional[str]] = (),
+    timeout: Union[TimeoutPair, float, None] = None,
+    proxy: Optional[str] = None,
+) -> AiChatOnlineError:
+    """Turn a ``requests``, ``urllib3``, PySocks or socket exception into ours: the one place that
+    does. Classified by the types in the exception and its causes (never by message text).
+
+    The caller raises the result ``from exc``. Messages are sentences naming the URL without
+    credentials, and never contain a token or proxy password.
+    """
+    if isinstance(exc, AiChatOnlineError):
+        return exc
+    shown = redact_url(url)
+    chain = _chain(exc)
+    kind = _kind(chain)
+    detail = scrub(_detail(chain), [*secrets, *_password_of(proxy)])
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    if kind == "deadline":
+        return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
+    if kind == "proxy":
+        where = f" {redact_url(proxy)}" if proxy else ""
+        return APIConnectionError(
+            f"could not reach {shown} through the proxy{where} ({detail}). Check the proxy URL, "
+            "its user name and password, and that the proxy is running.",
+            url=shown,
+        )
+    if kind == "untrusted":
+        return APIConnectionError(
+            f"TLS failed for {shown}: certificate verify failed ({detail}). If the server's "
+            "certificate is signed by your own CA, pass verify='/path/to/ca.pem' or set "
+            "REQUESTS_CA_BUNDLE.",
+            url=shown,
+            retryable=False,  # a certificate does not get better by asking again
+        )
+    if kind == "tls":
+        return APIConnectionError(f"TLS failed for {shown}: {detail}", url=shown)
+    if kind in ("connect-timeout", "timeout"):
+        seconds = connect if kind == "connect-timeout" else read
+        after = f" after {seconds:g} s" if seconds else ""
+        what = "connecting to" if kind == "connect-timeout" else "waiting for"
+        return APITimeoutError(f"timed out {what} {shown}{after}", url=shown)
+    if kind == "invalid":
+        return InvalidRequestError(f"invalid request to {shown}: {detail}")
+    messages = {
+        "truncated": f"the connection to {shown} closed before the reply was complete ({detail})",
+        "refused": f"could not connect to {shown}: connection refused. Is the service (or the "
+        "emulator) running, and is the URL right?",
+        "unresolved": f"could not connect to {shown}: the host name does not resolve ({detail})",
+        "reset": f"the connection to {shown} was reset by the server ({detail})",
+    }
+    return APIConnectionError(
+        messages.get(kind, f"the connection to {shown} failed: {detail}"), url=shown
+    )
+
+
+def _password_of(proxy: Optional[str]) -> tuple[Optional[str], ...]:
+    if not proxy:
+        return ()
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(proxy).password,)
+    except ValueError:
+        return ()

@@ -483,7 +483,12 @@ def _plain(value: Any) -> bool:
         return all(_plain(item) for item in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
+    # A module-level function of the library travels by reference (the same in every process).
+    return (
+        callable(value)
+        and getattr(value, "__module__", "").startswith("aichatonline_sync.")
+        and "<locals>" not in getattr(value, "__qualname__", "<locals>")
+    )
 
 
 def test_other_process_executor_gets_plain_settings(emulator: MakeEmulator) -> None:

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aichatonline_sync._errors import ProtocolError
-from aichatonline_sync._transport import BodyTruncated, _dechunk
+from aichatonline_sync._framing import BodyTruncated
+from aichatonline_sync._framing import dechunk as _dechunk
 
 
 def reference(body: bytes) -> bytes:

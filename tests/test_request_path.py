@@ -1,6 +1,6 @@
-"""The chat POST of a Session that owns its requests.Session skips ``requests.Session.request``.
+"""The one request path, with a Session's own requests.Session or one given as ``http=``.
 
-These tests hold it to what the full path does: the same request on the wire, the same cookie
+These tests hold both to what requests itself does: the same request on the wire, the same cookie
 handling, and the same adapter (so adapter-level mocks such as ``responses`` still see it).
 """
 
@@ -39,12 +39,10 @@ def test_fast_path_sends_what_the_full_requests_path_sends(
     emu = emulator(reply=lambda prompt: f"Echo: {prompt}")
     headers = {"X-Extra": "1", "Accept-Language": "fr"}
     with Session(emu.url, timeout=SHORT, headers=headers) as fast:
-        assert fast._chat_headers is not None  # the fast path is the one under test
         fast_wire = _wire(emu, fast, prompt="Grüße, \"quoted\" \\ and 日本")
         fast_body = emu.chat_requests[-1].body
     http = requests.Session()
     with Session(emu.url, timeout=SHORT, headers=headers, http=http) as full:
-        assert full._chat_headers is None
         full_wire = _wire(emu, full, prompt="Grüße, \"quoted\" \\ and 日本")
         full_body = emu.chat_requests[-1].body
     http.close()
@@ -104,7 +102,6 @@ def test_responses_mock_still_sees_the_chat() -> None:
         rsps.get(f"{base}/api/v1/user/getUniqueId", json={"data": "tok"})
         rsps.post(f"{base}/aichatonline/api/chat/gpt", body=line, content_type="text/event-stream")
         with Session(base, timeout=SHORT) as session:
-            assert session._chat_headers is not None
             assert session.complete("Hi") == "mocked"
         chat = rsps.calls[1].request
         assert chat.headers["UniqueId"] == "tok"
@@ -119,7 +116,9 @@ def test_fast_path_connection_errors_are_typed(monkeypatch: pytest.MonkeyPatch) 
         raise requests.exceptions.ConnectionError("refused by the test")
 
     with Session("http://127.0.0.1:9", timeout=SHORT, max_retries=0) as session:
-        session._token = "tok"  # skip the token request: only the chat POST is under test
+        with responses.RequestsMock() as rsps:  # the token first: only the chat POST is under test
+            rsps.get("http://127.0.0.1:9/api/v1/user/getUniqueId", json={"data": "tok"})
+            assert session.grab_token() == "tok"
         monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", refuse)
         with pytest.raises(APIConnectionError) as info:
             session.complete("Hi")

@@ -1,0 +1,155 @@
+"""``TokenStore``: the token from ``getUniqueId``: fetched, parsed, kept, and refreshed when rejected."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from typing import Optional
+
+import requests
+
+from ._cancel import Cancellation
+from ._config import RetryPolicy, Timeout
+from ._errors import AiChatOnlineError, ProtocolError, TokenError
+from ._prompt import get_random_string
+from ._retry import run_with_retries
+from ._transport import Transport, iter_body, translate_exception
+
+__all__ = ["TokenStore", "parse_token"]
+
+logger = logging.getLogger("aichatonline_sync")
+
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,256}")
+_TOKEN_BODY_LIMIT = 65536
+
+
+def parse_token(body: bytes, url: str) -> str:
+    """The token in the body of a token reply: the ``data`` of a JSON object.
+
+    :raises TokenError: no usable token (not JSON, no ``data``, not a short printable string).
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise TokenError(
+            f"the token reply from {url} is not JSON; it begins: "
+            f"{body[:200].decode('utf-8', 'replace')!r}"
+        ) from None
+    token = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        shape = (
+            "missing"
+            if token is None
+            else f"a {type(token).__name__} that is not a short printable string"
+        )
+        raise TokenError(f"the token reply from {url} has no usable token: its 'data' is {shape}")
+    return token
+
+
+class TokenStore:
+    """The token of one session.
+
+    With ``reuse=True`` one token is kept for every chat, fetched once even when many threads ask
+    at the same time, and fetched again only when the upstream rejects it (:meth:`get` with
+    ``stale=``) or on ``refresh=True``. With ``reuse=False`` every call fetches a fresh one.
+
+    :param url: the token endpoint (``{base_url}/api/v1/user/getUniqueId``).
+    :param shown_url: the same, as errors and logs show it (no credentials).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        url: str,
+        shown_url: str,
+        headers: Mapping[str, str],
+        retry: RetryPolicy,
+        reuse: bool,
+    ) -> None:
+        self._transport = transport
+        self._url = url
+        self._shown_url = shown_url
+        self._headers = headers
+        self._retry = retry
+        self._reuse = reuse
+        self._token: Optional[str] = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Optional[str]:
+        """The kept token, if any (to keep it out of messages)."""
+        return self._token
+
+    def clear(self) -> None:
+        self._token = None
+
+    def get(
+        self,
+        timeout: Timeout,
+        *,
+        deadline: Optional[float] = None,
+        cancel: Optional[Cancellation] = None,
+        stale: Optional[str] = None,
+        refresh: bool = False,
+    ) -> str:
+        """The token to send: the kept one, unless it is ``stale`` (rejected) or ``refresh``.
+
+        :raises TokenError, APIStatusError, APIConnectionError: after the token request's retries.
+        """
+        if not self._reuse:
+            return self._fetch(timeout, deadline, cancel)
+        with self._lock:
+            current = self._token
+            if current is not None and not refresh and current != stale:
+                return current  # (another thread may have replaced the stale one already)
+            self._token = self._fetch(timeout, deadline, cancel)
+            return self._token
+
+    def _fetch(
+        self, timeout: Timeout, deadline: Optional[float], cancel: Optional[Cancellation]
+    ) -> str:
+        def attempt() -> str:
+            url = f"{self._url}?canvas=-{get_random_string()}"
+            response = self._transport.send(
+                "GET",
+                url,
+                headers=self._headers,
+                timeout=timeout.within(deadline),
+                shown_url=self._shown_url,
+                secrets=(),
+            )
+            if not 200 <= response.status_code < 300:
+                raise self._transport.status_error(
+                    response, url=self._shown_url, what="the token request", token_sent=False
+                )
+            return parse_token(self._read(response), self._shown_url)
+
+        token = run_with_retries(
+            attempt, self._retry, what="token request", deadline=deadline, cancel=cancel
+        )
+        logger.debug("got a token from %s", self._shown_url)
+        return token
+
+    def _read(self, response: requests.Response) -> bytes:
+        body = b""
+        try:
+            for chunk in iter_body(response):
+                body += chunk
+                if len(body) > _TOKEN_BODY_LIMIT:
+                    raise TokenError(
+                        f"the token reply from {self._shown_url} is larger than "
+                        f"{_TOKEN_BODY_LIMIT} bytes; not a token"
+                    )
+        except ProtocolError as exc:
+            raise TokenError(f"the token reply from {self._shown_url} is unreadable: {exc}") from exc
+        except AiChatOnlineError:
+            raise
+        except Exception as exc:
+            raise translate_exception(exc, url=self._shown_url) from exc
+        finally:
+            response.close()
+        return body
