@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ._errors import InvalidRequestError
-from ._prompt import _content_to_text, validate_messages
+from ._prompt import content_to_text, validate_messages
 from ._registry import shared_session, split_options
 from ._session import Session
 from ._stream import ChatStream
@@ -32,7 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 def _check_content(content: Any, what: str) -> Any:
     """Check one message content (a str or a list of parts) and return a private copy of it."""
     validate_messages([{"role": "user", "content": content}])
-    if content is None or not _content_to_text(content).strip():
+    if content is None or not content_to_text(content).strip():
         raise InvalidRequestError(f"{what} is empty (or only white space)")
     return copy.deepcopy(content)
 

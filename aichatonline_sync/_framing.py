@@ -176,25 +176,7 @@ def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> t
                 else:
                     raise ProtocolError("malformed chunked encoding: no CRLF after a chunk")
                 need_crlf = False
-            # Fast path: the whole chunks ("SIZE\r\nDATA\r\n", no extension) from here on. Any
-            # other case (a part, an extension, the last chunk, bad framing) stops it, and the
-            # careful steps below take over at the same place.
-            while True:
-                nl = find(b"\n", pos)
-                if nl < 0:
-                    break
-                try:
-                    size = int(buf[pos:nl], 16)
-                except ValueError:
-                    break
-                if size <= 0:
-                    break
-                start = nl + 1
-                stop = start + size
-                if buf[stop : stop + 2] != b"\r\n":
-                    break
-                append(buf[start:stop])
-                pos = stop + 2
+            pos = _whole_chunks(buf, pos, append)
             nl = find(b"\n", pos)
             if nl < 0:
                 if end - pos > _MAX_CHUNK_LINE:
@@ -216,6 +198,29 @@ def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> t
     finally:
         state[0] = left
         state[1] = need_crlf
+
+
+def _whole_chunks(buf: bytes, pos: int, append: Callable[[bytes], None]) -> int:
+    """The fast path: append the data of the whole chunks (``SIZE\\r\\nDATA\\r\\n``, no
+    extension) from ``pos`` on, and return where they end. Any other case (a part, an extension,
+    the last chunk, bad framing) stops it, and the careful steps take over at the same place."""
+    find = buf.find
+    while True:
+        nl = find(b"\n", pos)
+        if nl < 0:
+            return pos
+        try:
+            size = int(buf[pos:nl], 16)
+        except ValueError:
+            return pos
+        if size <= 0:
+            return pos
+        start = nl + 1
+        stop = start + size
+        if buf[stop : stop + 2] != b"\r\n":
+            return pos
+        append(buf[start:stop])
+        pos = stop + 2
 
 
 def _read_trailers(read1: Callable[[int], bytes], buf: bytes) -> None:

@@ -24,6 +24,7 @@ logger = logging.getLogger("aichatonline_sync")
 #: The longest line accepted, in bytes; a longer one is a :class:`ProtocolError`.
 DEFAULT_MAX_LINE = 1 << 20
 _QUOTE = 200  # bytes of the body quoted in a ProtocolError
+_JSON_SPACE = " \t\r\n\x0b\x0c"  # what bytes.strip() strips: JSON's white space and two more
 _DECODER = json.JSONDecoder()
 #: The C scanner behind ``JSONDecoder.raw_decode`` (which only wraps it, in a Python frame per
 #: call): ``(value, end)`` for the JSON value at an index, ``StopIteration`` where there is none.
@@ -55,6 +56,26 @@ def _as_code(value: Any) -> Any:
     return value
 
 
+def _decode_lines(complete: bytes) -> list[str]:
+    """The lines of ``complete`` (which ends with a newline) as text, without their newlines.
+
+    The whole block is decoded at once (strict UTF-8); when that fails, line by line, and a line
+    that is no UTF-8 is skipped (``\\n`` never occurs inside a UTF-8 sequence, so the lines are
+    the same either way).
+    """
+    try:
+        return complete.decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for raw in complete.split(b"\n")[:-1]:
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            logger.debug("skipped a reply line that is not UTF-8: %.200r", raw)
+    return lines
+
+
 class LineParser:
     """Incremental parser: :meth:`feed` bytes as they come, :meth:`close` at the end of the body.
 
@@ -69,13 +90,12 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_loads", "_overflow", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_overflow", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = b""
         self._head = b""
-        self._loads = json.loads
         #: How many lines carried a message so far.
         self.pieces = 0
         #: The error line that stopped the parse, if any.
@@ -98,7 +118,8 @@ class LineParser:
         After an error line, :attr:`error` is set, the pieces before it are returned, and every
         later call returns nothing.
 
-        :raises ProtocolError: a line longer than ``max_line``.
+        :raises ProtocolError: a line longer than ``max_line`` (the pieces before it are returned
+            first, and the error raised at the next call).
         """
         if self._overflow is not None:
             raise self._overflow
@@ -108,85 +129,59 @@ class LineParser:
             self._head += data[: _QUOTE - len(self._head)]
         if self._buf:
             data = self._buf + data
-        if b"\n" not in data:
-            self._buf = data
-            if len(data) > self.max_line:
-                self._buf = b""
-                raise self._too_long()
-            return []
-        check = len(data) > self.max_line  # only then can a line be too long
-        if not check:
-            # The fast path: decode every complete line of this read at once (strict UTF-8), and
-            # parse each with raw_decode: about 2x faster than json.loads per bytes line, which
-            # detects the encoding and decodes line by line. A line it does not take as a plain
-            # message line goes to the careful path below, with the same outcome as json.loads.
-            cut = data.rfind(b"\n") + 1
-            try:
-                text = data[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                pass  # the careful path, line by line
-            else:
-                self._buf = data[cut:]
-                return self._feed_text(text)
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        self._buf = rest
-        out: list[str] = []
-        loads = self._loads
-        for line in lines:
-            if check and len(line) > self.max_line:
-                self._buf = b""
-                self._overflow = self._too_long()
-                if out:  # hand out what came before; raise at the next call
-                    break
-                raise self._overflow
-            if not line or line == b"\r":
-                continue  # a blank line (cheaper than a failed json.loads)
-            # Fast path: a plain JSON line with data.message (json.loads ignores "\r").
-            try:
-                message = loads(line)["data"]["message"]
-            except Exception:
-                message = None
-            if message.__class__ is str:
-                out.append(message)
-                continue
-            piece = self._slow_line(line)
-            if piece is not None:
-                out.append(piece)
-            elif self.error is not None:
-                break
-        else:
-            if check and len(rest) > self.max_line and self.error is None:
-                self._buf = b""
-                self._overflow = self._too_long()
-                if not out:
-                    raise self._overflow
-        self.pieces += len(out)
-        return out
+        cut = data.rfind(b"\n") + 1
+        complete, self._buf = data[:cut], data[cut:]
+        limit, overflow = len(complete), None  # bytes of complete lines to parse
+        if len(data) > self.max_line:  # only then can a line be too long
+            limit, overflow = self._check_lengths(complete)
+        pieces = self._parse_lines(complete[:limit]) if limit else []
+        if overflow is not None and self.error is None:  # (an error line before it wins)
+            self._buf = b""
+            self._overflow = overflow
+            if not pieces:
+                raise overflow
+        return pieces
 
-    def _feed_text(self, text: str) -> list[str]:
-        lines = text.split("\n")
-        lines.pop()  # "" after the last newline
+    def _check_lengths(self, complete: bytes) -> tuple[int, Optional[ProtocolError]]:
+        """Find the first line longer than ``max_line`` (the unfinished one included): how many
+        bytes of ``complete`` come before it, and the error for it (``None``: no such line)."""
+        start = 0
+        for line in complete.split(b"\n")[:-1]:
+            if len(line) > self.max_line:
+                break
+            start += len(line) + 1
+        else:
+            if len(self._buf) <= self.max_line:
+                return len(complete), None
+        return start, self._too_long()
+
+    def _parse_lines(self, complete: bytes) -> list[str]:
+        """The pieces of ``complete`` (whole lines, each ending with a newline): the one line loop.
+
+        A plain message line (one JSON object whose ``data.message`` is a str) is taken at once by
+        the JSON decoder's C scanner; any other line goes to :meth:`_careful_line`, with the same
+        outcome as ``json.loads``.
+        """
         out: list[str] = []
         append = out.append
         scan = _SCAN
-        for line in lines:
+        for line in _decode_lines(complete):
             try:
                 obj, end = scan(line, 0)
                 message = obj["data"]["message"]
             except Exception:
-                if not line or line == "\r":
-                    continue  # a blank line
                 message = None
             else:
-                if end != len(line) and line[end:].strip(" \t\r"):
+                if end != len(line) and line[end:].strip(_JSON_SPACE):
                     message = None  # more after the object: not a plain line
             if message.__class__ is str:
                 append(message)
                 continue
-            piece = self._slow_line(line.encode("utf-8"))
+            if not line or line == "\r":
+                continue  # a blank line
+            piece = self._careful_line(line)
             if piece is not None:
-                out.append(piece)
+                append(piece)
             elif self.error is not None:
                 break
         self.pieces += len(out)
@@ -202,11 +197,7 @@ class LineParser:
         if self.error is not None or not self._buf:
             return []
         line, self._buf = self._buf, b""
-        piece = self._slow_line(line)
-        if piece is None:
-            return []
-        self.pieces += 1
-        return [piece]
+        return self._parse_lines(line + b"\n")
 
     def _too_long(self) -> ProtocolError:
         return ProtocolError(
@@ -215,21 +206,21 @@ class LineParser:
             body=self.head,
         )
 
-    def _slow_line(self, raw: bytes) -> Optional[str]:
+    def _careful_line(self, raw: str) -> Optional[str]:
         """Parse one line the careful way: returns its piece, or ``None`` (skipped or error)."""
-        line = raw.strip()
+        line = raw.strip(_JSON_SPACE)
         if not line:
             return None
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
+        if line.startswith("data:"):
+            line = line[5:].strip(_JSON_SPACE)
             if not line:
                 return None
-        if line == b"[DONE]":
+        if line == "[DONE]":
             logger.debug("skipped the end marker [DONE]")
             return None
         try:
-            obj = self._loads(line)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
             logger.debug("skipped a reply line that is not JSON: %.200r", line)
             return None
         if not isinstance(obj, dict):
@@ -251,7 +242,7 @@ class LineParser:
             self.error = ErrorLine(
                 code=code,
                 message="" if text is None else str(text),
-                raw=line[:_QUOTE].decode("utf-8", "replace"),
+                raw=line[:_QUOTE],
             )
             return None
         logger.debug("skipped a reply line without data.message: %.200r", line)

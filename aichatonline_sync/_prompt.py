@@ -29,17 +29,17 @@ def get_random_string(length: int = 10) -> str:
     return "".join(random.choice(_ALPHABET) for _ in range(length))
 
 
-def _content_to_text(content: Any) -> str:
+def content_to_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if content is None:
         return ""
     if isinstance(content, Mapping):
         # gpt4free: a part with "text" gives it; any other dict (a file, an image) gives nothing.
-        return _content_to_text(content["text"]) if "text" in content else ""
+        return content_to_text(content["text"]) if "text" in content else ""
     if isinstance(content, list):
         return "".join(
-            _content_to_text(part)
+            content_to_text(part)
             for part in content
             if isinstance(part, Mapping) and part.get("type", "text") == "text"
         )
@@ -67,13 +67,13 @@ def format_prompt(
     :returns: the prompt.
     """
     if not add_special_tokens and len(messages) == 1:
-        return _content_to_text(messages[0].get("content"))
+        return content_to_text(messages[0].get("content"))
     lines = []
     for message in messages:
         role = str(message.get("role", ""))
         if not include_system and role in _SYSTEM_ROLES:
             continue
-        text = _content_to_text(message.get("content"))
+        text = content_to_text(message.get("content"))
         if not text.strip():
             continue
         lines.append(f"{role.capitalize()}: {text}")
@@ -132,7 +132,7 @@ def build_prompt(messages: object) -> str:
     :raises InvalidRequestError: bad messages, or a prompt that is empty or only white space.
     """
     checked = validate_messages(messages)
-    if not any(_content_to_text(message.get("content")).strip() for message in checked):
+    if not any(content_to_text(message.get("content")).strip() for message in checked):
         raise InvalidRequestError(
             "the prompt is empty (or only white space) after formatting the messages"
         )

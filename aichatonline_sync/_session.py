@@ -213,7 +213,8 @@ class Session:
         :raises InvalidRequestError: bad messages or options, before anything is sent.
         """
         self._check_open()
-        chat = self._prepare(messages, model, timeout, conversation_id, keep_text, cancel)
+        chat_timeout = self.timeout if timeout is None else timeout
+        chat = _prepare(messages, model, chat_timeout, conversation_id, keep_text, cancel)
         stale: Optional[str] = None  # a token the upstream rejected
         used = 0  # retries spent before that rejection
         while True:
@@ -274,42 +275,6 @@ class Session:
             on_result=on_result,
         )
 
-    def _prepare(
-        self,
-        messages: Any,
-        model: Optional[str],
-        timeout: TimeoutTypes,
-        conversation_id: Optional[str],
-        keep_text: bool,
-        cancel: Optional[Cancellation],
-    ) -> _Chat:
-        """Check every input of a chat, before anything is sent."""
-        prompt = build_prompt(messages)
-        if model in (None, ""):
-            model = DEFAULT_MODEL
-        elif model not in MODELS:
-            raise InvalidRequestError(
-                f"unknown model {model!r}: the service offers only {', '.join(MODELS)}"
-            )
-        chat_timeout = self.timeout if timeout is None else Timeout.coerce(timeout)
-        if conversation_id is None:
-            conversation_id = get_random_string()
-        validate_conversation_id(conversation_id)
-        if not isinstance(keep_text, bool):
-            raise InvalidRequestError(f"keep_text must be True or False, not {keep_text!r}")
-        if cancel is not None and not isinstance(cancel, Cancellation):
-            raise InvalidRequestError(f"cancel must be a Cancellation, not {type(cancel).__name__}")
-        total = chat_timeout.total
-        return _Chat(
-            body=chat_body(conversation_id, prompt),
-            conversation_id=conversation_id,
-            model=str(model),
-            timeout=chat_timeout,
-            deadline=None if total is None else time.monotonic() + total,
-            keep_text=keep_text,
-            cancel=cancel,
-        )
-
     def _open(self, chat: _Chat, token: str) -> ChatStream:
         """One attempt: post the chat and read until its first piece."""
         self._check_open()
@@ -351,6 +316,42 @@ class Session:
     def _secrets(self) -> tuple[Optional[str], ...]:
         password = urlsplit(self.proxy).password if self.proxy else None
         return (password, self._tokens.current)
+
+
+def _prepare(
+    messages: Any,
+    model: Optional[str],
+    timeout: TimeoutTypes,
+    conversation_id: Optional[str],
+    keep_text: bool,
+    cancel: Optional[Cancellation],
+) -> _Chat:
+    """Check every input of a chat, before anything is sent."""
+    prompt = build_prompt(messages)
+    if model in (None, ""):
+        model = DEFAULT_MODEL
+    elif model not in MODELS:
+        raise InvalidRequestError(
+            f"unknown model {model!r}: the service offers only {', '.join(MODELS)}"
+        )
+    chat_timeout = Timeout.coerce(timeout)
+    if conversation_id is None:
+        conversation_id = get_random_string()
+    validate_conversation_id(conversation_id)
+    if not isinstance(keep_text, bool):
+        raise InvalidRequestError(f"keep_text must be True or False, not {keep_text!r}")
+    if cancel is not None and not isinstance(cancel, Cancellation):
+        raise InvalidRequestError(f"cancel must be a Cancellation, not {type(cancel).__name__}")
+    total = chat_timeout.total
+    return _Chat(
+        body=chat_body(conversation_id, prompt),
+        conversation_id=conversation_id,
+        model=str(model),
+        timeout=chat_timeout,
+        deadline=None if total is None else time.monotonic() + total,
+        keep_text=keep_text,
+        cancel=cancel,
+    )
 
 
 #: Options of :class:`Session`, by name (the module-level functions accept them all).
