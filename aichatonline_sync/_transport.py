@@ -366,9 +366,6 @@ def abort(response: requests.Response) -> None:
     """Make a read of ``response`` that is blocked in another thread fail at once (internal 3)."""
     sock = _socket_of(response.raw)
     if sock is None:
-        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
-        sock = getattr(getattr(reader, "raw", None), "_sock", None)  # http.client's SocketIO
-    if not isinstance(sock, socket.socket):
         logger.debug("no socket to shut down; closing the response instead")
         response.close()
         return
