@@ -113,6 +113,8 @@ class TokenStore:
         self, timeout: Timeout, deadline: Optional[float], cancel: Optional[Cancellation]
     ) -> str:
         def attempt() -> str:
+            if cancel is not None:
+                cancel.check("the token request")  # nothing is sent once cancelled
             url = f"{self._url}?canvas=-{get_random_string()}"
             response = self._transport.send(
                 "GET",

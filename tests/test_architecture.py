@@ -1,0 +1,453 @@
+"""Static checks of the library's structure (house rules 1, 13, 14 and 16), with :mod:`ast`.
+
+- the import graph of the library's own modules has no cycle, and nothing but ``__main__`` imports
+  the CLI;
+- only ``_transport.py`` touches private names of other objects, ``http.client``, or urllib3's and
+  http.client's internals (``poolmanager``, ``_fp``, ``_connection``, ``_sock``);
+- ``Session`` and the functions of the core modules stay small.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
+
+import pytest
+
+import aichatonline_sync
+
+PACKAGE = "aichatonline_sync"
+PACKAGE_DIR = Path(aichatonline_sync.__file__).parent
+#: The library's modules by name (``"__init__"`` is the package itself).
+MODULES: dict[str, Path] = {path.stem: path for path in sorted(PACKAGE_DIR.glob("*.py"))}
+#: The one module allowed to touch internals (house rule 14).
+TRANSPORT = "_transport"
+CORE_MODULES = (
+    "_session",
+    "_stream",
+    "_transport",
+    "_retry",
+    "_config",
+    "_registry",
+    "_token",
+    "_cancel",
+    "_parser",
+    "_framing",
+    "_protocol",
+)
+MAX_SESSION_LINES = 260
+MAX_FUNCTION_LINES = 65
+
+#: Attributes that start with one underscore but are public API of the standard library.
+STDLIB_PRIVATE_ALLOWED = frozenset(
+    {
+        "_exit",  # os._exit
+        "_getframe",  # sys._getframe
+        "_asdict",  # namedtuple / NamedTuple methods and attributes
+        "_replace",
+        "_fields",
+        "_field_defaults",
+        "_make",
+    }
+)
+#: Names of the internals of urllib3 / http.client / the socket layer.
+INTERNAL_NAMES = frozenset({"poolmanager", "_fp", "_connection", "_sock"})
+
+FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef]
+
+
+@functools.cache
+def parse(name: str) -> ast.Module:
+    path = MODULES[name]
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def where(name: str, node: ast.AST) -> str:
+    return f"{PACKAGE}/{name}.py:{getattr(node, 'lineno', '?')}"
+
+
+def is_private(attr: str) -> bool:
+    """One leading underscore: ``_name``, not ``__dunder__`` (nor a bare ``_``)."""
+    return attr.startswith("_") and not attr.startswith("__") and len(attr) > 1
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    if isinstance(test, ast.Name):
+        return test.id == "TYPE_CHECKING"
+    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
+# -- imports ------------------------------------------------------------------------------------
+
+
+class Import(NamedTuple):
+    target: str  #: the library module imported ("__init__" for the package itself)
+    line: int
+    type_checking: bool  #: inside ``if TYPE_CHECKING:`` (never run)
+    top_level: bool  #: at module level (run at import time), not inside a function
+
+
+class ImportCollector(ast.NodeVisitor):
+    """Every import of a library module: ``from . import _x``, ``from ._x import y``,
+    ``import aichatonline_sync._x``, ``from aichatonline_sync import _x``; at module level and
+    inside functions. Strings (such as ``__init__``'s ``_LAZY`` mapping) are not imports."""
+
+    def __init__(self) -> None:
+        self.imports: list[Import] = []
+        self._type_checking = 0
+        self._depth = 0
+
+    def _add(self, target: str, node: ast.stmt) -> None:
+        self.imports.append(Import(target, node.lineno, self._type_checking > 0, self._depth == 0))
+
+    def _package_member(self, name: str) -> str:
+        """``from <package> import name``: the module ``name``, else the package itself."""
+        return name if name in MODULES else "__init__"
+
+    def visit_If(self, node: ast.If) -> None:
+        if not is_type_checking(node.test):
+            self.generic_visit(node)
+            return
+        self._type_checking += 1
+        for child in node.body:
+            self.visit(child)
+        self._type_checking -= 1
+        for child in node.orelse:
+            self.visit(child)
+
+    def _visit_scope(self, node: ast.AST) -> None:
+        self._depth += 1
+        self.generic_visit(node)
+        self._depth -= 1
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._visit_scope(node)
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
+        self._visit_scope(node)
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self._visit_scope(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            parts = alias.name.split(".")
+            if parts[0] == PACKAGE:
+                self._add(parts[1] if len(parts) > 1 else "__init__", node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        module = node.module or ""
+        if node.level == 0 and module.split(".")[0] != PACKAGE:
+            return  # another package
+        if node.level == 0:
+            module = module[len(PACKAGE) + 1 :]  # "aichatonline_sync._x" -> "_x"
+        if module:
+            self._add(module.split(".")[0], node)
+        else:
+            for alias in node.names:
+                self._add(self._package_member(alias.name), node)
+
+
+@functools.cache
+def imports_of(name: str) -> tuple[Import, ...]:
+    collector = ImportCollector()
+    collector.visit(parse(name))
+    return tuple(collector.imports)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Which library module imports which, when it runs (``TYPE_CHECKING`` imports left out).
+
+    ``__init__`` is no source of edges: its eager imports only re-export, and the modules it
+    loads lazily (its ``_LAZY`` mapping) are strings, not imports.
+    """
+    return {
+        name: {item.target for item in imports_of(name) if not item.type_checking}
+        for name in MODULES
+        if name != "__init__"
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+    """A cycle of ``graph`` as ``[a, b, ..., a]``, or ``None``."""
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(node: str) -> Optional[list[str]]:
+        path.append(node)
+        on_path.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target in on_path:
+                return [*path[path.index(target) :], target]
+            if target not in done:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        on_path.discard(node)
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_collector_sees_every_kind_of_import() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from . import _stream\n"
+        "from ._b import thing\n"
+        "import aichatonline_sync._c\n"
+        "from aichatonline_sync import Session\n"
+        "if TYPE_CHECKING:\n"
+        "    from ._d import Hint\n"
+        "def f():\n"
+        "    from ._e import late\n"
+        "LAZY = {'X': '._f'}\n"
+    )
+    collector = ImportCollector()
+    collector.visit(ast.parse(source))
+    found = {(item.target, item.type_checking, item.top_level) for item in collector.imports}
+    assert ("_stream", False, True) in found
+    assert ("_b", False, True) in found
+    assert ("_c", False, True) in found
+    assert ("__init__", False, True) in found
+    assert ("_d", True, True) in found
+    assert ("_e", False, False) in found
+    assert not any(target == "_f" for target, _, _ in found)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_import_graph_of_the_library_has_no_cycle() -> None:
+    graph = import_graph()
+    assert graph["_session"], "the collector found no import at all"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_modules_loaded_by_the_package_do_not_import_it_back_at_import_time() -> None:
+    """``__init__``'s eager imports, followed through every module-level import, never come
+    back to the package itself (that would be a cycle at ``import aichatonline_sync``)."""
+    eager = {
+        name: {
+            item.target for item in imports_of(name) if item.top_level and not item.type_checking
+        }
+        for name in MODULES
+    }
+    cycle = find_cycle(eager)
+    assert cycle is None, "import-time cycle through the package: " + " -> ".join(cycle or [])
+
+
+def test_only_main_imports_the_cli() -> None:
+    offenders = [
+        f"{PACKAGE}/{name}.py:{item.line}"
+        for name in MODULES
+        if name not in ("__main__", "_cli")
+        for item in imports_of(name)
+        if item.target == "_cli"
+    ]
+    assert offenders == [], "the library imports its CLI: " + ", ".join(offenders)
+    assert any(item.target == "_cli" for item in imports_of("__main__"))
+
+
+# -- private names and internals ----------------------------------------------------------------
+
+
+def defined_private_names(tree: ast.Module) -> set[str]:
+    """Every ``_name`` a file defines: functions, classes, attributes assigned on any object
+    (``self._x = ...``), names assigned at module level or in a class body (class attributes,
+    dataclass fields), and ``__slots__`` entries. Function locals and parameters do not count."""
+    names: set[str] = set()
+    scopes: list[list[ast.stmt]] = [tree.body]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            scopes.append(node.body)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    for body in scopes:
+        for statement in body:
+            targets: list[ast.expr] = []
+            if isinstance(statement, ast.Assign):
+                targets = list(statement.targets)
+            elif isinstance(statement, ast.AnnAssign):
+                targets = [statement.target]
+            for target in targets:
+                names.update(
+                    item.id
+                    for item in ast.walk(target)
+                    if isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store)
+                )
+            if isinstance(statement, ast.Assign) and any(
+                isinstance(target, ast.Name) and target.id == "__slots__"
+                for target in statement.targets
+            ):
+                names.update(
+                    item.value
+                    for item in ast.walk(statement.value)
+                    if isinstance(item, ast.Constant) and isinstance(item.value, str)
+                )
+    return {name for name in names if is_private(name)}
+
+
+def library_module_names(tree: ast.Module) -> set[str]:
+    """The local names bound to the library's own modules (``import aichatonline_sync``,
+    ``from . import _x``, ``import aichatonline_sync._x as x``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    names.add(alias.asname or PACKAGE)
+        elif isinstance(node, ast.ImportFrom) and (
+            (node.level > 0 and not node.module) or (node.level == 0 and node.module == PACKAGE)
+        ):
+            names.update(
+                alias.asname or alias.name for alias in node.names if alias.name in MODULES
+            )
+    return names
+
+
+def owner_is_allowed(value: ast.expr, modules: set[str]) -> bool:
+    """``self``/``cls`` or one of the library's modules (``aichatonline_sync._session``, too)."""
+    if isinstance(value, ast.Name):
+        return value.id in ("self", "cls") or value.id in modules
+    return (
+        isinstance(value, ast.Attribute)
+        and value.attr in MODULES
+        and owner_is_allowed(value.value, modules)
+    )
+
+
+def private_accesses(name: str) -> Iterator[str]:
+    """``obj._x`` (and ``getattr(obj, "_x")``) on an object of someone else, as ``file:line``."""
+    tree = parse(name)
+    own = defined_private_names(tree)
+    modules = library_module_names(tree)
+    for node in ast.walk(tree):
+        attr: Optional[str] = None
+        owner: Optional[ast.expr] = None
+        if isinstance(node, ast.Attribute):
+            attr, owner = node.attr, node.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            attr, owner = node.args[1].value, node.args[0]
+        if attr is None or owner is None or not is_private(attr):
+            continue
+        if attr in own or attr in STDLIB_PRIVATE_ALLOWED or owner_is_allowed(owner, modules):
+            continue
+        yield f"{where(name, node)} .{attr}"
+
+
+def test_the_private_access_scanner_finds_what_it_should() -> None:
+    tree = ast.parse(
+        "class _A:\n"
+        "    __slots__ = ('_slot',)\n"
+        "    _kept = 1\n"
+        "    def _f(self, _arg):\n"
+        "        _local = 2\n"
+        "        self._mine = _arg._theirs\n"
+    )
+    assert defined_private_names(tree) == {"_A", "_slot", "_kept", "_f", "_mine"}
+    assert "_fp" not in defined_private_names(parse(TRANSPORT))  # read there, never defined
+    assert any(item.endswith("._fp") for item in private_accesses(TRANSPORT))
+
+
+def test_no_module_but_the_transport_reaches_into_private_names() -> None:
+    offenders = [item for name in MODULES if name != TRANSPORT for item in private_accesses(name)]
+    assert offenders == [], "private names of other objects used outside _transport.py:\n" + (
+        "\n".join(offenders)
+    )
+
+
+def internal_uses(name: str) -> Iterator[str]:
+    """Imports of ``http.client`` and uses of the names of urllib3/http.client internals."""
+    for node in ast.walk(parse(name)):
+        found: Optional[str] = None
+        if isinstance(node, ast.Import):
+            if any(alias.name.split(".")[:2] == ["http", "client"] for alias in node.names):
+                found = "import http.client"
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            module = node.module or ""
+            if module.split(".")[:2] == ["http", "client"] or (
+                module == "http" and any(alias.name == "client" for alias in node.names)
+            ):
+                found = f"from {module} import ..."
+        elif isinstance(node, ast.Attribute):
+            if node.attr in INTERNAL_NAMES:
+                found = f".{node.attr}"
+            elif (
+                node.attr == "client"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "http"
+            ):
+                found = "http.client"
+        elif isinstance(node, ast.Name) and node.id in INTERNAL_NAMES:
+            found = node.id
+        elif isinstance(node, ast.Constant) and node.value in INTERNAL_NAMES:
+            found = repr(node.value)
+        elif isinstance(node, ast.keyword) and node.arg in INTERNAL_NAMES:
+            found = f"{node.arg}="
+        if found is not None:
+            yield f"{where(name, node)} {found}"
+
+
+def test_only_the_transport_imports_http_client_or_names_internals() -> None:
+    assert list(internal_uses(TRANSPORT)), "the scanner found nothing in _transport.py"
+    offenders = [item for name in MODULES if name != TRANSPORT for item in internal_uses(name)]
+    assert offenders == [], "internals used outside _transport.py:\n" + "\n".join(offenders)
+
+
+# -- size ---------------------------------------------------------------------------------------
+
+
+def span(node: ast.stmt) -> int:
+    """Lines from the ``def``/``class`` line to the last line, docstring included."""
+    end = node.end_lineno
+    assert end is not None
+    return end - node.lineno + 1
+
+
+def test_session_class_is_small() -> None:
+    classes = [
+        node
+        for node in parse("_session").body
+        if isinstance(node, ast.ClassDef) and node.name == "Session"
+    ]
+    assert len(classes) == 1
+    lines = span(classes[0])
+    assert lines < MAX_SESSION_LINES, (
+        f"_session.Session is {lines} lines (limit {MAX_SESSION_LINES})"
+    )
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_core_functions_are_short(module: str) -> None:
+    assert module in MODULES, f"core module {module} is missing"
+    functions: list[FunctionNode] = [
+        node
+        for node in ast.walk(parse(module))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    long = [
+        f"{where(module, node)} {node.name}() is {span(node)} lines"
+        for node in functions
+        if span(node) > MAX_FUNCTION_LINES
+    ]
+    assert long == [], f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
