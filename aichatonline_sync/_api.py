@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -17,7 +16,9 @@ from ._registry import (
 from ._session import Session
 from ._stream import ChatStream
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need it)
+    import concurrent.futures
+
     from ._batch import BatchResult
 
 __all__ = [

@@ -7,7 +7,6 @@ The session only orchestrates: options are checked by :mod:`._config`, requests 
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
 import time
@@ -47,7 +46,9 @@ from ._stream import ChatStream, Reply
 from ._token import TokenStore
 from ._transport import Transport, read_start
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need it)
+    import concurrent.futures
+
     from ._batch import BatchResult
 
 __all__ = ["CHAT_OPTIONS", "DEFAULT_MODEL", "MODELS", "SESSION_OPTIONS", "Session", "split_options"]
@@ -124,15 +125,20 @@ class Session:
         self._transport = Transport(
             self.base_url, http=http, proxy=self.proxy, verify=self.verify, pool_maxsize=pool_maxsize
         )
-        self._headers = _merge_headers(protocol_headers(self.base_url), self.headers)
-        self._chat_url = f"{self.base_url}{CHAT_PATH}"
+        headers = _merge_headers(protocol_headers(self.base_url), self.headers)
+        chat_headers = dict(headers)
+        if not any(key.lower() == "content-type" for key in chat_headers):
+            chat_headers["Content-Type"] = "application/json"  # (a user's own, in any case, wins)
         # What messages, errors and logs show: the URLs without credentials.
-        self._shown_chat_url = redact_url(self._chat_url)
+        self._shown_chat_url = redact_url(f"{self.base_url}{CHAT_PATH}")
+        self._chat = self._transport.endpoint(
+            "POST", f"{self.base_url}{CHAT_PATH}", chat_headers, self._shown_chat_url
+        )
         self._tokens = TokenStore(
             self._transport,
             url=f"{self.base_url}{TOKEN_PATH}",
             shown_url=redact_url(f"{self.base_url}{TOKEN_PATH}"),
-            headers=self._headers,
+            headers=headers,
             retry=self.retry,
             reuse=reuse_token,
         )
@@ -280,18 +286,11 @@ class Session:
         self._check_open()
         if chat.cancel is not None:
             chat.cancel.check("the chat request")
-        headers = dict(self._headers)
-        headers[TOKEN_HEADER] = token
-        if not any(key.lower() == "content-type" for key in headers):
-            headers["Content-Type"] = "application/json"
         secrets = (*self._secrets(), token)
-        response = self._transport.send(
-            "POST",
-            self._chat_url,
-            headers=headers,
+        response = self._chat.send(
+            headers={TOKEN_HEADER: token},
             body=chat.body,
             timeout=chat.timeout.within(chat.deadline),
-            shown_url=self._shown_chat_url,
             secrets=secrets,
         )
         if not 200 <= response.status_code < 300:

@@ -71,9 +71,8 @@ class TokenStore:
         reuse: bool,
     ) -> None:
         self._transport = transport
-        self._url = url
+        self._endpoint = transport.endpoint("GET", url, headers, shown_url)
         self._shown_url = shown_url
-        self._headers = headers
         self._retry = retry
         self._reuse = reuse
         self._token: Optional[str] = None
@@ -115,14 +114,8 @@ class TokenStore:
         def attempt() -> str:
             if cancel is not None:
                 cancel.check("the token request")  # nothing is sent once cancelled
-            url = f"{self._url}?canvas=-{get_random_string()}"
-            response = self._transport.send(
-                "GET",
-                url,
-                headers=self._headers,
-                timeout=timeout.within(deadline),
-                shown_url=self._shown_url,
-                secrets=(),
+            response = self._endpoint.send(
+                query=f"?canvas=-{get_random_string()}", timeout=timeout.within(deadline)
             )
             if not 200 <= response.status_code < 300:
                 raise self._transport.status_error(

@@ -55,6 +55,7 @@ from ._framing import READ_SIZE, BodyTruncated, dechunk, make_decoder
 __all__ = [
     "BodyTruncated",
     "DeadlineExceeded",
+    "Endpoint",
     "Transport",
     "abort",
     "iter_body",
@@ -81,10 +82,11 @@ class DeadlineExceeded(Exception):
 class Transport:
     """The ``requests.Session`` that every request goes through, with its proxy and TLS settings.
 
-    A session made here reads the environment (proxies, ``NO_PROXY``, CA bundle variables,
-    ``.netrc``) once, at creation, and is then told not to (``trust_env = False``): requests
-    would otherwise read it again at every request, about a quarter of a short chat's cost. A
-    given ``http`` session is used as it is (its ``trust_env``, mounts, auth and hooks apply).
+    The settings requests would merge at every call (the session's proxies, ``verify`` and
+    ``cert``, and with ``trust_env`` the environment: proxy variables, ``NO_PROXY``, CA bundle
+    variables) are merged once, here; a session made here is then told not to read the
+    environment again (``trust_env = False``). A given ``http`` session keeps its mounts,
+    adapters, cookies, auth and hooks.
     """
 
     def __init__(
@@ -102,42 +104,32 @@ class Transport:
         self._pool_maxsize = pool_maxsize
         self._pool_lock = threading.Lock()
         proxies = {"http": proxy, "https": proxy} if proxy else {}
-        self._proxies: dict[str, str] = proxies
-        self._verify: Union[bool, str] = verify
+        settings = self.http.merge_environment_settings(base_url, proxies, True, verify, None)
+        self._send_settings: dict[str, Any] = {
+            "proxies": settings["proxies"],
+            "verify": verify if settings["verify"] is None else settings["verify"],
+            "cert": settings["cert"],
+            "stream": True,
+            "allow_redirects": False,
+        }
         if self.owns_http:
-            settings = self.http.merge_environment_settings(base_url, proxies, None, verify, None)
-            self._proxies = settings["proxies"]
-            self._verify = verify if settings["verify"] is None else settings["verify"]
             self.http.trust_env = False
 
+    def endpoint(self, method: str, url: str, headers: Mapping[str, str], shown_url: str) -> Endpoint:
+        """One endpoint of the service, to send requests to (see :class:`Endpoint`)."""
+        return Endpoint(self, method, url, headers, shown_url)
+
     def send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        timeout: TimeoutPair,
-        shown_url: str,
+        self, prepared: requests.PreparedRequest, *, timeout: TimeoutPair, shown_url: str,
         secrets: Iterable[Optional[str]],
-        body: Optional[bytes] = None,
     ) -> requests.Response:
-        """Send one request and return its streamed response (redirects are not followed).
+        """Send a prepared request and return its streamed response (redirects are not followed).
 
         :raises AiChatOnlineError: the request failed before any reply (mapped by
             :func:`translate_exception`, the original kept as ``__cause__``).
         """
         try:
-            return self.http.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                timeout=timeout,
-                proxies=self._proxies,
-                verify=self._verify,
-                stream=True,
-                allow_redirects=False,
-            )
+            return self.http.send(prepared, timeout=timeout, **self._send_settings)
         except Exception as exc:
             raise translate_exception(
                 exc, url=shown_url, secrets=secrets, timeout=timeout, proxy=self.proxy
@@ -177,6 +169,74 @@ class Transport:
         if self.owns_http:
             _close_pools(self.http)
             self.http.close()
+
+
+class Endpoint:
+    """One endpoint: its request is prepared by requests once, and copied for every call.
+
+    ``requests.Session.request`` merges the session's headers, params, auth and hooks and
+    validates every header at each call, more than a third of a short chat's cost. Here
+    ``Session.prepare_request`` does that once, at the first call; each call then takes a
+    :meth:`~requests.PreparedRequest.copy` and sets its own parts with PreparedRequest's public
+    ``prepare_*`` methods: the URL (when it has a query of its own), extra headers (the token),
+    the body, and the cookies the session holds now (the upstream may set some). So a given
+    ``http`` session's headers, params and auth are taken when an endpoint is first used, as its
+    environment settings are; auth that signs each request anew is not supported.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        shown_url: str,
+    ) -> None:
+        self._transport = transport
+        self._method = method
+        self._url = url
+        self._headers = dict(headers)
+        self.shown_url = shown_url
+        self._template: Optional[requests.PreparedRequest] = None
+
+    def _prepared(self) -> requests.PreparedRequest:
+        template = self._template
+        if template is None:
+            request = requests.Request(self._method, self._url, headers=self._headers)
+            template = self._transport.http.prepare_request(request)
+            template.headers.pop("Cookie", None)  # set again at each call, from the session's jar
+            self._template = template
+        return template.copy()
+
+    def send(
+        self,
+        *,
+        timeout: TimeoutPair,
+        secrets: Iterable[Optional[str]] = (),
+        query: str = "",
+        headers: Optional[Mapping[str, str]] = None,
+        body: Optional[bytes] = None,
+    ) -> requests.Response:
+        """Send one request to this endpoint and return its streamed response.
+
+        :param query: appended to the URL (``"?canvas=-..."``).
+        :raises AiChatOnlineError: the request failed before any reply.
+        """
+        prepared = self._prepared()
+        try:
+            if query:
+                prepared.prepare_url(self._url + query, None)
+            if headers:
+                prepared.headers.update(headers)
+            prepared.prepare_body(body, None)
+            cookies = self._transport.http.cookies
+            if cookies:  # (an empty jar adds nothing, at some cost)
+                prepared.prepare_cookies(cookies)
+        except Exception as exc:
+            raise translate_exception(exc, url=self.shown_url, secrets=secrets) from exc
+        return self._transport.send(
+            prepared, timeout=timeout, shown_url=self.shown_url, secrets=secrets
+        )
 
 
 def _mount(http: requests.Session, pool_maxsize: int) -> None:

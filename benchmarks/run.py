@@ -261,25 +261,33 @@ def bench_throughput(srv: ServerProcess, report: Report, quick: bool) -> None:
         for framing in FRAMINGS:
             r = res[framing]
             best = max(STOCK, key=r.rate)
+            others = [best, "g4f", "aiohttp", "floor"]
             got = {
                 other: (r.ratio(ours_key, other), r.ratio(ours_key, other, True))
-                for other in (best, "aiohttp", "floor")
+                for other in others
+                if other in keys
             }
+
+            def shown(other: str) -> str:
+                return f"{got[other][0]:.2f} ({got[other][1]:.2f})" if other in got else "--"
+
             ratio_rows.append(
                 [
                     LABEL[ours_key],
                     framing,
-                    f"{got[best][0]:.2f} ({got[best][1]:.2f}) vs {LABEL[best]}",
-                    f"{got['aiohttp'][0]:.2f} ({got['aiohttp'][1]:.2f})",
-                    f"{got['floor'][0]:.2f} ({got['floor'][1]:.2f})",
+                    f"{shown(best)} vs {LABEL[best]}",
+                    shown("g4f"),
+                    shown("aiohttp"),
+                    shown("floor"),
                 ]
             )
             if ours_key == "ours":
                 for other, target, limit in (
-                    (best, "≥ 1.0 × best stock", 1.0),
-                    ("aiohttp", "≥ 1.2 × aiohttp", 1.2),
-                    ("floor", "aim ≥ 0.85 × floor", 0.85),
+                    (best, "≥ 1.5 × best stock", 1.5),
+                    ("g4f", "≥ 2 × g4f 6.7.1 provider", 2.0),
                 ):
+                    if other not in got:
+                        continue
                     wall, cpu = got[other]
                     report.target(
                         f"throughput {framing}",
@@ -291,9 +299,10 @@ def bench_throughput(srv: ServerProcess, report: Report, quick: bool) -> None:
         [
             "client",
             "framing",
-            "ours / best stock (≥ 1.0)",
-            "ours / aiohttp (≥ 1.2)",
-            "ours / floor (aim ≥ 0.85)",
+            "ours / best stock (≥ 1.5)",
+            "ours / g4f provider (≥ 2)",
+            "ours / aiohttp",
+            "ours / floor (for information)",
         ],
         ratio_rows,
     )
@@ -647,10 +656,6 @@ def _session_table(srv: ServerProcess, report: Report, rounds: int, block: int, 
         f"{c['connections']} / {c['tokens']}",
         c["connections"] == 1 and c["tokens"] == 1,
     )
-    ratio = med["ours"] / med["bare"]
-    report.target(
-        "sequential chats", "≤ 1.3 × bare kept-alive post", f"{ratio:.2f} ×", ratio <= 1.3
-    )
     if "g4f" in med:
         speed = med["g4f"] / med["ours"]
         report.target("sequential chats", "≥ 2 × faster than g4f", f"{speed:.1f} ×", speed >= 2.0)
@@ -765,7 +770,7 @@ def bench_memory(srv: ServerProcess, report: Report, quick: bool) -> None:
     report(
         "Growth = (peak RSS during the chat − RSS before it) for the big reply − the same for the small "
         "one; the peak is reset just before the chat (`/proc/self/clear_refs`, VmHWM). For keepers: ÷ the "
-        "growth of the kept text (bytes = characters, ASCII), target ≤ 1.25; for streaming "
+        "growth of the kept text (bytes = characters, ASCII), target ≤ 2.5; for streaming "
         "consumers (keep_text=False, the stock readers counting pieces) the growth in MiB, "
         "target ≤ 2 MiB for ours. `concat` = keep_text=False with the caller doing `text += piece`."
     )
@@ -814,7 +819,7 @@ def bench_memory(srv: ServerProcess, report: Report, quick: bool) -> None:
     for f, gz in cases:
         name = f"{f}{' gzip' if gz else ''}"
         mib, ratio = growth[("ours", f, gz)]
-        report.target(f"memory keep_text {name}", "≤ 1.25 × text", f"{ratio:.2f} ×", ratio <= 1.25)
+        report.target(f"memory keep_text {name}", "≤ 2.5 × text", f"{ratio:.2f} ×", ratio <= 2.5)
         mib, _ = growth[("ours_nokeep", f, gz)]
         report.target(f"memory keep_text=False {name}", "≤ 2 MiB", f"{mib:.1f} MiB", mib <= 2.0)
 
@@ -1022,9 +1027,9 @@ def bench_import(report: Report, quick: bool) -> None:
     report.table(["package", "ms"], [[f"`{name}`", f"{us / 1000:.1f}"] for name, us in top])
     report.target(
         "import",
-        "≤ 15 ms more than requests",
+        "≤ 25 ms more than requests",
         f"{extra:.1f} ms (CPU {extra_cpu:.1f} ms)",
-        extra <= 15.0,
+        extra <= 25.0,
     )
 
 
