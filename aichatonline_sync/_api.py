@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+import contextlib
+from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._registry import (
@@ -101,17 +102,18 @@ def batch_iter(
     from ._batch import iter_batch
 
     session_options, chat_options = split_options(options)
-    yield from iter_batch(
-        prompts,
-        session=session,
-        session_options=session_options,
-        chat_options=chat_options,
-        shared=shared_session,
-        max_workers=max_workers,
-        progress=progress,
-        executor=executor,
-        rate_limit=rate_limit,
-    )
+    with _batch_session(session, session_options, executor) as client:
+        yield from iter_batch(
+            prompts,
+            session=client,
+            session_options=session_options if client is session else {},
+            chat_options=chat_options,
+            shared=shared_session,
+            max_workers=max_workers,
+            progress=progress,
+            executor=executor,
+            rate_limit=rate_limit,
+        )
 
 
 def batch(
@@ -146,16 +148,38 @@ def batch(
     from ._batch import run_batch
 
     session_options, chat_options = split_options(options)
-    return run_batch(
-        prompts,
-        session=session,
-        session_options=session_options,
-        chat_options=chat_options,
-        shared=shared_session,
-        max_workers=max_workers,
-        progress=progress,
-        return_exceptions=return_exceptions,
-        executor=executor,
-        rate_limit=rate_limit,
-        on_result=on_result,
+    with _batch_session(session, session_options, executor) as client:
+        return run_batch(
+            prompts,
+            session=client,
+            session_options=session_options if client is session else {},
+            chat_options=chat_options,
+            shared=shared_session,
+            max_workers=max_workers,
+            progress=progress,
+            return_exceptions=return_exceptions,
+            executor=executor,
+            rate_limit=rate_limit,
+            on_result=on_result,
+        )
+
+
+@contextlib.contextmanager
+def _batch_session(
+    session: Optional[Session],
+    session_options: dict[str, Any],
+    executor: Optional[concurrent.futures.Executor],
+) -> Iterator[Optional[Session]]:
+    """The session a batch runs on, kept open for the whole batch: the one given, else the shared
+    one for ``session_options`` (leased, so that the registry cannot close it meanwhile). ``None``
+    for an executor of other processes, which find their own from the options."""
+    import concurrent.futures
+
+    remote = executor is not None and not isinstance(
+        executor, concurrent.futures.ThreadPoolExecutor
     )
+    if session is not None or remote:
+        yield session
+        return
+    with using_shared_session(**session_options) as shared:
+        yield shared

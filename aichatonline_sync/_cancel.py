@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Callable, Protocol
 
 from ._errors import APIConnectionError
@@ -19,9 +20,11 @@ class Cancellation:
     """A cancel signal shared by any number of chats: pass it as ``cancel=`` and call :meth:`cancel`
     from any thread to stop them.
 
-    A chat that is cancelled raises at once wherever it is: in a retry wait (no request is sent
-    after it), waiting for its first piece, or while its stream is being read (the connection is
-    shut down, so a read blocked in another thread returns at once). Before its first piece the
+    A chat that is cancelled raises at once in a retry wait (no request is sent after it), waiting
+    for its first piece, or while its stream is being read (the connection is shut down, so a read
+    blocked in another thread returns at once). A request still waiting for the reply's headers
+    (the token request, or the chat before its status line) is not interrupted: it ends at its
+    timeout, and the chat then raises without retrying. Before its first piece the
     error is an :class:`APIConnectionError` (not retried), after it an
     :class:`IncompleteStreamError` with the ``.partial`` text. A chat started after
     :meth:`cancel` fails before it sends anything.
@@ -38,7 +41,8 @@ class Cancellation:
         #: Set once :meth:`cancel` was called.
         self.event = threading.Event()
         self._lock = threading.Lock()
-        self._open: set[_Abortable] = set()
+        # Weak: a stream dropped unread must still be released by the garbage collector.
+        self._open: weakref.WeakSet[_Abortable] = weakref.WeakSet()
 
     @property
     def cancelled(self) -> bool:

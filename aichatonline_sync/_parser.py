@@ -208,7 +208,7 @@ class LineParser:
 
     def _careful_line(self, raw: str) -> Optional[str]:
         """Parse one line the careful way: returns its piece, or ``None`` (skipped or error)."""
-        line = raw.strip(_JSON_SPACE)
+        line = raw.strip(_JSON_SPACE).lstrip("\ufeff")  # (json.loads of bytes skipped a BOM too)
         if not line:
             return None
         if line.startswith("data:"):

@@ -20,7 +20,7 @@ from ._errors import (
     UpstreamError,
 )
 from ._parser import LineParser
-from ._transport import DeadlineExceeded, abort, iter_body, translate_exception
+from ._transport import DeadlineExceeded, abort, iter_body, scrub, translate_exception
 
 __all__ = ["ChatStream", "Reply"]
 
@@ -190,11 +190,12 @@ class Reply:
     def _upstream_error(self) -> UpstreamError:
         error = self._parser.error
         assert error is not None
-        detail = f": {error.message}" if error.message else ""
+        message = scrub(error.message, self._secrets)  # the upstream may echo the token
+        detail = f": {message}" if message else ""
         return UpstreamError(
             f"the upstream sent an error (code {error.code!r}){detail}",
             code=error.code,
-            upstream_message=error.message,
+            upstream_message=message,
             partial=self.text,
         )
 

@@ -225,7 +225,7 @@ class Endpoint:
         prepared = self._prepared()
         try:
             if query:
-                prepared.prepare_url(self._url + query, None)
+                prepared.prepare_url(self._url + query, self._transport.http.params)
             if headers:
                 prepared.headers.update(headers)
             prepared.prepare_body(body, None)
@@ -460,7 +460,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
             continue
         seen.add(id(item))
         order.append(item)
-        inner = [getattr(item, "reason", None), *item.args, item.__cause__, item.__context__]
+        context = None if item.__suppress_context__ else item.__context__
+        inner = [getattr(item, "reason", None), *item.args, item.__cause__, context]
         todo.extend(x for x in inner if isinstance(x, BaseException))
     return order
 
@@ -555,6 +556,11 @@ def translate_exception(
     connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
     if kind == "deadline":
         return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
+    if kind == "proxy" and any(_timeout(item) or _connect_timeout(item) for item in chain):
+        return APITimeoutError(
+            f"timed out reaching {shown} through the proxy {redact_url(proxy or '')}".rstrip(),
+            url=shown,
+        )
     if kind == "proxy":
         where = f" {redact_url(proxy)}" if proxy else ""
         return APIConnectionError(

@@ -1,0 +1,86 @@
+"""Defects found in review of the core rebuild, each over real sockets or on byte fixtures."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any, Callable
+
+import pytest
+import requests
+
+import aichatonline_sync as aco
+from aichatonline_sync._parser import LineParser
+from aichatonline_sync._registry import MAX_SHARED_SESSIONS
+from aichatonline_sync.testing import Emulator
+
+MakeEmulator = Callable[..., Emulator]
+SHORT = aco.Timeout(connect=5, read=5)
+
+
+def test_a_line_with_a_utf8_bom_is_parsed_as_before() -> None:
+    parser = LineParser()
+    assert parser.feed(b'\xef\xbb\xbf{"data": {"message": "bom"}}\n') == ["bom"]
+
+
+def test_a_stream_dropped_unread_is_released_with_a_cancellation(emulator: MakeEmulator) -> None:
+    emu = emulator(reply=["a ", "b"])
+    cancel = aco.Cancellation()
+    with aco.Session(emu.url, timeout=SHORT, max_retries=0) as session:
+        stream = session.chat("hi", cancel=cancel)
+        reply = weakref.ref(stream._reply)
+        del stream
+        gc.collect()
+        assert reply() is None  # released (its connection with it), not kept by the cancel
+
+
+def test_the_token_request_keeps_a_given_sessions_params(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    http = requests.Session()
+    http.params = {"k": "v"}
+    with aco.Session(emu.url, timeout=SHORT, http=http) as session:
+        session.grab_token()
+    http.close()
+    query = emu.requests[0].query
+    assert query["k"] == "v"
+    assert query["canvas"].startswith("-")
+
+
+def test_a_token_echoed_in_an_error_line_is_scrubbed(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    with aco.Session(emu.url, timeout=SHORT, max_retries=0) as session:
+        token = session.grab_token()
+        emu.error_line(400, f"UniqueId {token} is not valid")
+        with pytest.raises(aco.UpstreamError) as info:
+            session.complete("hi")
+    assert token not in str(info.value)
+    assert token not in info.value.message
+
+
+def test_a_module_level_batch_keeps_its_shared_session_open(emulator: MakeEmulator) -> None:
+    """Other option sets used meanwhile must not close the session a running batch uses."""
+    started = threading.Event()
+    go = threading.Event()
+
+    def reply(prompt: str) -> str:
+        if prompt == "first":
+            started.set()
+            go.wait(10)
+        return f"re {prompt}"
+
+    emu = emulator(reply=reply)
+    other = emulator()
+    out: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: out.append(
+            aco.batch(["first", "a", "b", "c"], base_url=emu.url, max_workers=1, max_retries=0)
+        )
+    )
+    thread.start()
+    assert started.wait(10)
+    for i in range(MAX_SHARED_SESSIONS + 1):
+        aco.complete("x", base_url=other.url, headers={"X-N": str(i)}, max_retries=0)
+    go.set()
+    thread.join(10)
+    assert out == [["re first", "re a", "re b", "re c"]]
