@@ -97,13 +97,14 @@ class GatedHTTP(requests.Session):
         self.all_sent = threading.Event()
         self._lock = threading.Lock()
 
-    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        if method == "POST" and self.gated:
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        # Session.send: the one way the library sends (each request prepared, then sent).
+        if request.method == "POST" and self.gated:
             with self._lock:
                 self.sent += 1
                 if self.sent == self.expected:
                     self.all_sent.set()
-        response = super().request(method, url, *args, **kwargs)
+        response = super().send(request, **kwargs)
         if response.status_code == 401 and self.gated and not self.all_sent.wait(WAIT):
             raise RuntimeError(f"only {self.sent} of {self.expected} chats were sent")
         return response
