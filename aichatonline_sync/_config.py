@@ -61,6 +61,8 @@ class Timeout:
     read: Optional[float] = 60.0
     total: Optional[float] = None
 
+    __match_args__: ClassVar[tuple[str, ...]] = ("connect", "read", "total")  # (3.9 has none)
+
     def __post_init__(self) -> None:
         for name in ("connect", "read", "total"):
             object.__setattr__(self, name, _check_seconds(f"timeout {name}", getattr(self, name)))
@@ -139,6 +141,10 @@ class RetryPolicy:
     max_delay: float = 8.0
     max_retry_after: float = 60.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+
+    __match_args__: ClassVar[tuple[str, ...]] = (
+        "max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep"
+    )  # (dataclasses make it on 3.10+ only)
 
     #: HTTP statuses (and error-line codes) that are retried.
     RETRY_STATUSES: ClassVar[frozenset[int]] = RETRY_STATUSES

@@ -506,6 +506,21 @@ def _socks_error(item: BaseException) -> bool:
     return isinstance(error, type) and isinstance(item, error)
 
 
+def _hostname_mismatch_types() -> tuple[type[BaseException], ...]:
+    """urllib3's own CertificateError (raised where it checks host names itself, e.g. on 3.9)."""
+    import importlib
+
+    found: list[type[BaseException]] = [ssl.CertificateError]
+    for name in ("urllib3.util.ssl_match_hostname", "urllib3.packages.ssl_match_hostname"):
+        try:
+            error = getattr(importlib.import_module(name), "CertificateError", None)
+        except ImportError:
+            continue
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
+
+
 _NAME_RESOLUTION = getattr(urllib3.exceptions, "NameResolutionError", socket.gaierror)  # urllib3 2
 
 #: The mapping, in order: the first rule that matches any exception of the chain gives the kind
@@ -514,7 +529,7 @@ _RULES: tuple[tuple[str, Callable[[BaseException], bool]], ...] = (
     ("deadline", _is(DeadlineExceeded)),
     ("proxy", _socks_error),
     ("proxy", _is(requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)),
-    ("untrusted", _is(ssl.SSLCertVerificationError)),
+    ("untrusted", _is(ssl.SSLCertVerificationError, *_hostname_mismatch_types())),
     ("tls", _is(ssl.SSLError, requests.exceptions.SSLError, urllib3.exceptions.SSLError)),
     ("refused", _is(ConnectionRefusedError)),
     ("unresolved", _is(socket.gaierror, _NAME_RESOLUTION)),
