@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from typing import Optional
 
@@ -13,7 +14,7 @@ import requests
 
 from ._cancel import Cancellation
 from ._config import RetryPolicy, Timeout
-from ._errors import AiChatOnlineError, ProtocolError, TokenError
+from ._errors import AiChatOnlineError, APITimeoutError, ProtocolError, TokenError
 from ._prompt import get_random_string
 from ._retry import run_with_retries
 from ._transport import Transport, iter_body, translate_exception
@@ -49,6 +50,47 @@ def parse_token(body: bytes, url: str) -> str:
     return token
 
 
+class _Flight:
+    """One token fetch in progress, that other threads wait for instead of fetching too."""
+
+    def __init__(self) -> None:
+        self.token: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        #: The fetch failed for a reason of the fetching thread's own (its cancel, its deadline):
+        #: a waiting thread fetches for itself instead of taking that failure.
+        self.own_fault = False
+        self.done = False
+        self._wakers: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def waker(self) -> threading.Event:
+        """An event set when the fetch ends (at once, if it has ended)."""
+        event = threading.Event()
+        with self._lock:
+            if self.done:
+                event.set()
+            else:
+                self._wakers.append(event)
+        return event
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            wakers, self._wakers = self._wakers, []
+        for event in wakers:
+            event.set()
+
+
+class _Waker:
+    """What a :class:`Cancellation` aborts to wake a thread that waits for another's fetch."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def abort(self) -> None:
+        self._event.set()
+
+
 class TokenStore:
     """The token of one session.
 
@@ -76,7 +118,8 @@ class TokenStore:
         self._retry = retry
         self._reuse = reuse
         self._token: Optional[str] = None
-        self._lock = threading.Lock()
+        self._flight: Optional[_Flight] = None
+        self._lock = threading.Lock()  # guards _token and _flight; never held during I/O
 
     @property
     def current(self) -> Optional[str]:
@@ -101,12 +144,81 @@ class TokenStore:
         """
         if not self._reuse:
             return self._fetch(timeout, deadline, cancel)
-        with self._lock:
-            current = self._token
-            if current is not None and not refresh and current != stale:
-                return current  # (another thread may have replaced the stale one already)
-            self._token = self._fetch(timeout, deadline, cancel)
-            return self._token
+        while True:
+            with self._lock:
+                current = self._token
+                if current is not None and not refresh and current != stale:
+                    return current  # (another thread may have replaced the stale one already)
+                flight = self._flight
+                leading = flight is None
+                if flight is None:
+                    flight = self._flight = _Flight()
+            if leading:
+                return self._lead(flight, timeout, deadline, cancel)
+            token = self._follow(flight, deadline, cancel)
+            if token is not None:
+                return token
+            refresh = False  # the fetch it waited for failed on its own account: fetch anew
+
+    def _lead(
+        self,
+        flight: _Flight,
+        timeout: Timeout,
+        deadline: Optional[float],
+        cancel: Optional[Cancellation],
+    ) -> str:
+        """Fetch the token for every thread that asks meanwhile."""
+        try:
+            flight.token = self._fetch(timeout, deadline, cancel)
+            return flight.token
+        except BaseException as exc:
+            flight.error = exc
+            flight.own_fault = (
+                not isinstance(exc, Exception)  # KeyboardInterrupt & co. belong to this thread
+                or (cancel is not None and cancel.cancelled)
+                or (deadline is not None and time.monotonic() >= deadline)
+            )
+            raise
+        finally:
+            with self._lock:
+                if flight.token is not None:
+                    self._token = flight.token
+                self._flight = None
+            flight.finish()
+
+    def _follow(
+        self, flight: _Flight, deadline: Optional[float], cancel: Optional[Cancellation]
+    ) -> Optional[str]:
+        """Wait for another thread's fetch, within this caller's deadline and cancel.
+
+        :returns: its token, or ``None`` when it failed for a reason of its own.
+        :raises: its error, as :class:`concurrent.futures.Future` raises one result's error in
+            every thread that waits for it.
+        """
+        logger.debug("waiting for the token that another thread is fetching from %s", self._shown_url)
+        event = flight.waker()
+        waker = _Waker(event)
+        if cancel is not None:
+            cancel.add(waker)
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            event.wait(remaining)
+        finally:
+            if cancel is not None:
+                cancel.discard(waker)
+        if cancel is not None:
+            cancel.check("the token request")
+        if not flight.done:
+            raise APITimeoutError(
+                f"the total deadline passed while waiting for the token from {self._shown_url}",
+                url=self._shown_url,
+            )
+        if flight.token is not None:
+            return flight.token
+        if flight.own_fault:
+            return None
+        assert flight.error is not None
+        raise flight.error
 
     def _fetch(
         self, timeout: Timeout, deadline: Optional[float], cancel: Optional[Cancellation]

@@ -221,6 +221,146 @@ def test_cancel_ends_a_token_retry_wait(emu: Emulator, retry_waits: RetryWaits) 
     assert emu.chat_requests == []
 
 
+# -- waiting for the token another thread fetches ------------------------------------------------
+
+
+class Logged(logging.Handler):
+    """Sets :attr:`seen` once the library logs a message that contains ``words``."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.words = words
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.seen.set()
+
+
+@pytest.fixture
+def waiting_for_token(caplog: pytest.LogCaptureFixture) -> Iterator[Logged]:
+    """Set when a chat starts waiting for the token that another thread is fetching."""
+    caplog.set_level(logging.DEBUG, logger="aichatonline_sync")
+    handler = Logged("another thread is fetching")
+    logger = logging.getLogger("aichatonline_sync")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``work`` in a thread; the dict gets its ``"result"`` or ``"error"``."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_cancel_wakes_a_chat_waiting_for_another_threads_token(
+    emu: Emulator, waiting_for_token: Logged
+) -> None:
+    emu.stall("token")  # the first token request gets no answer until the emulator stops
+    cancel = aco.Cancellation()
+    with aco.Session(base_url=emu.url, timeout=PATIENT, max_retries=0) as s:
+        leader, _ = in_thread(lambda: s.complete("first"))
+        follower, outcome = in_thread(lambda: s.complete("second", cancel=cancel))
+        assert waiting_for_token.seen.wait(10), "the second chat never waited for the token"
+        started = time.monotonic()
+        cancel.cancel()
+        follower.join(PROMPT_SECONDS)
+        elapsed = time.monotonic() - started
+        assert not follower.is_alive(), "the cancelled chat still waits for the other's token"
+        emu.stop()  # ends the stalled token request
+        leader.join(30)
+
+    assert elapsed < PROMPT_SECONDS
+    error = outcome["error"]
+    assert isinstance(error, aco.APIConnectionError)
+    assert error.retryable is False
+    assert "cancel" in str(error)
+    assert emu.connections == 1  # the cancelled chat never asked for a token of its own
+    assert emu.chat_requests == []
+
+
+def test_total_deadline_bounds_the_wait_for_another_threads_token(
+    emu: Emulator, waiting_for_token: Logged
+) -> None:
+    emu.stall("token")
+    with aco.Session(base_url=emu.url, timeout=PATIENT, max_retries=0) as s:
+        leader, _ = in_thread(lambda: s.complete("first"))
+        assert emulator_connected(emu)  # so the first chat is fetching the token
+        started = time.monotonic()
+        with pytest.raises(aco.APITimeoutError) as info:
+            s.complete("second", timeout=aco.Timeout(connect=5, read=30, total=0.5))
+        elapsed = time.monotonic() - started
+        emu.stop()
+        leader.join(30)
+
+    assert waiting_for_token.seen.is_set()
+    assert elapsed < PROMPT_SECONDS
+    assert "deadline" in str(info.value)
+    assert emu.url in str(info.value)
+
+
+def emulator_connected(emu: Emulator, within: float = 10.0) -> bool:
+    """Wait until the emulator has accepted a connection (its count, not a sleep, decides)."""
+    ends = time.monotonic() + within
+    while time.monotonic() < ends:
+        if emu.connections:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_a_chat_waiting_for_a_cancelled_fetch_fetches_its_own_token(
+    emu: Emulator, retry_waits: RetryWaits, waiting_for_token: Logged
+) -> None:
+    emu.fail("token", status=503, times=1)
+    policy = aco.RetryPolicy(max_retries=3, initial_delay=30, max_delay=30)
+    cancel = aco.Cancellation()
+    with aco.Session(base_url=emu.url, retry=policy, timeout=PATIENT) as s:
+        leader, leader_outcome = in_thread(lambda: s.complete("first", cancel=cancel))
+        assert retry_waits.waiting.wait(10), "the first chat never waited to retry its token"
+        follower, outcome = in_thread(lambda: s.complete("second"))
+        assert waiting_for_token.seen.wait(10), "the second chat never waited for the token"
+        cancel.cancel()  # the fetch it waits for fails, but for the first chat's own reason
+        leader.join(PROMPT_SECONDS)
+        follower.join(PROMPT_SECONDS)
+
+    assert isinstance(leader_outcome["error"], aco.APIConnectionError)
+    assert outcome.get("error") is None, outcome.get("error")
+    assert outcome["result"] == "".join(PIECES)
+    assert len(emu.token_requests) == 2  # the 503, then the second chat's own
+    assert len(emu.chat_requests) == 1
+
+
+def test_a_chat_waiting_for_a_failed_fetch_gets_its_error_without_asking_again(
+    emu: Emulator, retry_waits: RetryWaits, waiting_for_token: Logged
+) -> None:
+    emu.fail("token", status=503, times=1)
+    emu.fail("token", status=400, times=1)  # not retried: the fetch fails for everyone
+    policy = aco.RetryPolicy(max_retries=3, initial_delay=0.5, max_delay=0.5)
+    with aco.Session(base_url=emu.url, retry=policy, timeout=PATIENT) as s:
+        leader, leader_outcome = in_thread(lambda: s.complete("first"))
+        assert retry_waits.waiting.wait(10)
+        follower, outcome = in_thread(lambda: s.complete("second"))
+        assert waiting_for_token.seen.wait(10)
+        leader.join(30)
+        follower.join(30)
+
+    assert isinstance(leader_outcome["error"], aco.APIStatusError)
+    assert outcome["error"] is leader_outcome["error"]
+    assert len(emu.token_requests) == 2
+    assert emu.chat_requests == []
+
+
 # -- already cancelled --------------------------------------------------------------------------
 
 
