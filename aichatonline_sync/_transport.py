@@ -27,6 +27,7 @@ No other module reads a private name of another package or of this one.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import logging
 import re
@@ -161,7 +162,7 @@ class Transport:
             if size > self._pool_maxsize:
                 new = max(size, grow_to or size)
                 logger.debug("connection pool: %d -> %d connections", self._pool_maxsize, new)
-                _mount(self.http, new)
+                _swap_adapter(self.http, new)
                 self._pool_maxsize = new
 
     def close(self) -> None:
@@ -239,17 +240,36 @@ class Endpoint:
         )
 
 
-def _mount(http: requests.Session, pool_maxsize: int) -> None:
+def _adapter(pool_maxsize: int) -> HTTPAdapter:
     # max_retries=0: tenacity owns the retries, and urllib3's own would multiply them.
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
-    http.mount("http://", adapter)
-    http.mount("https://", adapter)
+    return HTTPAdapter(pool_connections=4, pool_maxsize=pool_maxsize, max_retries=0)
 
 
 def _new_http(pool_maxsize: int) -> requests.Session:
     http = requests.Session()
-    _mount(http, pool_maxsize)
+    adapter = _adapter(pool_maxsize)
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
     return http
+
+
+def _swap_adapter(http: requests.Session, pool_maxsize: int) -> None:
+    """Give ``http`` a new adapter with a larger pool while other threads send through it.
+
+    ``Session.mount`` reorders ``http.adapters`` in place, under the feet of a thread that is
+    looking up its adapter in it (``OrderedDict mutated during iteration``). So a new mapping,
+    the same prefixes in the same order, replaces the old one in one assignment; the old adapter
+    is then closed: its idle connections now, the ones in use as they are given back.
+    """
+    adapter = _adapter(pool_maxsize)
+    old = http.adapters
+    http.adapters = collections.OrderedDict(
+        (prefix, adapter if prefix in ("http://", "https://") else mounted)
+        for prefix, mounted in old.items()
+    )
+    replaced = {id(old[p]): old[p] for p in ("http://", "https://") if p in old}
+    for mounted in replaced.values():
+        mounted.close()
 
 
 def _close_pools(http: requests.Session) -> None:

@@ -159,3 +159,36 @@ def test_close_fallback(emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch)
     assert closed == [True]
     assert session.closed
 
+
+
+# -- growing the pool while other threads send -----------------------------------------------------
+
+
+def test_growing_the_pool_leaves_a_lookup_in_progress_intact_and_closes_the_old_pool(
+    emulator: Callable[..., Emulator],
+) -> None:
+    emu = emulator()
+    transport = _transport.Transport(emu.url, pool_maxsize=2)
+    token = transport.endpoint("GET", f"{emu.url}/api/v1/user/getUniqueId", {}, emu.url)
+    http = transport.http
+    try:
+        token.send(timeout=(5, 5)).close()
+        old = http.get_adapter(emu.url)
+        assert old.poolmanager.pools.keys()  # the connection to the emulator, kept
+        lookup = iter(http.adapters.items())  # what get_adapter does in another thread
+        next(lookup)
+
+        transport.ensure_pool(8)
+
+        assert len(list(lookup)) == 1  # no "OrderedDict mutated during iteration"
+        new = http.get_adapter(emu.url)
+        assert new is not old
+        assert new is http.get_adapter(emu.url.replace("http://", "https://"))
+        assert list(http.adapters) == ["https://", "http://"]
+        assert not old.poolmanager.pools.keys()  # the old adapter was closed
+        response = token.send(timeout=(5, 5))
+        assert response.status_code == 200
+        response.close()
+        assert new.poolmanager.pools.keys()
+    finally:
+        transport.close()
