@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 from ._errors import APIConnectionError
 
@@ -62,16 +62,23 @@ class Cancellation:
         """Sleep ``seconds``, or less if cancelled meanwhile; ``True`` when cancelled."""
         return self.event.wait(seconds)
 
-    def error(self, what: str) -> APIConnectionError:
+    def error(self, what: str, url: Optional[str] = None) -> APIConnectionError:
         """The error a chat raises when it is cancelled before its first piece."""
-        return APIConnectionError(f"{what} was cancelled", retryable=False)
+        where = f" to {url}" if url else ""
+        return APIConnectionError(
+            f"{what}{where} was cancelled (Cancellation.cancel() was called)",
+            url=url,
+            retryable=False,
+        )
 
-    def check(self, what: str) -> None:
+    def check(self, what: str, url: Optional[str] = None) -> None:
         """Raise :meth:`error` if cancelled."""
         if self.cancelled:
-            raise self.error(what)
+            raise self.error(what, url)
 
-    def sleeper(self, sleep: Callable[[float], None], what: str) -> Callable[[float], None]:
+    def sleeper(
+        self, sleep: Callable[[float], None], what: str, url: Optional[str] = None
+    ) -> Callable[[float], None]:
         """A retry wait that ends (and raises) when cancelled. A ``sleep`` other than
         :func:`time.sleep` (a test's) is kept, and the cancel is checked after it."""
 
@@ -80,7 +87,7 @@ class Cancellation:
                 self.wait(seconds)
             else:
                 sleep(seconds)
-            self.check(what)
+            self.check(what, url)
 
         return wait
 

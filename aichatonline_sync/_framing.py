@@ -187,7 +187,8 @@ def _parse_chunks(buf: bytes, pos: int, state: list[Any], out: list[bytes]) -> t
                 size = int(size_field, 16)
             except ValueError:
                 raise ProtocolError(
-                    f"malformed chunked encoding: bad chunk size {size_field[:20]!r}"
+                    "malformed chunked encoding: bad chunk size "
+                    f"'{size_field[:20].decode('ascii', 'backslashreplace')}'"
                 ) from None
             if size < 0:
                 raise ProtocolError("malformed chunked encoding: negative chunk size")

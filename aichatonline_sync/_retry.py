@@ -107,6 +107,7 @@ def build_retrying(
     what: str,
     deadline: Optional[float] = None,
     cancel: Optional[Cancellation] = None,
+    url: Optional[str] = None,
 ) -> tenacity.Retrying:
     """The :class:`tenacity.Retrying` for one call of ``what`` ("chat request", "token request").
 
@@ -114,7 +115,8 @@ def build_retrying(
     - stop: after ``policy.max_retries`` retries, or when the next wait would end past
       ``deadline`` (a :func:`time.monotonic` value), or once ``cancel`` is cancelled;
     - wait: :func:`backoff` (``Retry-After`` when the reply asked for it);
-    - sleep: ``policy.sleep``, ended early by ``cancel`` (which then raises its error);
+    - sleep: ``policy.sleep``, ended early by ``cancel`` (which then raises its error, naming
+      ``url``);
     - before each retry, a warning with the reason and the wait. The last error is raised as it is.
     """
     import tenacity  # at the first request, not at ``import aichatonline_sync``
@@ -147,7 +149,7 @@ def build_retrying(
     sleep: Callable[[float], None] = policy.sleep
     if cancel is not None:
         stops.append(tenacity.stop_when_event_set(cancel.event))
-        sleep = cancel.sleeper(policy.sleep, what)
+        sleep = cancel.sleeper(policy.sleep, f"the {what}", url)
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(should_retry),
         stop=tenacity.stop_any(*stops),
@@ -165,8 +167,9 @@ def run_with_retries(
     what: str,
     deadline: Optional[float] = None,
     cancel: Optional[Cancellation] = None,
+    url: Optional[str] = None,
 ) -> T:
     """Call ``func`` until it succeeds, it raises something not retried, or the policy gives up
     (see :func:`build_retrying`); the last error is raised as it is."""
-    retrying = build_retrying(policy, what=what, deadline=deadline, cancel=cancel)
+    retrying = build_retrying(policy, what=what, deadline=deadline, cancel=cancel, url=url)
     return retrying(func)

@@ -233,6 +233,7 @@ class Session:
                 what="chat request",
                 deadline=chat.deadline,
                 cancel=chat.cancel,
+                url=self._shown_chat_url,
             )
             try:
                 return retrying(self._open, chat, token)
@@ -285,7 +286,7 @@ class Session:
         """One attempt: post the chat and read until its first piece."""
         self._check_open()
         if chat.cancel is not None:
-            chat.cancel.check("the chat request")
+            chat.cancel.check("the chat request", self._shown_chat_url)
         secrets = (*self._secrets(), token)
         response = self._chat.send(
             headers={TOKEN_HEADER: token},

@@ -208,7 +208,7 @@ class Reply:
                 return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
         elif isinstance(exc, ProtocolError):
             if not started:
-                return exc
+                return ProtocolError(f"the reply from {self._url} is unreadable: {exc}", body=exc.body)
             reason = str(exc)
         else:
             translated = translate_exception(

@@ -207,7 +207,7 @@ class TokenStore:
             if cancel is not None:
                 cancel.discard(waker)
         if cancel is not None:
-            cancel.check("the token request")
+            cancel.check("the token request", self._shown_url)
         if not flight.done:
             raise APITimeoutError(
                 f"the total deadline passed while waiting for the token from {self._shown_url}",
@@ -225,7 +225,7 @@ class TokenStore:
     ) -> str:
         def attempt() -> str:
             if cancel is not None:
-                cancel.check("the token request")  # nothing is sent once cancelled
+                cancel.check("the token request", self._shown_url)  # nothing sent once cancelled
             response = self._endpoint.send(
                 query=f"?canvas=-{get_random_string()}", timeout=timeout.within(deadline)
             )
@@ -236,7 +236,12 @@ class TokenStore:
             return parse_token(self._read(response), self._shown_url)
 
         token = run_with_retries(
-            attempt, self._retry, what="token request", deadline=deadline, cancel=cancel
+            attempt,
+            self._retry,
+            what="token request",
+            deadline=deadline,
+            cancel=cancel,
+            url=self._shown_url,
         )
         logger.debug("got a token from %s", self._shown_url)
         return token
