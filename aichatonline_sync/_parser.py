@@ -59,9 +59,11 @@ def _as_code(value: Any) -> Any:
 def _decode_lines(complete: bytes) -> list[str]:
     """The lines of ``complete`` (which ends with a newline) as text, without their newlines.
 
-    The whole block is decoded at once (strict UTF-8); when that fails, line by line, and a line
-    that is no UTF-8 is skipped (``\\n`` never occurs inside a UTF-8 sequence, so the lines are
-    the same either way).
+    The whole block is decoded at once (strict UTF-8). When that fails, each line that is no
+    UTF-8 is decoded with U+FFFD in place of its bad bytes (as httpx's ``iter_text`` does), with a
+    warning: a piece with one bad byte keeps the rest of its text, and a line of binary garbage is
+    then skipped as not JSON. ``\n`` never occurs inside a UTF-8 sequence, so the lines are the
+    same either way.
     """
     try:
         return complete.decode("utf-8").split("\n")[:-1]
@@ -72,7 +74,8 @@ def _decode_lines(complete: bytes) -> list[str]:
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            logger.debug("skipped a reply line that is not UTF-8: %.200r", raw)
+            logger.warning("a reply line is not UTF-8; its bad bytes became U+FFFD: %.200r", raw)
+            lines.append(raw.decode("utf-8", "replace"))
     return lines
 
 

@@ -117,3 +117,21 @@ def test_a_cancelled_chat_names_its_url(emulator: MakeEmulator) -> None:
     assert "was cancelled" in str(info.value)
     assert info.value.url is not None
     assert info.value.url.startswith(emu.url)
+
+
+def test_a_line_with_bytes_that_are_no_utf8_keeps_the_rest_of_its_text(
+    emulator: MakeEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = b'{"data": {"message": "caf\xe9 "}}\n\xff\xfe\x00\n{"data": {"message": "ok"}}\n'
+    emu = emulator()
+    emu.raw_reply(
+        "chat",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    with aco.Session(emu.url, max_retries=0) as session:
+        text = session.complete("hi")
+
+    assert text == "caf\ufffd ok"  # the binary line between is skipped as not JSON
+    warnings = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warnings) == 2
