@@ -21,8 +21,9 @@ class Cancellation:
     from any thread to stop them.
 
     A chat that is cancelled raises at once in a retry wait (no request is sent after it), waiting
-    for its first piece, or while its stream is being read (the connection is shut down, so a read
-    blocked in another thread returns at once). A request still waiting for the reply's headers
+    for its first piece, while it waits for the token that another thread is fetching, or while
+    its stream is being read (the connection is shut down, so a read blocked in another thread
+    returns at once). A request still waiting for the reply's headers
     (the token request, or the chat before its status line) is not interrupted: it ends at its
     timeout, and the chat then raises without retrying. Before its first piece the
     error is an :class:`APIConnectionError` (not retried), after it an
