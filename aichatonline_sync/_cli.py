@@ -147,9 +147,9 @@ def _timeout(value: str) -> Timeout:
 
 def _verify(value: str) -> Union[bool, str]:
     """``false`` (no TLS verification), ``true`` (the default), or the path of a CA bundle."""
-    if value.strip().lower() in ("false", "no", "off", "0"):
+    if value.strip().lower() in ("false", "no", "off"):
         return False
-    if value.strip().lower() in ("true", "yes", "on", "1"):
+    if value.strip().lower() in ("true", "yes", "on"):
         return True
     try:
         return validate_verify(value)
@@ -574,6 +574,8 @@ class _LineTracker:
         """:raises OutputError: stdout failed (a closed pipe stays a ``BrokenPipeError``)."""
         if not text:
             return
+        # Set first: a Ctrl-C or SIGTERM right after the text is out must still end the line.
+        self.open_line = not text.endswith("\n")
         try:
             try:
                 self.stream.write(text)
@@ -587,7 +589,6 @@ class _LineTracker:
             raise OutputError(
                 f"cannot write to stdout: {exc.strerror or exc}", stdout=True
             ) from exc
-        self.open_line = not text.endswith("\n")
 
     def end_line(self) -> None:
         if self.open_line:
@@ -799,7 +800,8 @@ def _run_batch(args: argparse.Namespace) -> int:
             _abandon_workers(_status_of(interrupt))
             raise
         except OutputError as exc:
-            _error(f"{exc}; stopped after {writer.written} records")
+            written = writer.written
+            _error(f"{exc}; stopped after {written} record{'' if written == 1 else 's'}")
             if exc.stdout:
                 _silence_stdout()
             status = EXIT_BROKEN_PIPE if exc.broken_pipe else EXIT_FAILURE

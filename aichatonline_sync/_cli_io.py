@@ -485,8 +485,8 @@ class RecordWriter:
 class StopSignals:
     """While entered in the main thread: SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises
     :class:`Terminated`, except inside :meth:`hold`, where they wait until it ends. A signal that
-    was ignored when the command started (``nohup``, a background job) stays ignored. SIGXFSZ is
-    ignored, so that a file size limit is a failed write, reported like a full disk.
+    was ignored when the command started (``nohup``, a background job) stays ignored. (Python
+    ignores SIGXFSZ: a file size limit is a failed write, reported like a full disk.)
     """
 
     def __init__(self) -> None:
@@ -500,9 +500,6 @@ class StopSignals:
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
-        xfsz = getattr(signal, "SIGXFSZ", None)
-        if xfsz is not None:
-            self._previous[xfsz] = signal.signal(xfsz, signal.SIG_IGN)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
