@@ -293,7 +293,8 @@ Run the same command again to resume: an id is skipped when its newest record in
 has a "text" for the same prompt_sha256; failed ids and changed prompts run again (the old
 records stay, as history). Only a regular file is read to resume: with OUTPUT '-' (or
 /dev/stdout, a pipe, a device) every prompt runs. OUTPUT must not be the INPUT file.
-Ctrl-C or SIGTERM stops the batch with a summary; no record is left half-written.
+Ctrl-C or SIGTERM stops the batch with a summary; no record is left half-written (a
+second Ctrl-C does not wait for a write that cannot end).
 Exit status 1 if any prompt failed or an input line was malformed, or a write failed.
 """
 

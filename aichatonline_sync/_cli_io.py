@@ -472,7 +472,7 @@ class RecordWriter:
         try:
             while view:
                 view = view[os.write(fd, view) :]
-        except OSError:
+        except BaseException:  # a failed write, or a second Ctrl-C that would not wait
             if start is not None:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)  # no half record is left behind
@@ -484,9 +484,10 @@ class RecordWriter:
 
 class StopSignals:
     """While entered in the main thread: SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises
-    :class:`Terminated`, except inside :meth:`hold`, where they wait until it ends. A signal that
-    was ignored when the command started (``nohup``, a background job) stays ignored. (Python
-    ignores SIGXFSZ: a file size limit is a failed write, reported like a full disk.)
+    :class:`Terminated`, except inside :meth:`hold`, where the first one waits until it ends (a
+    second one is raised at once). A signal that was ignored when the command started (``nohup``,
+    a background job) stays ignored. (Python ignores SIGXFSZ: a file size limit is a failed write,
+    reported like a full disk.)
     """
 
     def __init__(self) -> None:
@@ -509,20 +510,22 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-        if self._held:
-            self._pending = self._pending or exc
+        if self._held and self._pending is None:
+            self._pending = exc
             return
-        raise exc
+        raise exc  # a second signal does not wait (a write to a pipe nobody reads may never end)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Keep SIGINT and SIGTERM from raising inside the block; one that came is raised at its
         end (unless the block raised)."""
         self._held += 1
+        pending: Optional[KeyboardInterrupt] = None
         try:
             yield
         finally:
             self._held -= 1
-        if not self._held and self._pending is not None:
-            pending, self._pending = self._pending, None
+            if not self._held:
+                pending, self._pending = self._pending, None
+        if pending is not None:
             raise pending

@@ -560,6 +560,25 @@ def test_sigterm_in_the_middle_of_a_record_waits_for_its_end(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(not POSIX, reason="needs SIGTERM")
+def test_a_second_signal_does_not_wait_for_a_stuck_write(tmp_path: Path) -> None:
+    """Nobody reads the pipe: the record cannot be finished, and a second signal stops it all."""
+    prompts = prompts_file(tmp_path, "one")
+    with Emulator(reply=["x" * 300_000]) as emu:
+        proc = popen("batch", str(prompts), "--base-url", emu.url)
+        assert proc.stdout is not None
+        assert os.read(proc.stdout.fileno(), 1) == b"{"  # the pipe is full; nothing more is read
+        proc.send_signal(signal.SIGINT)  # waits for the end of the record...
+        proc.send_signal(signal.SIGTERM)  # ...which never comes: this one does not wait
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the command did not end")
+        finish(proc)
+    assert proc.returncode == 143
+
+
+@pytest.mark.skipif(not POSIX, reason="needs SIGTERM")
 def test_chat_sigterm_ends_the_line(emu: Emulator) -> None:
     emu.stall("chat", after=1)
     proc = popen("chat", "--base-url", emu.url, "Hello")
