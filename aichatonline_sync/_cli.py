@@ -49,7 +49,6 @@ from ._cli_io import (
     UsageError,
     decode_utf8,
     fileno,
-    id_key,
     open_output,
     parse_input,
     read_done,
@@ -780,11 +779,11 @@ def _run_batch(args: argparse.Namespace) -> int:
     path = _output_path(args)
     done = set()
     if path is not None:
-        done = read_done(path, {id_key(item.id): h for item, h in zip(items, hashes)})
+        done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
     todo = [
         (item, messages, digest)
         for item, messages, digest in zip(items, requests_, hashes)
-        if id_key(item.id) not in done
+        if item.id not in done
     ]
     tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
     with StopSignals() as signals, contextlib.ExitStack() as stack:

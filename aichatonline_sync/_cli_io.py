@@ -46,7 +46,6 @@ __all__ = [
     "UsageError",
     "decode_utf8",
     "fileno",
-    "id_key",
     "is_json_lines",
     "open_output",
     "parse_input",
@@ -185,11 +184,6 @@ def is_json_lines(name: str, lines: Sequence[str]) -> bool:
     return isinstance(_load(first)[0], dict)
 
 
-def id_key(value: object) -> str:
-    """The key under which an id is compared (``1`` and ``"1"`` are different ids)."""
-    return json.dumps(value, sort_keys=True)
-
-
 def _json_entry(number: int, line: str, why: str) -> Union[Item, BadLine]:
     record, error = _load(line)
     if record is _NOT_JSON:
@@ -236,20 +230,20 @@ def parse_input(text: str, name: str) -> tuple[list[Item], list[BadLine]]:
     ) + ', so every line must be one, e.g. {"prompt": "..."}'
     items: list[Item] = []
     bad: list[BadLine] = []
-    seen: dict[str, int] = {}
+    seen: dict[JsonId, int] = {}  # (1 and "1" are different ids, and different keys)
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line:
             continue
         entry = _json_entry(number, line, why) if json_lines else Item(number, number, line)
-        if entry.id is not None:
-            key = id_key(entry.id)
-            if key in seen:
+        item_id = entry.id
+        if item_id is not None:
+            if item_id in seen:
                 entry = BadLine(
-                    number, None, f"duplicate id {entry.id!r} (first on line {seen[key]})"
+                    number, None, f"duplicate id {item_id!r} (first on line {seen[item_id]})"
                 )
             else:
-                seen[key] = number
+                seen[item_id] = number
         if isinstance(entry, Item):
             items.append(entry)
         else:
@@ -270,7 +264,8 @@ def with_system(prompt: Prompt, system: Optional[str]) -> Prompt:
 def request_hash(prompt: Prompt, model: str) -> str:
     """``prompt_sha256`` of a record: the SHA-256 of the prompt as sent (messages formatted, the
     system message included) and the model, as hex."""
-    canonical = json.dumps({"model": model, "prompt": build_prompt(prompt)}, sort_keys=True)
+    # The keys in sorted order, and json.dumps' default settings (its fast, cached encoder).
+    canonical = json.dumps({"model": model, "prompt": build_prompt(prompt)})
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
@@ -299,7 +294,9 @@ def _bounded_lines(file: BinaryIO, size: int, limit: int) -> Iterator[Optional[b
         yield None
 
 
-def read_done(path: str, wanted: Mapping[str, str], limit: int = MAX_RECORD_BYTES) -> set[str]:
+def read_done(
+    path: str, wanted: Mapping[JsonId, str], limit: int = MAX_RECORD_BYTES
+) -> set[JsonId]:
     """The ids (keys of ``wanted``) whose newest record in OUTPUT has a text for the request
     ``wanted[id]`` (a :func:`request_hash`).
 
@@ -318,7 +315,7 @@ def read_done(path: str, wanted: Mapping[str, str], limit: int = MAX_RECORD_BYTE
         return set()
     except OSError as exc:
         raise UsageError(f"cannot read OUTPUT {path!r} to resume from it: {exc.strerror}") from None
-    newest: dict[str, bool] = {}
+    newest: dict[JsonId, bool] = {}
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):  # replaced since the check above
@@ -333,7 +330,7 @@ def read_done(path: str, wanted: Mapping[str, str], limit: int = MAX_RECORD_BYTE
     return {key for key, done in newest.items() if done}
 
 
-def _note(newest: dict[str, bool], line: bytes, wanted: Mapping[str, str]) -> None:
+def _note(newest: dict[JsonId, bool], line: bytes, wanted: Mapping[JsonId, str]) -> None:
     try:
         record = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -343,10 +340,10 @@ def _note(newest: dict[str, bool], line: bytes, wanted: Mapping[str, str]) -> No
     item_id = record.get("id")
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
         return
-    key = id_key(item_id)
-    if key in wanted:
-        newest[key] = (
-            isinstance(record.get("text"), str) and record.get("prompt_sha256") == wanted[key]
+    expected = wanted.get(item_id)
+    if expected is not None:
+        newest[item_id] = isinstance(record.get("text"), str) and (
+            record.get("prompt_sha256") == expected
         )
 
 

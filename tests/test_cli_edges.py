@@ -195,9 +195,9 @@ def test_resume_reads_no_line_beyond_the_bound(tmp_path: Path) -> None:
     short_record = json.dumps({"id": 2, "text": "y", "prompt_sha256": prompt_sha256("two")})
     output = tmp_path / "results.jsonl"
     output.write_text(f"{long_record}\n{short_record}\n", encoding="utf-8")
-    wanted = {"1": digest, "2": prompt_sha256("two")}
-    assert read_done(str(output), wanted, limit=1000) == {"2"}
-    assert read_done(str(output), wanted, limit=10_000) == {"1", "2"}
+    wanted = {1: digest, 2: prompt_sha256("two"), "2": prompt_sha256("two")}
+    assert read_done(str(output), wanted, limit=1000) == {2}  # (the id 2, not "2")
+    assert read_done(str(output), wanted, limit=10_000) == {1, 2}
     assert read_done(str(tmp_path / "missing.jsonl"), wanted) == set()
 
 
