@@ -3,21 +3,25 @@
 Exit status:
 
 - ``0``: done.
-- ``1``: an upstream or network failure (one ``aichatonline: error: ...`` line on stderr, no
-  traceback); for ``batch``: at least one prompt failed, or an input line was malformed.
-- ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all).
-- ``130``: interrupted by Ctrl-C (``serve`` treats Ctrl-C as its normal way to stop and exits 0).
-- ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): the command stops
-  quietly, and the status is the one a shell shows for a program ended by ``SIGPIPE`` (128 + 13).
+- ``1``: an upstream or network failure, or a write that failed (a full disk, a read-only file):
+  one ``aichatonline: error: ...`` line on stderr, no traceback; for ``batch``: also at least one
+  prompt failed, or an input line was malformed.
+- ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all,
+  input that is not UTF-8, an OUTPUT that cannot be opened or is the INPUT).
+- ``130``: interrupted by Ctrl-C; ``143``: stopped by SIGTERM (``timeout``, systemd, ``docker
+  stop``), handled the same way. ``serve`` treats both as its normal way to stop and exits 0.
+- ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): ``chat`` stops quietly,
+  ``batch`` says how far it got; the status is the one a shell shows for a program ended by
+  ``SIGPIPE`` (128 + 13).
 
-Only this module writes to stdout and stderr; the library logs through :mod:`logging`.
+Only this module writes to stderr, and only it and :mod:`._cli_io` (the files and signals of the
+command) write to stdout; the library logs through :mod:`logging`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -25,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -34,9 +39,27 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from ._api import batch_iter
-from ._config import validate_base_url, validate_proxy
-from ._errors import AiChatOnlineError, InvalidRequestError
-from ._prompt import build_prompt
+from ._cli_io import (
+    BadLine,
+    Item,
+    OutputError,
+    RecordWriter,
+    StopSignals,
+    Terminated,
+    UsageError,
+    decode_utf8,
+    fileno,
+    open_output,
+    parse_input,
+    read_done,
+    read_input,
+    read_stdin,
+    request_hash,
+    same_file,
+    with_system,
+)
+from ._config import Timeout, validate_base_url, validate_proxy, validate_verify
+from ._errors import AiChatOnlineError, APIConnectionError, InvalidRequestError
 from ._session import MODELS, Session
 from ._version import __version__
 
@@ -48,7 +71,9 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
+    "UsageError",
     "build_parser",
     "main",
 ]
@@ -62,18 +87,15 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143
 
 PROXY_ENV = "AICHATONLINE_PROXY"
 TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
 MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
 
 _BATCH_THREAD_PREFIX = "aichatonline-batch"
-
-JsonId = Union[str, int]
-
-
-class UsageError(Exception):
-    """A bad command line, option, environment variable or prompt: exit status 2."""
+#: The library's advice for an untrusted certificate, and the command line's words for it.
+_VERIFY_HINT = ("pass verify='/path/to/ca.pem'", "pass --verify /path/to/ca.pem")
 
 
 class _Terminated(Exception):
@@ -96,6 +118,10 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _status_of(interrupt: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
 # -- option types --------------------------------------------------------------------------------
 
 
@@ -107,6 +133,30 @@ def _seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _timeout(value: str) -> Timeout:
+    """``SECONDS`` (connect and read), ``CONNECT,READ``, or ``none`` (each part too)."""
+    parts = [part.strip().lower() for part in value.split(",")]
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"must be SECONDS, CONNECT,READ or 'none', not {value!r}")
+    seconds = [None if part == "none" else _seconds(part) for part in parts]
+    return Timeout(connect=seconds[0], read=seconds[-1])
+
+
+def _verify(value: str) -> Union[bool, str]:
+    """``false`` (no TLS verification), ``true`` (the default), or the path of a CA bundle."""
+    if value.strip().lower() in ("false", "no", "off"):
+        return False
+    if value.strip().lower() in ("true", "yes", "on"):
+        return True
+    try:
+        return validate_verify(value)
+    except InvalidRequestError:
+        raise argparse.ArgumentTypeError(
+            f"no CA bundle at {value!r} (no such file or folder): give the path of a PEM file "
+            "of trusted certificates, or 'false' to turn verification off"
+        ) from None
 
 
 def _delay(value: str) -> float:
@@ -187,46 +237,64 @@ def _model(value: str) -> str:
 
 _MAIN_EPILOG = f"""\
 examples:
-  {PROG} chat "Explain HTTP chunked encoding"
+  {PROG} chat Explain HTTP chunked encoding
   echo "Hello" | {PROG} chat --system "Be brief."
   {PROG} chat --emulator "Hello"              # offline, against the bundled emulator
   {PROG} batch prompts.txt -o results.jsonl --workers 8
   {PROG} serve --port 8765
 
-exit status: 0 done, 1 upstream or network failure, 2 usage error, 130 interrupted,
-141 stdout closed early (e.g. piped into head).
-Run '{PROG} COMMAND --help' for the options of a command.
+exit status: 0 done, 1 upstream or network failure (or a failed write), 2 usage error,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed early (e.g. piped
+into head). Run '{PROG} COMMAND --help' for the options of a command.
 """
 
 _CHAT_EPILOG = f"""\
 examples:
-  {PROG} chat "Explain HTTP chunked encoding"
+  {PROG} chat Explain HTTP chunked encoding   # the words are joined by spaces, like echo
   echo "Summarise: $(cat notes.txt)" | {PROG} chat --system "Be brief."
   {PROG} chat - < question.txt
   {PROG} chat --emulator "Hello"              # offline: the bundled emulator answers
-  {PROG} chat --timeout 30 --max-retries 5 --proxy http://127.0.0.1:3128 "Hi"
+  {PROG} chat --timeout 5,120 --max-retries 5 --proxy http://127.0.0.1:3128 "Hi"
+  {PROG} chat --verify /etc/ssl/my-ca.pem --base-url https://chat.internal "Hi"
+  {PROG} chat -- -5 degrees is cold            # a prompt that starts with '-'
 
 The reply is written to stdout piece by piece as it arrives. A prompt read from stdin
-loses one trailing newline. Exit status: 0 done, 1 upstream or network failure (one line
-on stderr), 2 usage error (also an empty prompt), 130 interrupted.
+(UTF-8; a BOM is dropped) loses one trailing newline. Exit status: 0 done, 1 upstream or
+network failure (one line on stderr), 2 usage error (also an empty prompt, or stdin that
+is not UTF-8), 130 interrupted, 143 terminated (SIGTERM).
 """
 
 _BATCH_EPILOG = f"""\
 examples:
   {PROG} batch prompts.txt -o results.jsonl --workers 8
   {PROG} batch prompts.jsonl -o results.jsonl --rate-limit 2     # at most 2 chats a second
+  {PROG} batch prompts.txt -o results.jsonl --system "Answer in one sentence."
   printf 'Hi\\nWhat is HTTP?\\n' | {PROG} batch - --emulator
 
-INPUT has one prompt per line, or JSON lines such as
+INPUT (UTF-8; a BOM is dropped) is plain text, one prompt per line, or JSON lines:
   {{"id": "q1", "prompt": "What is HTTP?"}}
   {{"id": "q2", "messages": [{{"role": "system", "content": "Be brief."}},
                             {{"role": "user", "content": "Hi"}}]}}
-(the id defaults to the line number; blank lines are skipped). Each result is appended
-to OUTPUT as one JSON line the moment it is done:
-  {{"id": "q1", "text": "...", "elapsed": 1.234}}
-  {{"id": "q2", "error": {{"type": "RateLimitError", "message": "..."}}, "elapsed": 0.5}}
-Run the same command again to resume: the ids that already have a "text" in OUTPUT are
-skipped, the failed ones are run again. Exit status 1 if any prompt failed.
+It is JSON lines when its name ends in .jsonl or .ndjson, or when its first non-blank
+line is a JSON object; then every non-blank line must be a JSON object with "prompt" or
+"messages" (and an optional "id"; default: the line number). Otherwise every line is a
+prompt as it is written, even one that starts with '{{'. Blank lines are skipped.
+
+Each result is appended to OUTPUT as one JSON line the moment it is done:
+  {{"id": "q1", "text": "...", "elapsed": 1.234, "line": 1, "prompt_sha256": "..."}}
+  {{"id": "q2", "error": {{"type": "RateLimitError", "message": "..."}}, "elapsed": 0.5, ...}}
+An input line that cannot be run is reported on stderr and written as an error record
+too ({{"id": ..., "error": {{"type": "InvalidInputLine", ...}}, "line": 7}}), so OUTPUT
+accounts for every input line. "prompt_sha256" is the SHA-256 of the prompt as sent (the
+system message included) and the model.
+
+Run the same command again to resume: an id is skipped when its newest record in OUTPUT
+has a "text" for the same prompt_sha256; failed ids and changed prompts run again (the old
+records stay, as history). Only a regular file is read to resume: with OUTPUT '-' (or
+/dev/stdout, a pipe, a device) every prompt runs. OUTPUT must not be the INPUT file.
+Ctrl-C or SIGTERM stops the batch with a summary; no record is left half-written (a
+second Ctrl-C does not wait for a write that cannot end).
+Exit status 1 if any prompt failed or an input line was malformed, or a write failed.
 """
 
 _SERVE_EPILOG = f"""\
@@ -242,19 +310,7 @@ Runs until Ctrl-C or SIGTERM, then stops cleanly with exit status 0.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``argparse`` parser of the ``aichatonline`` command."""
-    formatter = argparse.RawDescriptionHelpFormatter
-
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="log debug messages (requests, retries) to stderr",
-    )
-
+def _connection_options() -> _Parser:
     connection = _Parser(add_help=False)
     group = connection.add_argument_group("connection options")
     where = group.add_mutually_exclusive_group()
@@ -280,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=_seconds,
-        metavar="SECONDS",
-        help=f"connect and read timeout (default: ${TIMEOUT_ENV}, else 10 s connect, 60 s read)",
+        type=_timeout,
+        metavar="SECONDS|CONNECT,READ|none",
+        help="seconds to wait to connect and between two bytes of the reply; 'none': no limit "
+        f"(default: ${TIMEOUT_ENV}, else 10 s connect, 60 s read)",
     )
     group.add_argument(
         "--max-retries",
@@ -290,6 +347,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"retries after the first attempt (default: ${MAX_RETRIES_ENV}, else 2)",
     )
+    group.add_argument(
+        "--verify",
+        type=_verify,
+        metavar="PATH|false",
+        help="TLS: a CA bundle (PEM) to trust, or 'false' to not verify certificates "
+        "(default: the system's CAs, or $REQUESTS_CA_BUNDLE)",
+    )
+    group.add_argument(
+        "--max-line-bytes",
+        type=_count(1),
+        metavar="N",
+        help="the longest reply line accepted, in bytes (default: 1048576)",
+    )
+    return connection
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of the ``aichatonline`` command."""
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log debug messages (requests, retries) to stderr",
+    )
+    connection = _connection_options()
 
     parser = _Parser(
         prog=PROG,
@@ -311,9 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "prompt",
-        nargs="?",
+        nargs="*",
         metavar="PROMPT",
-        help="the prompt; absent or '-': read it from stdin",
+        help="the prompt (several words are joined by spaces); absent or '-': read it from stdin",
     )
     chat.add_argument(
         "-s", "--system", metavar="TEXT", help="a system message sent before the prompt"
@@ -334,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         metavar="OUTPUT",
         help="the JSON lines file to append to, and to resume from (default: stdout)",
+    )
+    batch.add_argument(
+        "-s",
+        "--system",
+        metavar="TEXT",
+        help="a system message sent before every prompt (before the messages of a "
+        "'messages' line too)",
     )
     batch.add_argument(
         "-w",
@@ -404,15 +497,12 @@ def _from_env(args: argparse.Namespace, dest: str, env: str, parse: Callable[[st
 
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
     _from_env(args, "proxy", PROXY_ENV, _proxy)
-    _from_env(args, "timeout", TIMEOUT_ENV, _seconds)
+    _from_env(args, "timeout", TIMEOUT_ENV, _timeout)
     _from_env(args, "max_retries", MAX_RETRIES_ENV, _count(0))
     options: dict[str, Any] = {}
-    if args.proxy is not None:
-        options["proxy"] = args.proxy
-    if args.timeout is not None:
-        options["timeout"] = args.timeout
-    if args.max_retries is not None:
-        options["max_retries"] = args.max_retries
+    for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
@@ -442,8 +532,32 @@ def _connect(args: argparse.Namespace) -> Iterator[Session]:
             if "proxy" not in options:
                 # The emulator is on the loopback interface: $HTTP_PROXY must not reroute it.
                 options["http"] = stack.enter_context(_direct_http(getattr(args, "workers", 1)))
+        if options.get("verify") is False:
+            # Asked for: urllib3's warning at every request would only bury the output.
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Unverified HTTPS request")
+            logger.warning("TLS certificates are not verified (--verify false)")
         session = stack.enter_context(Session(base_url, **options))
         yield session
+
+
+def _checked_text(value: Optional[str], what: str) -> Optional[str]:
+    """A command-line argument that must be text (the shell hands over bytes that may not be)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text; nothing was sent") from None
+    return value
+
+
+def _cli_words(exc: AiChatOnlineError) -> str:
+    """A library error in the words of the command line (its options, not Python keywords)."""
+    message = str(exc)
+    if isinstance(exc, APIConnectionError):
+        message = message.replace(*_VERIFY_HINT)
+    return message
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -457,11 +571,24 @@ class _LineTracker:
         self.open_line = False
 
     def write(self, text: str) -> None:
+        """:raises OutputError: stdout failed (a closed pipe stays a ``BrokenPipeError``)."""
         if not text:
             return
-        self.stream.write(text)
-        self.stream.flush()
+        # Set first: a Ctrl-C or SIGTERM right after the text is out must still end the line.
         self.open_line = not text.endswith("\n")
+        try:
+            try:
+                self.stream.write(text)
+            except UnicodeEncodeError:  # e.g. PYTHONIOENCODING=ascii:strict, or a lone surrogate
+                encoding = getattr(self.stream, "encoding", None) or "utf-8"
+                self.stream.write(text.encode(encoding, "replace").decode(encoding))
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to stdout: {exc.strerror or exc}", stdout=True
+            ) from exc
 
     def end_line(self) -> None:
         if self.open_line:
@@ -469,15 +596,18 @@ class _LineTracker:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt is not None and args.prompt != "-":
-        return str(args.prompt)
+    words: list[str] = args.prompt
+    if words and words != ["-"]:
+        text = _checked_text(" ".join(words), "PROMPT")
+        assert text is not None
+        return text
     stdin = sys.stdin
-    if stdin is None or (args.prompt is None and stdin.isatty()):
+    if stdin is None or (not words and stdin.isatty()):
         raise UsageError(
-            "no prompt: give one as an argument, or pipe it into stdin "
+            "no prompt: give one as arguments, or pipe it into stdin "
             f"(e.g. echo 'Hello' | {PROG} chat), or pass '-' to type it (end with Ctrl-D)"
         )
-    text = stdin.read()
+    text = decode_utf8(read_stdin("the prompt"), "stdin")
     if text.endswith("\n"):
         text = text[:-1]
         if text.endswith("\r"):
@@ -486,154 +616,90 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    prompt = _read_prompt(args)
-    if not prompt.strip():
-        # Checked here, not left to the library: with --system the prompt would not be empty.
-        raise UsageError("the prompt is empty (or only white space)")
-    messages: Union[str, list[dict[str, str]]] = prompt
-    if args.system is not None:
-        messages = [
-            {"role": "system", "content": args.system},
-            {"role": "user", "content": prompt},
-        ]
-    out = _LineTracker(sys.stdout)
-    with _connect(args) as session:
-        try:
-            with session.chat(messages, model=args.model) as stream:
-                for piece in stream:
-                    out.write(piece)
-        except (AiChatOnlineError, KeyboardInterrupt):
-            out.end_line()
-            raise
-    out.end_line()
+    with StopSignals():
+        prompt = _read_prompt(args)
+        system = _checked_text(args.system, "--system")
+        if not prompt.strip():
+            # Checked here, not left to the library: with --system the prompt would not be empty.
+            raise UsageError("the prompt is empty (or only white space)")
+        if sys.stdout is None:
+            raise UsageError("there is no stdout to write the reply to")
+        out = _LineTracker(sys.stdout)
+        with _connect(args) as session:
+            try:
+                with session.chat(with_system(prompt, system), model=args.model) as stream:
+                    for piece in stream:
+                        out.write(piece)
+            except (AiChatOnlineError, KeyboardInterrupt):
+                with contextlib.suppress(OSError, OutputError):
+                    out.end_line()
+                raise
+        out.end_line()
     return EXIT_OK
 
 
 # -- batch ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Item:
-    line: int
-    id: JsonId
-    prompt: Union[str, list[Any]]
+@dataclass
+class _Tally:
+    """What a batch did, for its summary line."""
 
+    todo: int
+    skipped: int
+    malformed: int
+    succeeded: int = 0
+    failed: int = 0
 
-def _id_key(value: object) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _parse_line(number: int, line: str) -> _Item:
-    """One line of INPUT as an item. :raises ValueError: a malformed line (the message says why)."""
-    if not line.startswith("{"):
-        return _Item(number, number, line)
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise ValueError("a JSON line must be an object with 'prompt' or 'messages'")
-    has_prompt, has_messages = "prompt" in record, "messages" in record
-    if has_prompt == has_messages:
-        raise ValueError(
-            "a JSON line needs exactly one of 'prompt' (a string) or 'messages' (a list)"
+    def line(self, interrupt: Optional[KeyboardInterrupt] = None) -> str:
+        text = (
+            f"{self.succeeded} succeeded, {self.failed + self.malformed} failed, "
+            f"{self.skipped} skipped (already done)"
         )
-    prompt: Union[str, list[Any]]
-    if has_prompt:
-        if not isinstance(record["prompt"], str):
-            raise ValueError(f"'prompt' must be a string, not {type(record['prompt']).__name__}")
-        prompt = record["prompt"]
+        if interrupt is not None:
+            how = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+            text += f", {self.todo - self.succeeded - self.failed} not finished ({how})"
+        return text
+
+
+def _output_path(args: argparse.Namespace) -> Optional[str]:
+    """The OUTPUT file to append to, or ``None`` for stdout (``-``, ``/dev/stdout``, ...).
+
+    :raises UsageError: OUTPUT is the INPUT file.
+    """
+    path: Optional[str] = args.output
+    if path is None or path == "-" or same_file(path, fileno(sys.stdout)):
+        return None
+    if args.input == "-":
+        same = same_file(path, fileno(sys.stdin))
     else:
-        if not isinstance(record["messages"], list):
-            raise ValueError(f"'messages' must be a list, not {type(record['messages']).__name__}")
-        prompt = record["messages"]
-    item_id: Any = record.get("id", number)
-    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
-        raise ValueError(f"'id' must be a string or an integer, not {item_id!r}")
-    try:
-        build_prompt(prompt)
-    except InvalidRequestError as exc:
-        raise ValueError(str(exc)) from None
-    return _Item(number, item_id, prompt)
-
-
-def _read_input(path: str) -> str:
-    if path == "-":
-        if sys.stdin is None:
-            raise UsageError("INPUT is '-' but there is no stdin")
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8-sig") as file:
-            return file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read INPUT {path!r}: {exc}") from None
-
-
-def _parse_input(text: str) -> tuple[list[_Item], int]:
-    """The items of INPUT, and the number of malformed lines (each reported on stderr)."""
-    items: list[_Item] = []
-    seen: dict[str, int] = {}
-    malformed = 0
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line:
-            continue
         try:
-            item = _parse_line(number, line)
-            key = _id_key(item.id)
-            if key in seen:
-                raise ValueError(f"duplicate id {item.id!r} (first on line {seen[key]})")
-        except ValueError as exc:
-            malformed += 1
-            _error(f"INPUT line {number}: {exc}; not run")
-            continue
-        seen[key] = number
-        items.append(item)
-    return items, malformed
+            same = os.path.samefile(path, args.input)
+        except (OSError, ValueError):
+            same = False
+    if same:
+        raise UsageError(
+            f"OUTPUT {path!r} is the INPUT file: the results are appended to OUTPUT, so give "
+            "another file"
+        )
+    return path
 
 
-def _done_ids(path: str) -> set[str]:
-    """The ids that already have a ``text`` in an existing OUTPUT file."""
-    done: set[str] = set()
-    try:
-        with open(path, encoding="utf-8") as file:
-            for line in file:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # e.g. the last line of a killed run, cut short
-                if (
-                    isinstance(record, dict)
-                    and "id" in record
-                    and isinstance(record.get("text"), str)
-                ):
-                    done.add(_id_key(record["id"]))
-    except FileNotFoundError:
-        pass
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read OUTPUT {path!r} to resume from it: {exc}") from None
-    return done
-
-
-def _open_output(path: str) -> IO[str]:
-    try:
-        file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by the caller
-    except OSError as exc:
-        raise UsageError(f"cannot open OUTPUT {path!r}: {exc}") from None
-    try:
-        # A killed run may have left its last line unfinished: start on a fresh line.
-        size = file.seek(0, os.SEEK_END)
-        if size:
-            with open(path, "rb") as raw:
-                raw.seek(size - 1)
-                if raw.read(1) != b"\n":
-                    file.write("\n")
-                    file.flush()
-    except OSError as exc:
-        file.close()
-        raise UsageError(f"cannot use OUTPUT {path!r}: {exc}") from None
-    return file
+def _writer(path: Optional[str], signals: StopSignals, stack: contextlib.ExitStack) -> RecordWriter:
+    if path is not None:
+        fd = open_output(path)
+        stack.callback(os.close, fd)
+        return RecordWriter(f"OUTPUT {path!r}", fd=fd, signals=signals)
+    stdout = sys.stdout
+    if stdout is None:
+        raise UsageError("there is no stdout to write the results to: give -o OUTPUT")
+    encoding = (getattr(stdout, "encoding", None) or "").lower().replace("-", "")
+    ascii_only = encoding not in ("utf8", "utf_8")
+    out_fd = fileno(stdout)
+    if out_fd is None:  # a text stream without a file below it (e.g. replaced by a test)
+        return RecordWriter("stdout", stream=stdout, ascii_only=ascii_only, signals=signals)
+    stdout.flush()
+    return RecordWriter("stdout", fd=out_fd, ascii_only=ascii_only, signals=signals)
 
 
 def _want_progress() -> bool:
@@ -646,76 +712,104 @@ def _want_progress() -> bool:
     return True
 
 
-def _abandon_workers() -> None:
-    """After Ctrl-C: do not wait at exit for the chats still running in worker threads."""
+def _abandon_workers(status: int) -> None:
+    """After Ctrl-C, SIGTERM or a failed write: do not wait at exit for the chats still running in
+    worker threads."""
     if any(t.name.startswith(_BATCH_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()):
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         with contextlib.suppress(Exception):
             sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(status)
 
 
-def _run_batch(args: argparse.Namespace) -> int:
-    items, malformed = _parse_input(_read_input(args.input))
-    to_stdout = args.output is None or args.output == "-"
-    done = set() if to_stdout else _done_ids(args.output)
-    todo = [item for item in items if _id_key(item.id) not in done]
-    skipped = len(items) - len(todo)
-    succeeded = failed = 0
+def _bad_record(bad: BadLine) -> dict[str, Any]:
+    return {
+        "id": bad.id,
+        "error": {"type": "InvalidInputLine", "message": bad.reason},
+        "line": bad.line,
+    }
 
-    def summary(interrupted: bool = False) -> None:
-        line = (
-            f"{succeeded} succeeded, {failed + malformed} failed, {skipped} skipped (already done)"
-        )
-        if interrupted:
-            line += f", {len(todo) - succeeded - failed} not finished (interrupted)"
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
 
+def _run_chats(
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+    todo: list[tuple[Item, Any, str]],
+    writer: RecordWriter,
+    tally: _Tally,
+) -> None:
+    """Run ``(item, messages, hash)`` of ``todo`` and write a record for each as it ends."""
     chat_options: dict[str, Any] = {}
     if args.model is not None:
         chat_options["model"] = args.model
-    with contextlib.ExitStack() as stack:
-        out: IO[str] = sys.stdout if to_stdout else stack.enter_context(_open_output(args.output))
-        ensure_ascii = (getattr(out, "encoding", None) or "").lower().replace("-", "") != "utf8"
+    session = stack.enter_context(_connect(args))
+    results = batch_iter(
+        [messages for _, messages, _ in todo],
+        max_workers=args.workers,
+        rate_limit=args.rate_limit,
+        progress=_want_progress(),
+        session=session,
+        **chat_options,
+    )
+    # batch_iter is a generator: close it (cancelling what has not started) on exit.
+    stack.callback(getattr(results, "close", lambda: None))
+    for result in results:
+        item, _, digest = todo[result.index]
+        record: dict[str, Any] = {"id": item.id}
+        if result.error is None:
+            tally.succeeded += 1
+            record["text"] = result.text
+        else:
+            tally.failed += 1
+            record["error"] = {"type": type(result.error).__name__, "message": str(result.error)}
+            logger.info("id %r (INPUT line %d) failed: %s", item.id, item.line, result.error)
+        record["elapsed"] = round(result.elapsed, 3)
+        record["line"] = item.line
+        record["prompt_sha256"] = digest
+        writer.write(record)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    where, text = read_input(args.input)
+    items, bad = parse_input(text, args.input)
+    system = _checked_text(args.system, "--system")
+    model = args.model or MODELS[0]
+    requests_ = [with_system(item.prompt, system) for item in items]
+    hashes = [request_hash(messages, model) for messages in requests_]
+    path = _output_path(args)
+    done = set()
+    if path is not None:
+        done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
+    todo = [
+        (item, messages, digest)
+        for item, messages, digest in zip(items, requests_, hashes)
+        if item.id not in done
+    ]
+    tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
+    with StopSignals() as signals, contextlib.ExitStack() as stack:
         try:
+            writer = _writer(path, signals, stack)
+            for line in bad:
+                _error(f"{where} line {line.line}: {line.reason}; not run")
+                writer.write(_bad_record(line))
             if todo:
-                session = stack.enter_context(_connect(args))
-                results = batch_iter(
-                    [item.prompt for item in todo],
-                    max_workers=args.workers,
-                    rate_limit=args.rate_limit,
-                    progress=_want_progress(),
-                    session=session,
-                    **chat_options,
-                )
-                # batch_iter is a generator: close it (cancelling what has not started) on exit.
-                stack.callback(getattr(results, "close", lambda: None))
-                for result in results:
-                    item = todo[result.index]
-                    record: dict[str, Any] = {"id": item.id}
-                    if result.error is None:
-                        succeeded += 1
-                        record["text"] = result.text
-                    else:
-                        failed += 1
-                        record["error"] = {
-                            "type": type(result.error).__name__,
-                            "message": str(result.error),
-                        }
-                        logger.info(
-                            "id %r (INPUT line %d) failed: %s", item.id, item.line, result.error
-                        )
-                    record["elapsed"] = round(result.elapsed, 3)
-                    out.write(json.dumps(record, ensure_ascii=ensure_ascii) + "\n")
-                    out.flush()
-        except KeyboardInterrupt:
-            summary(interrupted=True)
-            _abandon_workers()
+                _run_chats(args, stack, todo, writer, tally)
+        except KeyboardInterrupt as interrupt:
+            sys.stderr.write(tally.line(interrupt) + "\n")
+            sys.stderr.flush()
+            _abandon_workers(_status_of(interrupt))
             raise
-    summary()
-    return EXIT_FAILURE if failed or malformed else EXIT_OK
+        except OutputError as exc:
+            written = writer.written
+            _error(f"{exc}; stopped after {written} record{'' if written == 1 else 's'}")
+            if exc.stdout:
+                _silence_stdout()
+            status = EXIT_BROKEN_PIPE if exc.broken_pipe else EXIT_FAILURE
+            _abandon_workers(status)
+            return status
+    sys.stderr.write(tally.line() + "\n")
+    sys.stderr.flush()
+    return EXIT_FAILURE if tally.failed or tally.malformed else EXIT_OK
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -791,15 +885,37 @@ def _silence_stdout() -> None:
         pass
 
 
+def _take_extras(args: argparse.Namespace, extras: list[str]) -> None:
+    """What argparse left: more words of a ``chat`` prompt, else a usage error that points to the
+    command's own ``--help``."""
+    command = getattr(args, "command", None)
+    where = f"{PROG} {command}" if command else PROG
+    options = [extra for extra in extras if extra.startswith("-") and extra != "-"]
+    if command == "chat" and not options:
+        args.prompt.extend(extras)  # ``chat Hello -s S world``: the prompt is "Hello world"
+        return
+    if options:
+        hint = (
+            "; to send a prompt that starts with '-', put '--' before it"
+            if command == "chat"
+            else ""
+        )
+        raise UsageError(f"unknown option {options[0]!r} (see '{where} --help'{hint})")
+    raise UsageError(f"unexpected argument {extras[0]!r} (see '{where} --help')")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``aichatonline`` command and return its exit status.
 
     :param argv: the arguments (default: ``sys.argv[1:]``).
-    :returns: 0 done, 1 failure, 2 usage error, 130 interrupted, 141 stdout closed early.
+    :returns: 0 done, 1 failure, 2 usage error, 130 interrupted, 141 stdout closed early,
+        143 terminated (SIGTERM).
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            _take_extras(args, extras)
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -813,19 +929,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except UsageError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-    except InvalidRequestError as exc:
+    except (UsageError, InvalidRequestError) as exc:
         _error(str(exc))
         return EXIT_USAGE
     except AiChatOnlineError as exc:
-        _error(str(exc))
+        _error(_cli_words(exc))
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        return _status_of(interrupt)
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except OutputError as exc:
+        _error(str(exc))
+        if exc.stdout:
+            _silence_stdout()
+        return EXIT_BROKEN_PIPE if exc.broken_pipe else EXIT_FAILURE
     finally:
         undo_logging()

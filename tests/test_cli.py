@@ -7,6 +7,7 @@ read the child's output and wait on the child with a timeout, so a hang fails in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import selectors
@@ -390,6 +391,12 @@ def records(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def prompt_sha256(prompt: str, model: str = "gpt-4o-mini") -> str:
+    """What the README says a record's ``prompt_sha256`` is."""
+    canonical = json.dumps({"model": model, "prompt": prompt}, sort_keys=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def test_batch_plain_lines(emu: Emulator, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First question\n\nSecond question\n   \nThird question\n", encoding="utf-8")
@@ -411,7 +418,7 @@ def test_batch_json_lines(emu: Emulator, tmp_path: Path) -> None:
     lines = [
         json.dumps({"id": "q1", "prompt": "What is HTTP?"}),
         json.dumps({"messages": messages}),
-        "Plain line",
+        "",
         json.dumps({"id": 7, "prompt": "Seven"}),
     ]
     prompts = tmp_path / "prompts.jsonl"
@@ -424,7 +431,6 @@ def test_batch_json_lines(emu: Emulator, tmp_path: Path) -> None:
     assert got == {
         "q1": reply_of(emu, "What is HTTP?"),
         2: reply_of(emu, aco.format_prompt(messages)),
-        3: reply_of(emu, "Plain line"),
         7: reply_of(emu, "Seven"),
     }
 
@@ -465,7 +471,13 @@ def test_batch_failure_then_resume(emu: Emulator, tmp_path: Path) -> None:
     assert emu.chat_requests[-1].json["prompt"] == "one"
     got = records(out.read_text(encoding="utf-8"))
     assert len(got) == 4
-    assert got[-1] == {"id": 1, "text": reply_of(emu, "one"), "elapsed": got[-1]["elapsed"]}
+    assert got[-1] == {
+        "id": 1,
+        "text": reply_of(emu, "one"),
+        "elapsed": got[-1]["elapsed"],
+        "line": 1,
+        "prompt_sha256": prompt_sha256("one"),
+    }
 
     third = run(*args)
     assert third.returncode == 0
@@ -477,7 +489,8 @@ def test_batch_resume_after_a_cut_short_last_line(emu: Emulator, tmp_path: Path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\n", encoding="utf-8")
     out = tmp_path / "results.jsonl"
-    out.write_text('{"id": 1, "text": "done", "elapsed": 0.1}\n{"id": 2, "te', encoding="utf-8")
+    done = json.dumps({"id": 1, "text": "done", "prompt_sha256": prompt_sha256("one")})
+    out.write_text(done + '\n{"id": 2, "te', encoding="utf-8")
     result = run("batch", str(prompts), "-o", str(out), "--base-url", emu.url)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "1 succeeded, 0 failed, 1 skipped (already done)"
@@ -494,7 +507,7 @@ def test_batch_malformed_lines(emu: Emulator, tmp_path: Path) -> None:
         json.dumps({"id": "a", "prompt": "again"}),  # 4: duplicate id
         json.dumps({"messages": "not a list"}),  # 5
         json.dumps({"prompt": "   "}),  # 6: empty prompt
-        "plain",  # 7
+        json.dumps({"prompt": "plain"}),  # 7
     ]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -507,7 +520,15 @@ def test_batch_malformed_lines(emu: Emulator, tmp_path: Path) -> None:
     assert not any(f"line {number}:" in line for line in stderr for number in (3, 7))
     assert "duplicate id" in result.stderr
     assert stderr[-1] == "2 succeeded, 5 failed, 0 skipped (already done)"
-    assert {r["id"] for r in records(result.stdout)} == {"a", 7}
+    got = records(result.stdout)
+    assert {r["id"] for r in got if "text" in r} == {"a", 7}
+    # Every input line is accounted for in the output: the malformed ones as error records.
+    bad = {r["line"]: r for r in got if "error" in r}
+    assert sorted(bad) == [1, 2, 4, 5, 6]
+    assert {r["error"]["type"] for r in bad.values()} == {"InvalidInputLine"}
+    assert bad[1]["id"] is None  # no id to be had from it
+    assert bad[4]["id"] is None  # its id belongs to line 3
+    assert bad[2]["id"] == 2
 
 
 def test_batch_missing_input_is_a_usage_error(tmp_path: Path) -> None:
