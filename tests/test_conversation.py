@@ -166,7 +166,12 @@ def test_a_new_question_closes_an_unfinished_reply(emu: Emulator, session: Sessi
     assert next(first) == "Hello"
     conv.say("Two")
     assert first.closed
-    assert list(first) == []  # the closed reply yields nothing more, and is never added
+    # The closed reply does not end as if complete: iterating it raises, every time, and it is
+    # never added.
+    for _ in range(2):
+        with pytest.raises(IncompleteStreamError, match="a newer question was asked") as info:
+            list(first)
+        assert info.value.partial == "Hello"
     assert conv.messages == [
         {"role": "user", "content": "Two"},
         {"role": "assistant", "content": REPLY},
@@ -368,8 +373,12 @@ def test_session_options_with_a_session(session: Session) -> None:
         ("", {}, "empty"),
         ("  \n", {}, "empty"),
         ([{"type": "image_url"}], {}, "empty"),
-        (None, {}, "empty"),
-        (3, {}, "content"),
+        (None, {}, "must be a str, or a list of"),
+        (3, {}, "must be a str, or a list of"),
+        ([{"type": "text", "text": 3}], {}, r"\['text'\] must be a str"),
+        ([{"role": "user", "content": "Hi"}], {}, "not a list of messages"),
+        ({"role": "user", "content": "Hi"}, {}, "not dict"),
+        (b"Hi", {}, "not bytes"),
         ("Hi", {"proxy": "http://p:1"}, "when making the Conversation"),
         ("Hi", {"keep_text": False}, "keep_text"),
         ("Hi", {"model": "gpt-5"}, "unknown model"),
