@@ -60,7 +60,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Callable, Union
 from urllib.parse import parse_qsl, urlsplit
 
-from ._protocol import CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
+from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
 
 try:
     import fcntl
@@ -109,16 +109,6 @@ _DRAIN_SECONDS = 2.0
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 _PIECE_RE = re.compile(r"\S+\s*|\s+")
 
-_HTML_PAGE = (
-    '<!DOCTYPE html>\n<html lang="en-US">\n<head>\n<title>Just a moment...</title>\n'
-    '<meta http-equiv="Content-Type" content="text/html; charset=UTF-8">\n'
-    '<meta name="robots" content="noindex,nofollow">\n</head>\n<body>\n'
-    '<div class="main-wrapper" role="main"><div class="main-content">\n'
-    "<h1>aichatonlineorg.erweima.ai</h1>\n"
-    "<h2>Checking if the site connection is secure</h2>\n"
-    "<noscript>Enable JavaScript and cookies to continue</noscript>\n"
-    "</div></div>\n</body>\n</html>\n"
-)
 
 
 def split_pieces(text: str) -> list[str]:
@@ -836,7 +826,7 @@ class Emulator:
                 "fail",
                 times,
                 status=status,
-                body=_HTML_PAGE.encode(),
+                body=BLOCK_PAGE.encode(),
                 content_type="text/html; charset=UTF-8",
             ),
         )

@@ -352,7 +352,8 @@ def test_the_emulator_can_keep_no_records(emulator: MakeEmulator) -> None:
     with Session(emu.url, timeout=TIMEOUT, max_retries=0) as session:
         for i in range(300):
             assert session.complete(f"p{i}") == TEXT
-    assert emu.requests == [] and emu.chat_requests == []
+    assert emu.requests == []
+    assert emu.chat_requests == []
     assert emu.request_count == 301
     assert emu.connections == 1
 
