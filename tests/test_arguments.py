@@ -144,9 +144,8 @@ def test_an_html_block_page_is_not_reported_as_a_rejected_token(
 ) -> None:
     emu = emulator(reply=["Hi"])
     emu.html("chat", status=status)
-    with Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.AuthenticationError) as info:
-            session.complete("x")
+    with Session(emu.url, max_retries=0) as session, pytest.raises(aco.AuthenticationError) as info:
+        session.complete("x")
     message = str(info.value)
     assert "HTML page titled 'Just a moment...'" in message
     assert "rejected the token" not in message
@@ -159,18 +158,16 @@ def test_an_html_block_page_is_not_reported_as_a_rejected_token(
 def test_a_json_403_still_means_the_token(emulator: MakeEmulator) -> None:
     emu = emulator(reply=["Hi"])
     emu.fail("chat", 403, times=2)
-    with Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.AuthenticationError, match="the upstream rejected the token"):
-            session.complete("x")
+    with Session(emu.url, max_retries=0) as session, pytest.raises(aco.AuthenticationError, match="the upstream rejected the token"):
+        session.complete("x")
     assert emu.tokens_issued == 2  # one fresh token, one more try
 
 
 def test_an_html_outage_page_says_so(emulator: MakeEmulator) -> None:
     emu = emulator(reply=["Hi"])
     emu.html("chat", status=503)
-    with Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.APIStatusError, match=r"HTTP 503 .*\(an HTML page titled"):
-            session.complete("x")
+    with Session(emu.url, max_retries=0) as session, pytest.raises(aco.APIStatusError, match=r"HTTP 503 .*\(an HTML page titled"):
+        session.complete("x")
 
 
 @pytest.mark.parametrize("framing", ["chunked", "length", "close"])
@@ -179,9 +176,8 @@ def test_a_reset_after_text_does_not_say_before_the_reply(
 ) -> None:
     emu = emulator(reply=["one ", "two ", "three"], framing=framing)
     emu.drop("chat", after=2)
-    with Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.IncompleteStreamError) as info:
-            session.complete("x")
+    with Session(emu.url, max_retries=0) as session, pytest.raises(aco.IncompleteStreamError) as info:
+        session.complete("x")
     message = str(info.value)
     assert info.value.partial == "one two "
     assert "stopped after 8 characters: the server reset the connection" in message
@@ -196,9 +192,8 @@ def test_a_body_cut_short_after_text_says_so(emulator: MakeEmulator) -> None:
     emu.raw_reply(
         "chat", b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + line
     )
-    with Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.IncompleteStreamError) as info:
-            session.complete("x")
+    with Session(emu.url, max_retries=0) as session, pytest.raises(aco.IncompleteStreamError) as info:
+        session.complete("x")
     message = str(info.value)
     assert "the connection closed before the end of the body" in message
     assert "before the reply" not in message
