@@ -299,6 +299,8 @@ class Emulator:
         just before it is written (not for an error line); it may block. Also the public attribute
         ``before_piece``.
     :param ssl_context: a server-side :class:`ssl.SSLContext` to speak HTTPS.
+    :param reply_headers: extra headers of chat replies, e.g. ``{"X-Accel-Buffering": "no"}`` to
+        see what a proxy in front does with it.
     :param record: keep :class:`RecordedRequest` records (``False``: none; the counters still count).
     :param max_records: keep the last this many records (``None``: every one, for short tests only).
     :raises ValueError: for an invalid argument.
@@ -317,6 +319,7 @@ class Emulator:
         require_token: bool = True,
         before_piece: Callable[[int], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        reply_headers: Mapping[str, str] | None = None,
         record: bool = True,
         max_records: int | None = DEFAULT_MAX_RECORDS,
     ) -> None:
@@ -356,6 +359,7 @@ class Emulator:
         self._bind_host = host
         self._bind_port = port
         self._content_type = content_type
+        self._reply_headers = _check_headers(reply_headers)
         #: Whether chats need a valid ``UniqueId`` (may be changed at any time).
         self.require_token = bool(require_token)
         #: Called with each piece index before the piece is written (may be changed at any time).
@@ -1282,6 +1286,7 @@ class _Connection:
             f"Content-Type: {emu._content_type}",
             "Cache-Control: no-cache",
         ]
+        head.extend(f"{name}: {value}" for name, value in emu._reply_headers)
         if emu._gzip:
             head.append("Content-Encoding: gzip")
         if framing == "chunked":
