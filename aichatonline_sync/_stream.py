@@ -346,7 +346,10 @@ class ChatStream:
 
     def close(self) -> None:
         """Stop reading and release the connection. Idempotent. From the iterating thread; from
-        another thread, use :meth:`abort`."""
+        another thread while a read runs, it does what :meth:`abort` does."""
+        if getattr(self._gen, "gi_running", False):  # (only another thread can be inside it)
+            self._reply.abort()
+            return
         self._gen.close()
         self._reply.release()
 

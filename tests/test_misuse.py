@@ -79,6 +79,36 @@ def test_a_stream_read_by_a_second_thread_is_refused(emu: Emulator, session: Ses
     assert list(stream) == []  # closed now: any thread may find it ended
 
 
+def test_close_from_another_thread_while_a_read_runs_aborts_it(
+    emu: Emulator, session: Session
+) -> None:
+    emu.stall("chat", after=1, seconds=None)
+    stream = session.chat("hi")
+    got_one = threading.Event()
+
+    def read() -> list[str]:
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            got_one.set()
+        return pieces
+
+    reader, out = in_thread(read, "reader")
+    assert got_one.wait(WAIT)
+    # Wait until the reader is inside its read (blocked by the stall), by polling that state.
+    idle = threading.Event()
+    for _ in range(int(WAIT / 0.001)):
+        if stream._gen.gi_running:  # type: ignore[attr-defined]
+            break
+        idle.wait(0.001)
+    assert stream._gen.gi_running  # type: ignore[attr-defined]
+    stream.close()  # not ValueError('generator already executing')
+    reader.join(WAIT)
+    assert not reader.is_alive()
+    assert isinstance(out["error"], IncompleteStreamError)
+    assert stream.closed
+
+
 def test_a_stream_may_be_handed_over_once_its_reader_has_ended(session: Session) -> None:
     stream = session.chat("hi")
     reader, out = in_thread(lambda: next(stream), "first")
