@@ -351,7 +351,7 @@ class AiChatOnlineMock:
         if kind == "error_line":
             return 200, headers, b"".join(lines[: fault[1]]) + fault[2]
         if kind == "drop":
-            return 200, headers, io.BufferedReader(_BrokenBody(b"".join(lines[: fault[1]])))
+            return 200, headers, _BrokenBody(b"".join(lines[: fault[1]]))
         return fault[0], fault[1], fault[2]
 
     def _unused_faults(self) -> int:
@@ -364,23 +364,25 @@ class AiChatOnlineMock:
                 self.rsps.remove(response)
 
 
-class _BrokenBody(io.RawIOBase):
-    """A body that hands out ``data`` and then fails as a reset connection does."""
+class _BrokenBody(io.BufferedReader):
+    """A body that hands out ``data`` and then fails as a reset connection does, to every read
+    (``read`` and ``read1``, whatever urllib3 calls; each read returns what it has, as a socket's
+    does, so that the data before the reset is not lost in a read that asked for more)."""
 
     def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(b""))
         self._data = data
         self._position = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
+    def read(self, size: Optional[int] = -1) -> bytes:
         if self._position >= len(self._data):
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer (mock drop)")
-        size = min(len(buffer), len(self._data) - self._position)
-        buffer[:size] = self._data[self._position : self._position + size]
-        self._position += size
-        return size
+        end = len(self._data) if size is None or size < 0 else self._position + size
+        chunk = self._data[self._position : end]
+        self._position += len(chunk)
+        return chunk
+
+    read1 = read
 
 
 def _dropped() -> Exception:
