@@ -288,10 +288,12 @@ class ChatStream:
     >>> stream.text                                 # doctest: +SKIP
     'Hello! ...'
 
-    A stream belongs to the thread that first iterates it: iterating it from another thread while
-    it is open (and that thread alive) raises :class:`AiChatOnlineError` (Python's own
-    ``ValueError('generator already executing')`` is what a second reader would otherwise get, at
-    random). :meth:`abort` may be called from any thread.
+    Read a stream from one thread at a time. A ``for`` loop (``iter()``) belongs to the thread that
+    began it: a loop of another thread, while that thread is alive and the stream open, raises
+    :class:`AiChatOnlineError`; so does ``next()`` while another thread is inside a read (Python's
+    own ``ValueError('generator already executing')`` is what a second reader would otherwise get,
+    at random). ``next()`` from one thread after another (a thread pool's workers, in turn) is
+    fine. :meth:`abort` and :meth:`close` may be called from any thread.
     """
 
     def __init__(self, reply: Reply, *, conversation_id: str, model: str) -> None:
@@ -308,16 +310,26 @@ class ChatStream:
         return self._gen
 
     def __next__(self) -> str:
-        self._check_reader()
-        return next(self._gen)
+        self._check_aborted()
+        try:
+            return next(self._gen)
+        except ValueError as exc:
+            if type(exc) is ValueError and "already executing" in str(exc):
+                raise self._busy() from None
+            raise
 
-    def _check_reader(self) -> None:
-        """Refuse a second reading thread, and a stream aborted with a reason (it raises at once)."""
+    def _check_aborted(self) -> None:
+        """A stream aborted with a reason raises it at once, every time it is iterated."""
         reply = self._reply
         if reply.abort_reason is not None and not reply.finished:
             if not getattr(self._gen, "gi_running", False):
                 reply.release()
             raise reply.aborted_error()
+
+    def _check_reader(self) -> None:
+        """Refuse a loop of a second thread while the thread that loops over it is alive (a loop
+        gets the bare generator, which no later check can guard)."""
+        self._check_aborted()
         me = threading.current_thread()
         reader = self._reader
         if reader is None:
@@ -325,12 +337,17 @@ class ChatStream:
                 if self._reader is None:
                     self._reader = me
                 reader = self._reader
-        if reader is me or reply.released or not reader.is_alive():
+        if reader is me or self._reply.released or not reader.is_alive():
             self._reader = me
             return
-        raise AiChatOnlineError(
-            f"this ChatStream is being read by the thread {reader.name!r}; a stream is read by "
-            "one thread (to stop it from another thread, call its abort())"
+        raise self._busy()
+
+    def _busy(self) -> AiChatOnlineError:
+        reader = self._reader
+        by = f"the thread {reader.name!r}" if reader is not None else "another thread"
+        return AiChatOnlineError(
+            f"this ChatStream is being read by {by}; a stream is read by one thread at a time "
+            "(to stop it from another thread, call its abort())"
         )
 
     def __enter__(self) -> ChatStream:

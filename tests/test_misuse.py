@@ -51,6 +51,17 @@ def in_thread(work: Callable[[], Any], name: str) -> tuple[threading.Thread, dic
     return thread, out
 
 
+def wait_until_reading(stream: Any) -> None:
+    """Wait until another thread is inside a read of ``stream`` (blocked by a stall), by polling
+    that state (the generator's ``gi_running``)."""
+    idle = threading.Event()
+    for _ in range(int(WAIT / 0.001)):
+        if stream._gen.gi_running:
+            return
+        idle.wait(0.001)
+    raise AssertionError("the other thread never began its read")
+
+
 # --- one stream, two threads ----------------------------------------------------------------------
 
 
@@ -68,6 +79,7 @@ def test_a_stream_read_by_a_second_thread_is_refused(emu: Emulator, session: Ses
 
     reader, out = in_thread(read, "first-reader")
     assert got_one.wait(WAIT)
+    wait_until_reading(stream)
     for attempt in (lambda: list(stream), lambda: next(stream), lambda: iter(stream)):
         with pytest.raises(AiChatOnlineError, match="being read by the thread 'first-reader'"):
             attempt()
@@ -77,6 +89,25 @@ def test_a_stream_read_by_a_second_thread_is_refused(emu: Emulator, session: Ses
     assert isinstance(out["error"], IncompleteStreamError)
     assert out["error"].partial == "one "
     assert list(stream) == []  # closed now: any thread may find it ended
+
+
+def test_next_from_one_thread_after_another_is_fine(session: Session) -> None:
+    stream = session.chat("hi")
+    took, done = threading.Event(), threading.Event()
+
+    def take_one_and_stay() -> str:
+        piece = next(stream)
+        took.set()
+        assert done.wait(WAIT)  # alive while the main thread reads on
+        return piece
+
+    worker, out = in_thread(take_one_and_stay, "worker")
+    assert took.wait(WAIT)
+    assert next(stream) == "two "  # a pool's workers in turn: no ownership for next()
+    assert next(stream) == "three"
+    done.set()
+    worker.join(WAIT)
+    assert out["result"] == "one "
 
 
 def test_close_from_another_thread_while_a_read_runs_aborts_it(
@@ -95,13 +126,7 @@ def test_close_from_another_thread_while_a_read_runs_aborts_it(
 
     reader, out = in_thread(read, "reader")
     assert got_one.wait(WAIT)
-    # Wait until the reader is inside its read (blocked by the stall), by polling that state.
-    idle = threading.Event()
-    for _ in range(int(WAIT / 0.001)):
-        if stream._gen.gi_running:  # type: ignore[attr-defined]
-            break
-        idle.wait(0.001)
-    assert stream._gen.gi_running  # type: ignore[attr-defined]
+    wait_until_reading(stream)
     stream.close()  # not ValueError('generator already executing')
     reader.join(WAIT)
     assert not reader.is_alive()
