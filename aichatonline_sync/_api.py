@@ -73,6 +73,12 @@ def batch_iter(
     >>> for r in batch_iter(["Q1", "Q2"], max_workers=8):    # doctest: +SKIP
     ...     print(r.index, r.text if r.error is None else r.error)
 
+    Prompts are pulled from ``prompts`` as workers free up, at most ``2 * max_workers`` ahead of
+    the results handed out: a generator of a million prompts, or an endless one, starts yielding
+    at once with flat memory. A list or tuple is checked whole before anything is sent; a bad
+    prompt pulled from any other iterable becomes its result's ``error`` (an
+    :class:`InvalidRequestError`), and the others go on.
+
     Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
     not yet started and cancels the chats running in this process (retry waits end, streams are
     aborted), then returns within about a second; what finished was handed out already. A
@@ -86,11 +92,13 @@ def batch_iter(
     A chat still waiting for its token or for the reply's headers cannot be aborted: its worker
     thread ends when that wait ends or at the chat's timeout (nothing more is handed out).
 
-    :param prompts: prompts (each a str or a list of messages).
+    :param prompts: a list or any iterable of prompts (each a str or a list of messages); not one
+        str, ``None`` or a mapping.
     :param max_workers: threads of the built-in pool (and connections kept). With an
         ``executor`` of your own, give its number of threads.
     :param session: the :class:`Session` to use; default: the shared one for ``options``.
     :param progress: show a tqdm progress bar (the ``progress`` extra): done, failed and the rate.
+        Without tqdm installed, a warning (once per process) and no bar.
     :param executor: any :class:`concurrent.futures.Executor` instead of the built-in thread pool
         (it is not shut down). A :class:`~concurrent.futures.ThreadPoolExecutor` shares the
         session; an executor of another kind (processes, Dask's ``Client.get_executor()``) gets

@@ -15,6 +15,7 @@ This module imports nothing of the session's (``Session.batch`` imports it); the
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -22,7 +23,8 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterable
+import warnings
+from collections.abc import Generator, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -33,7 +35,7 @@ from ._prompt import build_prompt
 if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
     from ._session import Session
 
-__all__ = ["BatchResult", "RateLimiter", "iter_batch", "run_batch"]
+__all__ = ["BatchResult", "RateLimiter", "check_prompts", "in_flight_limit", "iter_batch", "run_batch"]
 
 logger = logging.getLogger("aichatonline_sync")
 
@@ -197,13 +199,29 @@ def _check(max_workers: object, rate_limit: object) -> None:
         )
 
 
-def _progress_bar(total: int) -> Any:
+class _NoTqdm:
+    """Whether the warning that tqdm is missing was given (once per process)."""
+
+    warned = False
+
+
+def _progress_bar(total: Optional[int]) -> Any:
+    """A tqdm bar, or ``None`` (with a warning, once per process) when tqdm is not installed: a
+    missing progress bar must not cost the results."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        raise InvalidRequestError(
-            'progress=True needs tqdm: pip install "aichatonline-sync[progress]"'
-        ) from None
+        if not _NoTqdm.warned:
+            _NoTqdm.warned = True
+            warnings.warn(
+                "progress=True needs tqdm, which is not installed: the batch runs without a "
+                'progress bar. Install it with: pip install "aichatonline-sync[progress]" '
+                '(in Jupyter: "aichatonline-sync[notebook]")',
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        logger.debug("no progress bar: tqdm is not installed")
+        return None
     bar = tqdm(total=total, unit="prompt", desc="aichatonline")
     bar.set_postfix(failed=0, refresh=False)
     return bar
@@ -248,6 +266,36 @@ def _stop(
             concurrent.futures.wait(unfinished, timeout=_GRACE_SECONDS)
 
 
+def check_prompts(prompts: object) -> None:
+    """Check that ``prompts`` is a collection of prompts (not one prompt, not a mapping).
+
+    :raises InvalidRequestError: for a str (one prompt: its characters are no prompts), bytes, a
+        mapping, ``None``, or anything that is not iterable.
+    """
+    if isinstance(prompts, (str, bytes, bytearray, memoryview)):
+        raise InvalidRequestError(
+            f"prompts must be a list (or any iterable) of prompts, not a single "
+            f"{type(prompts).__name__}: for one prompt, pass [prompt]"
+        )
+    if prompts is None or isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
+        raise InvalidRequestError(
+            "prompts must be a list (or any iterable) of prompts, each a str or a list of "
+            f"messages, not {type(prompts).__name__}"
+        )
+
+
+def _prompt_error(index: int, prompt: Any) -> Optional[InvalidRequestError]:
+    """What is wrong with one prompt, or ``None``."""
+    try:
+        build_prompt(prompt)
+    except InvalidRequestError as exc:
+        hint = ""
+        if isinstance(prompt, Mapping) and "role" in prompt:
+            hint = " (a list of messages is one prompt: pass [messages, ...])"
+        return InvalidRequestError(f"prompt {index}: {exc}{hint}")
+    return None
+
+
 def iter_batch(
     prompts: Iterable[Any],
     *,
@@ -262,14 +310,21 @@ def iter_batch(
 ) -> Generator[BatchResult, None, None]:
     """The engine of :func:`aichatonline_sync.batch_iter` (which documents it): options split
     already; ``shared(**session_options)`` finds a process's shared session when no ``session``
-    is given (it travels by reference to executors in other processes)."""
-    items = list(prompts)
+    is given (it travels by reference to executors in other processes).
+
+    Prompts are pulled from ``prompts`` as work frees up: at most :func:`in_flight_limit` of them
+    are submitted and not yet handed out, so an endless generator works, with flat memory. A
+    sequence (a list, a tuple) is checked whole before anything is sent; a prompt from any other
+    iterable is checked when it is pulled, and a bad one becomes its result's error.
+    """
+    check_prompts(prompts)
     _check(max_workers, rate_limit)
-    for index, prompt in enumerate(items):
-        try:
-            build_prompt(prompt)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"prompt {index}: {exc}") from None
+    checked = isinstance(prompts, Sequence)
+    if checked:
+        for index, prompt in enumerate(prompts):
+            error = _prompt_error(index, prompt)
+            if error is not None:
+                raise error
     if session is not None and session_options:
         raise InvalidRequestError(
             f"give session options ({', '.join(sorted(session_options))}) to the Session, "
@@ -286,7 +341,7 @@ def iter_batch(
         )
     if session is None and shared is None:
         raise InvalidRequestError("a batch needs a session")
-    bar = _progress_bar(len(items)) if progress else None
+    bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
     cancel = None if remote else Cancellation()
     limiter = (
         RateLimiter(rate_limit, sleep=cancel.wait)
@@ -304,29 +359,47 @@ def iter_batch(
     pool = executor or concurrent.futures.ThreadPoolExecutor(
         max_workers=max_workers, thread_name_prefix=_THREAD_PREFIX
     )
+
+    def submit(index: int, prompt: Any) -> concurrent.futures.Future[Any]:
+        if remote:
+            assert shared is not None  # (a Session given is refused above)
+            return pool.submit(_run_remote, shared, session_options, index, prompt, chat_options)
+        assert client is not None
+        return pool.submit(
+            _run_one, client, index, prompt, chat_options, limiter, cancel, in_flight
+        )
+
     done: queue.SimpleQueue[concurrent.futures.Future[Any]] = queue.SimpleQueue()
-    index_of: dict[concurrent.futures.Future[Any], int] = {}
+    pending: dict[concurrent.futures.Future[Any], tuple[int, Any]] = {}
+    refused: collections.deque[BatchResult] = collections.deque()  # bad prompts of an iterator
+    source = enumerate(prompts)
+    limit = in_flight_limit(max_workers)
     failed = 0
     finished = False
     try:
-        for index, prompt in enumerate(items):
-            future: concurrent.futures.Future[Any]
-            if remote:
-                assert shared is not None  # (a Session given is refused above)
-                future = pool.submit(
-                    _run_remote, shared, session_options, index, prompt, chat_options
-                )
+        more = True
+        while True:
+            while more and len(pending) + len(refused) < limit:
+                item = next(source, None)
+                if item is None:
+                    more = False
+                    break
+                index, prompt = item
+                error = None if checked else _prompt_error(index, prompt)
+                if error is not None:
+                    refused.append(BatchResult(index, prompt, None, error, 0.0))
+                    continue
+                future = submit(index, prompt)
+                pending[future] = item
+                future.add_done_callback(done.put)
+            if refused:
+                result = refused.popleft()
+            elif pending:
+                future = _next_done(done)
+                index, prompt = pending.pop(future)
+                result = _result_of(future, index, prompt, remote)
             else:
-                assert client is not None
-                future = pool.submit(
-                    _run_one, client, index, prompt, chat_options, limiter, cancel, in_flight
-                )
-            index_of[future] = index
-            future.add_done_callback(done.put)
-        for _ in range(len(items)):
-            future = _next_done(done)
-            index = index_of[future]
-            result = _result_of(future, index, items[index], remote)
+                break
             if result.error is not None:
                 failed += 1
             if bar is not None:
@@ -337,12 +410,18 @@ def iter_batch(
     finally:
         try:
             if not finished:
-                _stop(index_of, cancel)
+                _stop(pending, cancel)
         finally:  # also when a second Ctrl-C cuts the grace wait short
             if own_executor:
                 pool.shutdown(wait=finished, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+
+def in_flight_limit(max_workers: int) -> int:
+    """How many prompts of a batch are pulled and not yet handed out, at most: twice the workers,
+    so that a worker that finishes finds the next prompt submitted already."""
+    return 2 * max_workers
 
 
 def run_batch(
@@ -356,6 +435,7 @@ def run_batch(
     arguments of :func:`iter_batch`."""
     if on_result is not None and not callable(on_result):
         raise InvalidRequestError(f"on_result must be callable, not {on_result!r}")
+    check_prompts(prompts)
     items = list(prompts)
     results: list[Any] = [None] * len(items)
     errors: dict[int, BaseException] = {}

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, TypeVar, Union
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ __all__ = [
     "TimeoutTypes",
     "UNSET",
     "redact_url",
+    "reject_options",
     "validate_base_url",
     "validate_headers",
     "validate_positive_int",
@@ -29,7 +30,6 @@ __all__ = [
     "validate_retry",
     "validate_verify",
 ]
-
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Optional[float]:
@@ -321,8 +321,15 @@ def validate_proxy(proxy: Any) -> Optional[str]:
     """
     if proxy is None:
         return None
-    if not isinstance(proxy, str) or not proxy.strip():
-        raise InvalidRequestError(f"proxy must be a URL string, not {type(proxy).__name__}")
+    if not isinstance(proxy, str):
+        raise InvalidRequestError(
+            f"proxy must be a URL str like http://host:3128, not {type(proxy).__name__}"
+        )
+    if not proxy.strip():
+        raise InvalidRequestError(
+            "proxy is an empty string: give a proxy URL like http://host:3128, or leave it out "
+            "(None) for no proxy of your own (HTTP_PROXY/HTTPS_PROXY then apply)"
+        )
     proxy = proxy.strip()
     shown = redact_url(proxy)
     try:
@@ -344,3 +351,35 @@ def validate_proxy(proxy: Any) -> Optional[str]:
                 f'the SOCKS proxy {shown!r} needs PySocks: pip install "aichatonline-sync[socks]"'
             ) from None
     return str(proxy)
+
+
+def reject_options(
+    given: Mapping[str, Any],
+    *,
+    valid: Iterable[str],
+    what: str,
+    elsewhere: Iterable[str] = (),
+    elsewhere_hint: str = "",
+) -> None:
+    """Refuse keyword options that ``what`` does not take, with one :class:`InvalidRequestError`
+    naming them and listing the valid ones (instead of Python's ``TypeError``).
+
+    :param given: the keyword options that were not recognised (nothing happens when empty).
+    :param valid: the option names that ``what`` takes.
+    :param what: the callable, as the message names it (``"Session.chat()"``).
+    :param elsewhere: names that are options of something else (``Session()``'s own options):
+        the message then says where they go, with ``elsewhere_hint``.
+    """
+    if not given:
+        return
+    elsewhere = frozenset(elsewhere)
+    misplaced = sorted(name for name in given if name in elsewhere)
+    unknown = sorted(name for name in given if name not in elsewhere)
+    parts = []
+    if unknown:
+        parts.append(f"unknown option(s) {', '.join(unknown)}")
+    if misplaced:
+        parts.append(f"{', '.join(misplaced)} {elsewhere_hint}".rstrip())
+    raise InvalidRequestError(
+        f"{what}: {'; '.join(parts)}. Valid options are: {', '.join(sorted(valid))}"
+    )

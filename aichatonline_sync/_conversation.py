@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ._errors import InvalidRequestError
-from ._prompt import content_to_text, validate_messages
+from ._errors import AiChatOnlineError, InvalidRequestError
+from ._prompt import content_to_text, validate_content, validate_messages
 from ._registry import shared_session, split_options
 from ._session import Session
 from ._stream import ChatStream
@@ -29,10 +29,25 @@ FILE_VERSION = 1
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+#: Why an unfinished reply was closed, in the words of the error that iterating it raises.
+_SUPERSEDED = "a newer question was asked on its Conversation (or it was cleared), so this reply is not added to the history"
+
+_TAKES = "a str, or a list of {'type': 'text', 'text': ...} parts"
+
+
 def _check_content(content: Any, what: str) -> Any:
-    """Check one message content (a str or a list of parts) and return a private copy of it."""
-    validate_messages([{"role": "user", "content": content}])
-    if content is None or not content_to_text(content).strip():
+    """Check one question (a str or a list of parts) and return a private copy of it."""
+    if isinstance(content, list) and any(
+        isinstance(part, Mapping) and "role" in part for part in content
+    ):
+        raise InvalidRequestError(
+            f"{what} must be {_TAKES}, not a list of messages: a Conversation keeps the messages "
+            "itself (start from earlier ones with Conversation(messages=...))"
+        )
+    if not isinstance(content, (str, list)):
+        raise InvalidRequestError(f"{what} must be {_TAKES}, not {type(content).__name__}")
+    validate_content(content, what)
+    if not content_to_text(content).strip():
         raise InvalidRequestError(f"{what} is empty (or only white space)")
     return copy.deepcopy(content)
 
@@ -52,10 +67,14 @@ class Conversation:
     its end. If the chat fails, or its stream is closed before the end, *nothing* is added: the
     history never holds a question without its answer, and asking again is safe (the text that did
     arrive is on the exception's ``.partial``). Asking a new question while an earlier reply is
-    still open closes that reply, which is then not added either.
+    still open closes that reply, which is then not added either: iterating it raises
+    :class:`IncompleteStreamError` (it does not end as if complete).
 
-    Not thread-safe: use one conversation from one thread at a time (many conversations may share
-    one :class:`Session`).
+    Threads: a conversation takes one turn at a time. :meth:`say` from several threads is
+    serialised (each waits for the turn before it, and is sent with the history that holds it);
+    :meth:`ask` waits for a :meth:`say` of another thread, but while a reply that another thread
+    asked for is still open, :meth:`ask` and :meth:`say` raise :class:`AiChatOnlineError` instead
+    of closing it. No turn is lost silently. Many conversations may share one :class:`Session`.
 
     :param system: the system message, sent first with every question (kept by :meth:`clear`).
     :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts).
@@ -103,7 +122,9 @@ class Conversation:
         if messages:
             self._history = [copy.deepcopy(m) for m in validate_messages(messages)]
         self._pending: Optional[ChatStream] = None
+        self._asker: Optional[threading.Thread] = None  # the thread that asked for _pending
         self._lock = threading.Lock()
+        self._turn = threading.RLock()  # held for a whole say(), and while ask() sends
 
     # -- the history ----------------------------------------------------------------------------
 
@@ -164,10 +185,12 @@ class Conversation:
         The question and the reply are added to the history when the stream has been read to its
         end; nothing is added if the chat fails or the stream is closed early.
 
-        :param content: the question: a str, or a list of ``{"type": "text", "text": ...}`` parts.
+        :param content: the question: a str, or a list of ``{"type": "text", "text": ...}`` parts
+            (not a list of messages: the conversation holds those).
         :param chat_options: :meth:`Session.chat` options for this question only (``model``,
             ``timeout``, ``conversation_id``).
         :raises InvalidRequestError: an empty question or a bad option, before anything is sent.
+        :raises AiChatOnlineError: a reply asked for by another thread is still open.
         """
         question = {"role": "user", "content": _check_content(content, "the question")}
         session_options, per_call = split_options(chat_options)
@@ -180,10 +203,30 @@ class Conversation:
             raise InvalidRequestError(
                 "a Conversation keeps the reply text: keep_text is not an option"
             )
-        self._discard_pending()
         options = {**self._chat_options, **per_call, "keep_text": True}
-        session = self._session or shared_session(**self._session_options)
-        stream = session.chat([*self.messages, question], **options)
+        with self._turn:  # waits while another thread's say() runs
+            self._check_turn()
+            self._discard_pending()
+            session = self._session or shared_session(**self._session_options)
+            stream = session.chat([*self.messages, question], **options)
+            return self._track(stream, question)
+
+    def _check_turn(self) -> None:
+        with self._lock:
+            pending, asker = self._pending, self._asker
+        me = threading.current_thread()
+        if pending is None or pending.closed or asker is None or asker is me:
+            return
+        if asker.is_alive():
+            raise AiChatOnlineError(
+                f"this Conversation is answering a question that the thread {asker.name!r} "
+                "asked, and that reply is still open: a conversation takes one turn at a time. "
+                "Read or close that reply first, or give each thread its own conversation "
+                "(conv.copy())"
+            )
+
+    def _track(self, stream: ChatStream, question: dict[str, Any]) -> ChatStream:
+        """Make ``stream`` the pending reply: it and ``question`` join the history at its end."""
 
         def on_complete(text: str) -> None:
             with self._lock:
@@ -198,6 +241,7 @@ class Conversation:
         stream.add_done_callback(on_complete)
         with self._lock:
             self._pending = stream
+            self._asker = threading.current_thread()
         return stream
 
     def say(self, content: Any, **chat_options: Any) -> str:
@@ -205,7 +249,7 @@ class Conversation:
 
         :raises StreamError: the stream broke (``.partial`` has the text so far); nothing is added.
         """
-        with self.ask(content, **chat_options) as stream:
+        with self._turn, self.ask(content, **chat_options) as stream:
             for _ in stream:
                 pass
         return stream.text
@@ -218,7 +262,7 @@ class Conversation:
             stream, self._pending = self._pending, None
         if stream is not None and not stream.closed:
             logger.debug("conversation: closed an unfinished reply; it is not added")
-            stream.close()
+            stream.abort(_SUPERSEDED)  # (from any thread; iterating it raises from now on)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -258,7 +302,8 @@ class Conversation:
     ) -> Conversation:
         """Make a conversation from a dict as :meth:`to_dict` returns it.
 
-        :raises InvalidRequestError: not such a dict, or a version this library does not know.
+        :raises InvalidRequestError: not such a dict, a version this library does not know, or a
+            message without ``content``.
         """
         if not isinstance(data, Mapping):
             raise InvalidRequestError(
@@ -276,6 +321,9 @@ class Conversation:
         messages = data.get("messages", [])
         if not isinstance(messages, list):
             raise InvalidRequestError(f"'messages' must be a list, not {type(messages).__name__}")
+        for index, message in enumerate(messages):
+            if isinstance(message, Mapping) and message.get("content") is None:
+                raise InvalidRequestError(f"messages[{index}] has no 'content'")
         return cls(system, messages=messages, session=session, **options)
 
     @classmethod
@@ -287,14 +335,24 @@ class Conversation:
         :param path: the JSON file.
         :param session: the :class:`Session` to chat through (nothing of the session is saved).
         :param options: the same options as the constructor.
-        :raises InvalidRequestError: the file is not a saved conversation (the message says why).
+        :raises InvalidRequestError: the file is not a saved conversation (the message says why:
+            not UTF-8, not JSON, not the format :meth:`save` writes, a message without content).
         :raises OSError: the file cannot be read.
         """
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(
+                f"{os.fspath(path)} is not a saved conversation: it is not UTF-8 text (byte "
+                f"{raw[exc.start]:#04x} at offset {exc.start})"
+            ) from None
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise InvalidRequestError(f"{os.fspath(path)} is not JSON: {exc}") from None
+            raise InvalidRequestError(
+                f"{os.fspath(path)} is not a saved conversation: it is not JSON ({exc})"
+            ) from None
         try:
             return cls.from_dict(data, session=session, **options)
         except InvalidRequestError as exc:

@@ -20,6 +20,7 @@ exception escapes the public API (the original is kept as ``__cause__``)::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -37,6 +38,7 @@ __all__ = [
     "StreamError",
     "TokenError",
     "UpstreamError",
+    "html_page_title",
     "status_error",
 ]
 
@@ -202,6 +204,7 @@ def status_error(
         )
     cls: type[APIStatusError] = APIStatusError
     hint = advice = ""
+    page = html_page_title(headers, body)
     if 300 <= status < 400:
         location = headers.get("Location") or headers.get("location")
         advice = (
@@ -218,6 +221,14 @@ def status_error(
     elif status == 429:
         cls = RateLimitError
         hint = " (rate limited" + (f"; retry after {retry_after:g} s)" if retry_after else ")")
+    if page is not None:  # no answer of the service: a block page, a captcha, a proxy's page
+        shown = f" titled {page!r}" if page else ""
+        hint = (
+            f" (an HTML page{shown}, not the service's answer: a firewall, CDN or proxy in "
+            "between blocked or failed the request, e.g. a captcha or a block page)"
+        )
+        if status in (401, 403):
+            advice = "; a fresh token does not help: try another network or proxy, or later"
     return cls(
         f"{what} failed: HTTP {status}{reason}{hint} from {url}{advice}",
         status_code=status,
@@ -226,3 +237,22 @@ def status_error(
         headers=headers,
         retry_after=retry_after,
     )
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def html_page_title(headers: Mapping[str, str], body: str) -> Optional[str]:
+    """``None`` unless the reply is an HTML page (by its ``Content-Type``, or a body that begins
+    like one); then its ``<title>`` (white space folded, at most 80 characters), or ``""``."""
+    content_type = next(
+        (value for key, value in headers.items() if key.lower() == "content-type"), ""
+    )
+    start = body.lstrip()[:15].lower()
+    if not (
+        content_type.lower().startswith(("text/html", "application/xhtml"))
+        or start.startswith(("<!doctype html", "<html"))
+    ):
+        return None
+    found = _TITLE.search(body)
+    return " ".join(found.group(1).split())[:80] if found else ""

@@ -11,7 +11,15 @@ from typing import Any, Union
 from ._errors import InvalidRequestError
 
 __all__ = [
-    "validate_conversation_id","Messages", "build_prompt", "format_prompt", "get_random_string", "validate_messages"]
+    "Messages",
+    "build_prompt",
+    "content_to_text",
+    "format_prompt",
+    "get_random_string",
+    "validate_content",
+    "validate_conversation_id",
+    "validate_messages",
+]
 
 #: A prompt string, or a list of ``{"role": ..., "content": ...}`` dicts.
 Messages = Union[str, Sequence[Mapping[str, Any]]]
@@ -86,6 +94,10 @@ def format_prompt(
 def validate_messages(messages: object) -> list[dict[str, Any]]:
     """Check the shape of ``messages`` and return it as a list of dicts.
 
+    One rule for text, in a content as in its parts: text is a ``str``, never converted. A content
+    is a str, ``None`` or a list of parts; a part whose ``type`` is ``"text"`` (or missing) has a
+    str ``text``; parts of other types are dropped, whatever they hold.
+
     :raises InvalidRequestError: naming the first problem found.
     """
     if isinstance(messages, str):
@@ -109,21 +121,46 @@ def validate_messages(messages: object) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"messages[{index}]['role'] must be a non-empty str, got {role!r}"
             )
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequestError(
-                f"messages[{index}]['content'] must be a str, a list of parts or None, "
-                f"not {type(content).__name__}"
-            )
-        if isinstance(content, list):
-            for part_index, part in enumerate(content):
-                if not isinstance(part, Mapping):
-                    raise InvalidRequestError(
-                        f"messages[{index}]['content'][{part_index}] must be a dict like "
-                        f"{{'type': 'text', 'text': ...}}, not {type(part).__name__}"
-                    )
+        validate_content(message.get("content"), f"messages[{index}]['content']")
         checked.append(dict(message))
     return checked
+
+
+def validate_content(content: object, where: str) -> None:
+    """Check one message content: a str, ``None``, or a list of parts (see :func:`_check_part`).
+
+    :param where: what the message calls it (``"messages[0]['content']"``).
+    :raises InvalidRequestError: naming the first problem found.
+    """
+    if content is not None and not isinstance(content, (str, list)):
+        raise InvalidRequestError(
+            f"{where} must be a str, a list of parts or None, not {type(content).__name__}"
+        )
+    if isinstance(content, list):
+        for part_index, part in enumerate(content):
+            _check_part(part, f"{where}[{part_index}]")
+
+
+def _check_part(part: object, where: str) -> None:
+    """One part of a list content. The rule, for contents and parts alike: text is a str. A part is
+    text when its ``type`` is ``"text"`` or missing, and then its ``text`` must be a str; parts of
+    other types (images, files) are dropped whatever they hold."""
+    if not isinstance(part, Mapping):
+        raise InvalidRequestError(
+            f"{where} must be a dict like {{'type': 'text', 'text': ...}}, not {type(part).__name__}"
+        )
+    kind = part.get("type", "text")
+    if not isinstance(kind, str):
+        raise InvalidRequestError(f"{where}['type'] must be a str, not {type(kind).__name__}")
+    if kind != "text":
+        return
+    if "text" not in part:
+        raise InvalidRequestError(f"{where} is a text part without 'text'")
+    text = part["text"]
+    if not isinstance(text, str):
+        raise InvalidRequestError(
+            f"{where}['text'] must be a str (the text of a text part), not {type(text).__name__}"
+        )
 
 
 def build_prompt(messages: object) -> str:

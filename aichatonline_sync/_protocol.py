@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "BASE_URL_ENV",
+    "BLOCK_PAGE",
     "BROWSER_HEADERS",
     "CHAT_PATH",
     "DEFAULT_BASE_URL",
@@ -103,3 +104,17 @@ def piece_line(piece: str) -> bytes:
 def error_json(code: Any, message: str) -> bytes:
     """An error object as the sister services send them: ``{"code", "message", "data": null}``."""
     return json.dumps({"code": code, "message": message, "data": None}).encode("utf-8")
+
+
+#: A Cloudflare-like block page, as a CDN in front of the service answers a client it distrusts
+#: (the emulator's and the mock's ``html()`` fault).
+BLOCK_PAGE = (
+    '<!DOCTYPE html>\n<html lang="en-US">\n<head>\n<title>Just a moment...</title>\n'
+    '<meta http-equiv="Content-Type" content="text/html; charset=UTF-8">\n'
+    '<meta name="robots" content="noindex,nofollow">\n</head>\n<body>\n'
+    '<div class="main-wrapper" role="main"><div class="main-content">\n'
+    "<h1>aichatonlineorg.erweima.ai</h1>\n"
+    "<h2>Checking if the site connection is secure</h2>\n"
+    "<noscript>Enable JavaScript and cookies to continue</noscript>\n"
+    "</div></div>\n</body>\n</html>\n"
+)

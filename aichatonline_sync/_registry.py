@@ -143,7 +143,10 @@ def shared_session_count() -> int:
 
 
 def close_shared_sessions() -> None:
-    """Close every shared session (done at exit; call it to drop pooled connections sooner)."""
+    """Close every shared session: the at most :data:`MAX_SHARED_SESSIONS` (8) sessions that
+    module-level calls share, one per distinct set of session options. Done at exit; call it to
+    drop their pooled connections and tokens sooner (a test's teardown, after changing proxy or CA
+    environment variables, before a fork). The next module-level call makes a new session."""
     _registry.clear()
 
 

@@ -23,6 +23,7 @@ from ._config import (
     Timeout,
     TimeoutTypes,
     redact_url,
+    reject_options,
     validate_base_url,
     validate_headers,
     validate_positive_int,
@@ -36,6 +37,7 @@ from ._errors import (
     InvalidRequestError,
     ProtocolError,
     UpstreamError,
+    html_page_title,
 )
 from ._parser import DEFAULT_MAX_LINE
 from ._prompt import build_prompt, get_random_string, validate_conversation_id
@@ -204,6 +206,7 @@ class Session:
         conversation_id: Optional[str] = None,
         keep_text: bool = True,
         cancel: Optional[Cancellation] = None,
+        **unknown: Any,
     ) -> ChatStream:
         """Send a chat and return its reply as a :class:`ChatStream` of text pieces.
 
@@ -216,8 +219,13 @@ class Session:
         :param conversation_id: the upstream's ``conversationId`` (default: 10 random characters).
         :param keep_text: keep the text for :attr:`ChatStream.text` (``False`` saves memory).
         :param cancel: a :class:`Cancellation` that stops this chat from another thread.
-        :raises InvalidRequestError: bad messages or options, before anything is sent.
+        :raises InvalidRequestError: bad messages or options (an unknown option too, or an option
+            of :class:`Session` itself), before anything is sent.
         """
+        reject_options(
+            unknown, valid=CHAT_OPTIONS, what="Session.chat()", elsewhere=SESSION_OPTIONS,
+            elsewhere_hint="belong to Session(...), not to one chat",
+        )
         self._check_open()
         chat_timeout = self.timeout if timeout is None else timeout
         chat = _prepare(messages, model, chat_timeout, conversation_id, keep_text, cancel)
@@ -403,6 +411,6 @@ def _html_error(response: requests.Response, url: str) -> ProtocolError:
 
 def _is_rejection(exc: BaseException) -> bool:
     """Did the upstream reject the token (a 401/403 status, or such an error line before text)?"""
-    if isinstance(exc, AuthenticationError):
-        return True
+    if isinstance(exc, AuthenticationError):  # (an HTML block page is no verdict on the token)
+        return html_page_title(exc.headers, exc.body) is None
     return isinstance(exc, UpstreamError) and not exc.partial and exc.code in (401, 403)

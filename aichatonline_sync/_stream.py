@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Callable, Optional
@@ -20,11 +21,21 @@ from ._errors import (
     UpstreamError,
 )
 from ._parser import LineParser
-from ._transport import DeadlineExceeded, abort, iter_body, scrub, translate_exception
+from ._transport import (
+    DeadlineExceeded,
+    abort,
+    break_reason,
+    iter_body,
+    scrub,
+    translate_exception,
+)
 
 __all__ = ["ChatStream", "Reply"]
 
 logger = logging.getLogger("aichatonline_sync")
+
+#: Guards the first claim of a stream by its reading thread.
+_READER_LOCK = threading.Lock()
 
 
 class _KeptText:
@@ -94,6 +105,7 @@ class Reply:
         self.finished = False  #: read to its end
         self.released = False  #: the connection was released (at the end, on close or error)
         self.aborted = False  #: :meth:`abort` was called
+        self.abort_reason: Optional[str] = None  #: why, when :meth:`abort` was given a reason
         if cancel is not None:
             cancel.add(self)
 
@@ -156,6 +168,8 @@ class Reply:
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Read until at least one piece is complete; ``None`` at the normal end of the body."""
+        if self.abort_reason is not None:  # even if the rest of the body is buffered already
+            raise self.aborted_error()
         parser = self._parser
         try:
             while True:
@@ -203,7 +217,7 @@ class Reply:
         """What a failure of the body is to the user: before the first piece, the error itself (a
         ProtocolError, or the transport's); after it, an IncompleteStreamError with the text so far."""
         if self.aborted:
-            reason = "the chat was aborted (cancelled, or its batch was stopped)"
+            reason = self.abort_reason or "the chat was aborted (cancelled, or its batch was stopped)"
             if not started:  # the socket was shut down on purpose: no retry, no warning
                 return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
         elif isinstance(exc, ProtocolError):
@@ -221,19 +235,30 @@ class Reply:
             elif isinstance(translated, APITimeoutError) and self._read_timeout:
                 reason = f"no data for {self._read_timeout:g} s (read timeout)"
             else:
-                reason = f"the connection broke ({translated})"
+                reason = break_reason(exc, secrets=self._secrets)
         partial = self.text
         return IncompleteStreamError(
             f"the reply from {self._url} stopped after {len(partial)} characters: {reason}",
             partial=partial,
         )
 
-    def abort(self) -> None:
+    def abort(self, reason: Optional[str] = None) -> None:
         """Stop the reply from any thread: a read blocked on it fails at once (see :meth:`ChatStream.abort`)."""
         if self.released:
             return
+        if reason is not None and self.abort_reason is None:
+            self.abort_reason = reason
         self.aborted = True
         abort(self._response)
+
+    def aborted_error(self) -> IncompleteStreamError:
+        """The error of a reply aborted with a reason, for every later attempt to read it."""
+        partial = self.text
+        return IncompleteStreamError(
+            f"the reply from {self._url} was closed after {len(partial)} characters: "
+            f"{self.abort_reason}",
+            partial=partial,
+        )
 
     def release(self) -> None:
         """Release the connection (idempotent). A body read to its end already went back to the pool."""
@@ -263,7 +288,12 @@ class ChatStream:
     >>> stream.text                                 # doctest: +SKIP
     'Hello! ...'
 
-    Iterate one stream from one thread at a time; :meth:`abort` may be called from any thread.
+    Read a stream from one thread at a time. A ``for`` loop (``iter()``) belongs to the thread that
+    began it: a loop of another thread, while that thread is alive and the stream open, raises
+    :class:`AiChatOnlineError`; so does ``next()`` while another thread is inside a read (Python's
+    own ``ValueError('generator already executing')`` is what a second reader would otherwise get,
+    at random). ``next()`` from one thread after another (a thread pool's workers, in turn) is
+    fine. :meth:`abort` and :meth:`close` may be called from any thread.
     """
 
     def __init__(self, reply: Reply, *, conversation_id: str, model: str) -> None:
@@ -271,14 +301,54 @@ class ChatStream:
         self.model = model
         self._reply = reply
         self._gen = reply.pieces()
+        self._reader: Optional[threading.Thread] = None  # the thread that iterates it
 
     def __iter__(self) -> Iterator[str]:
+        self._check_reader()
         # The generator itself, so that a ``for`` loop runs at generator speed. It holds the
         # machinery but not this object: dropping the loop and the stream closes it at once.
         return self._gen
 
     def __next__(self) -> str:
-        return next(self._gen)
+        self._check_aborted()
+        try:
+            return next(self._gen)
+        except ValueError as exc:
+            if type(exc) is ValueError and "already executing" in str(exc):
+                raise self._busy() from None
+            raise
+
+    def _check_aborted(self) -> None:
+        """A stream aborted with a reason raises it at once, every time it is iterated."""
+        reply = self._reply
+        if reply.abort_reason is not None and not reply.finished:
+            if not getattr(self._gen, "gi_running", False):
+                reply.release()
+            raise reply.aborted_error()
+
+    def _check_reader(self) -> None:
+        """Refuse a loop of a second thread while the thread that loops over it is alive (a loop
+        gets the bare generator, which no later check can guard)."""
+        self._check_aborted()
+        me = threading.current_thread()
+        reader = self._reader
+        if reader is None:
+            with _READER_LOCK:
+                if self._reader is None:
+                    self._reader = me
+                reader = self._reader
+        if reader is me or self._reply.released or not reader.is_alive():
+            self._reader = me
+            return
+        raise self._busy()
+
+    def _busy(self) -> AiChatOnlineError:
+        reader = self._reader
+        by = f"the thread {reader.name!r}" if reader is not None else "another thread"
+        return AiChatOnlineError(
+            f"this ChatStream is being read by {by}; a stream is read by one thread at a time "
+            "(to stop it from another thread, call its abort())"
+        )
 
     def __enter__(self) -> ChatStream:
         return self
@@ -293,14 +363,25 @@ class ChatStream:
 
     def close(self) -> None:
         """Stop reading and release the connection. Idempotent. From the iterating thread; from
-        another thread, use :meth:`abort`."""
+        another thread while a read runs, it does what :meth:`abort` does."""
+        if getattr(self._gen, "gi_running", False):  # (only another thread can be inside it)
+            self._reply.abort()
+            return
         self._gen.close()
         self._reply.release()
 
-    def abort(self) -> None:
+    def abort(self, reason: Optional[str] = None) -> None:
         """Stop the stream from any thread: a read blocked in another thread fails at once with
-        :class:`IncompleteStreamError` (``.partial`` keeps the text so far). Idempotent."""
-        self._reply.abort()
+        :class:`IncompleteStreamError` (``.partial`` keeps the text so far). Idempotent.
+
+        :param reason: why, in the words of the error. With a reason, every later attempt to
+            iterate the stream raises that error at once (nothing more is handed out), and the
+            connection is released at once unless a read runs in another thread.
+        """
+        reply = self._reply
+        reply.abort(reason)
+        if reason is not None and not getattr(self._gen, "gi_running", False):
+            reply.release()
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` once the reply has been read to its end (not on error or close).

@@ -59,6 +59,7 @@ __all__ = [
     "Endpoint",
     "Transport",
     "abort",
+    "break_reason",
     "iter_body",
     "read_start",
     "scrub",
@@ -630,6 +631,19 @@ def translate_exception(
     return APIConnectionError(
         messages.get(kind, f"the connection to {shown} failed: {detail}"), url=shown
     )
+
+
+def break_reason(exc: BaseException, *, secrets: Iterable[Optional[str]] = ()) -> str:
+    """Why a reply broke off after some of its text had arrived, in words for "the reply stopped
+    after N characters: ..." (no "before the reply": part of it did arrive)."""
+    chain = _chain(exc)
+    kind = _kind(chain)
+    detail = scrub(_detail(chain), secrets)
+    if kind == "reset":
+        return f"the server reset the connection ({detail})"
+    if kind == "truncated":
+        return f"the connection closed before the end of the body ({detail})"
+    return f"the connection broke ({detail})"
 
 
 def _password_of(proxy: Optional[str]) -> tuple[Optional[str], ...]:

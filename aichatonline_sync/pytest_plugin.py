@@ -13,17 +13,21 @@ Fixtures (none is autouse):
 ``aichatonline_mock``
     An :class:`AiChatOnlineMock`: a strict :class:`responses.RequestsMock` (needs
     ``pip install responses``) that answers the token request (any ``canvas``) and the chat request
-    at :attr:`AiChatOnlineMock.base_url` (``https://aichatonline.test``). Requests to any other URL
-    fail with a :class:`requests.ConnectionError`, and the chat mock only matches a request whose
-    ``UniqueId`` header is :attr:`AiChatOnlineMock.token` and whose JSON body has
-    ``conversationId`` and ``prompt``.
+    at :attr:`AiChatOnlineMock.base_url` (``https://aichatonline.test``). Requests to loopback
+    addresses (``127.x.x.x``, ``localhost``, ``[::1]``: an :class:`~aichatonline_sync.testing.Emulator`,
+    any local server) pass through to the real server, so the mock and a real emulator work in
+    one test; requests to any other URL fail with a :class:`requests.ConnectionError`, and the
+    chat mock only matches a request whose ``UniqueId`` header is :attr:`AiChatOnlineMock.token`
+    and whose JSON body has ``conversationId`` and ``prompt``. The mock has the emulator's faults
+    (:meth:`~AiChatOnlineMock.fail`, :meth:`~AiChatOnlineMock.error_line`,
+    :meth:`~AiChatOnlineMock.html`, :meth:`~AiChatOnlineMock.drop`), queued per endpoint.
 
 Strictness of ``aichatonline_mock``: the mock is created with ``assert_all_requests_are_fired=True``,
 so every response *the test registers itself* on ``mock.rsps`` must be requested. The two built-in
 responses (token and chat) are not required, so a test that only grabs a token passes, with one
 exception: once the test calls :meth:`AiChatOnlineMock.set_reply` it has asked for a chat, and the
 test fails at teardown if no chat was made. :meth:`AiChatOnlineMock.require` states such
-expectations explicitly.
+expectations explicitly. A queued fault that no request used fails the test at teardown too.
 
 Importing this module is cheap: neither ``responses`` nor the emulator is imported until a fixture
 needs it.
@@ -31,15 +35,19 @@ needs it.
 
 from __future__ import annotations
 
+import collections
+import errno
+import http
+import io
 import json
 import re
 import secrets
-from collections.abc import Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import pytest
 
-from ._protocol import CHAT_PATH, TOKEN_PATH, piece_line, token_reply
+from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
 
 if TYPE_CHECKING:
     import responses
@@ -47,10 +55,22 @@ if TYPE_CHECKING:
 
     from aichatonline_sync.testing import Emulator
 
-__all__ = ["MOCK_BASE_URL", "AiChatOnlineMock"]
+__all__ = ["LOOPBACK_URLS", "MOCK_BASE_URL", "AiChatOnlineMock"]
 
 #: The base URL the ``aichatonline_mock`` fixture answers for.
 MOCK_BASE_URL = "https://aichatonline.test"
+
+#: The URLs that the mock passes through to the real server (``rsps.passthru_prefixes``).
+LOOPBACK_URLS = re.compile(
+    r"https?://(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\])(:\d+)?([/?#]|\Z)",
+    re.IGNORECASE,
+)
+
+_ENDPOINTS = ("token", "chat")
+_STREAM_TYPE = "text/event-stream;charset=UTF-8"
+
+#: A mocked reply: ``(status, headers, body)``, or an exception to raise instead.
+_Reply = Union[tuple[int, dict[str, str], Any], Exception]
 
 _MARKER = "aichatonline_emulator"
 _DEFAULT_MOCK_REPLY = "Hello! This is the AiChatOnline mock."
@@ -117,6 +137,8 @@ class AiChatOnlineMock:
     :param rsps: a started (or about to be started) :class:`responses.RequestsMock`.
     :param base_url: the base URL to answer for.
     :param token: the token the token mock hands out (default: 32 random hex chars).
+    :param passthrough_loopback: let requests to loopback URLs (:data:`LOOPBACK_URLS`: an
+        emulator, a local server) reach the real server.
     """
 
     def __init__(
@@ -124,6 +146,8 @@ class AiChatOnlineMock:
         rsps: responses.RequestsMock,
         base_url: str = MOCK_BASE_URL,
         token: str | None = None,
+        *,
+        passthrough_loopback: bool = True,
     ) -> None:
         from responses import matchers  # lazy: responses is optional
 
@@ -135,15 +159,18 @@ class AiChatOnlineMock:
         self.token = token if token is not None else secrets.token_hex(16)
         self._pieces: list[str] = _split(_DEFAULT_MOCK_REPLY)
         self._required: set[str] = set()
+        self._faults: dict[str, collections.deque[list[Any]]] = {
+            name: collections.deque() for name in _ENDPOINTS
+        }
+        if passthrough_loopback:
+            rsps.add_passthru(LOOPBACK_URLS)
         self.token_url = re.compile(
             re.escape(f"{self.base_url}{TOKEN_PATH}") + r"(\?.*)?\Z"
         )
         #: The chat URL.
         self.chat_url = f"{self.base_url}{CHAT_PATH}"
-        self._token_response = rsps.add(
-            "GET",
-            self.token_url,
-            json=token_reply(self.token),
+        self._token_response = rsps.add_callback(
+            "GET", self.token_url, callback=self._token_callback, content_type=None
         )
         self._chat_response = rsps.add_callback(
             "POST",
@@ -195,15 +222,207 @@ class AiChatOnlineMock:
         if chat:
             self._required.add("chat")
 
-    def _chat_callback(self, request: PreparedRequest) -> tuple[int, dict[str, str], bytes]:
-        body = b"".join(piece_line(piece) for piece in self._pieces)
-        return 200, {"Content-Type": "text/event-stream;charset=UTF-8"}, body
+    # -- faults, as the emulator's -----------------------------------------------------------
+
+    def fail(
+        self,
+        endpoint: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: str | bytes | dict[str, Any] | list[Any] | None = None,
+        times: int = 1,
+    ) -> None:
+        """Answer the next request(s) to ``endpoint`` with an HTTP error status.
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param status: the HTTP status (200 to 599).
+        :param headers: extra reply headers, e.g. ``{"Retry-After": "2"}``.
+        :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
+            dict or list is sent as JSON; a str or bytes as is (``text/plain``).
+        :param times: how many requests get this reply.
+        """
+        _check_status(status)
+        content_type = "application/json"
+        if body is None:
+            data = error_json(status, _phrase(status))
+        elif isinstance(body, (bytes, bytearray)):
+            data, content_type = bytes(body), "text/plain; charset=utf-8"
+        elif isinstance(body, str):
+            data, content_type = body.encode(), "text/plain; charset=utf-8"
+        elif isinstance(body, (dict, list)):
+            data = json.dumps(body).encode()
+        else:
+            raise ValueError(f"body must be None, str, bytes, dict or list, not {body!r}")
+        extra = dict(_check_headers(headers))
+        if not any(name.lower() == "content-type" for name in extra):
+            extra["Content-Type"] = content_type
+        self._queue(endpoint, (status, extra, data), times)
+
+    def error_line(
+        self,
+        code: int,
+        message: str = "upstream error",
+        *,
+        after: int = 0,
+        key: str = "message",
+        times: int = 1,
+    ) -> None:
+        """Answer the next chat(s) with HTTP 200, ``after`` pieces of the reply, then the error
+        line ``{"code": code, key: message, "data": null}``.
+
+        :param code: the body-level error code, e.g. 429 or 500.
+        :param message: the error message.
+        :param after: how many pieces come first (fewer if the reply is shorter).
+        :param key: the key of the message (``"message"`` or ``"msg"``).
+        :param times: how many chats get this reply.
+        """
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise ValueError(f"code must be an int, not {code!r}")
+        if not isinstance(message, str) or not isinstance(key, str):
+            raise ValueError("message and key must be str")
+        _check_count("after", after, 0)
+        line = json.dumps({"code": code, key: message, "data": None}, ensure_ascii=False)
+        self._queue("chat", ("error_line", after, line.encode() + b"\n"), times)
+
+    def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
+        """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param status: the HTTP status (200, or e.g. 403 or 503).
+        :param times: how many requests get the page.
+        """
+        _check_status(status)
+        headers = {"Content-Type": "text/html; charset=UTF-8"}
+        self._queue(endpoint, (status, headers, BLOCK_PAGE.encode()), times)
+
+    def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
+        """Break the connection of the next request(s) to ``endpoint``, as far as a mock can.
+
+        A chat gets the 200 headers and ``after`` pieces, then its body read fails with
+        ``ConnectionResetError`` (a reset); a token request fails with no reply at all. (What a
+        mock cannot do: a real socket, framing, a stall. Use the emulator for those.)
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param after: how many pieces a chat gets before the break (must be 0 for the token).
+        :param times: how many requests get this treatment.
+        """
+        _check_count("after", after, 0)
+        if endpoint == "token" and after:
+            raise ValueError("after must be 0 for the token endpoint")
+        self._queue(endpoint, ("drop", after, b""), times)
+
+    def pending_faults(self, endpoint: str | None = None) -> int:
+        """How many fault replies are still queued (for ``"token"``, ``"chat"``, or both)."""
+        names = _ENDPOINTS if endpoint is None else (_check_endpoint(endpoint),)
+        return sum(fault[1] for name in names for fault in self._faults[name])
+
+    def _queue(self, endpoint: str, fault: tuple[Any, ...], times: int) -> None:
+        _check_endpoint(endpoint)
+        _check_count("times", times, 1)
+        self._faults[endpoint].append([fault, times])
+
+    def _take_fault(self, endpoint: str) -> Optional[tuple[Any, ...]]:
+        queue = self._faults[endpoint]
+        if not queue:
+            return None
+        entry = queue[0]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            queue.popleft()
+        fault: tuple[Any, ...] = entry[0]
+        return fault
+
+    def _token_callback(self, request: PreparedRequest) -> _Reply:
+        fault = self._take_fault("token")
+        if fault is None:
+            return 200, {"Content-Type": "application/json"}, json.dumps(token_reply(self.token))
+        if fault[0] == "drop":
+            return _dropped()
+        return fault[0], fault[1], fault[2]
+
+    def _chat_callback(self, request: PreparedRequest) -> _Reply:
+        fault = self._take_fault("chat")
+        lines = [piece_line(piece) for piece in self._pieces]
+        headers = {"Content-Type": _STREAM_TYPE}
+        if fault is None:
+            return 200, headers, b"".join(lines)
+        kind = fault[0]
+        if kind == "error_line":
+            return 200, headers, b"".join(lines[: fault[1]]) + fault[2]
+        if kind == "drop":
+            return 200, headers, _BrokenBody(b"".join(lines[: fault[1]]))
+        return fault[0], fault[1], fault[2]
+
+    def _unused_faults(self) -> int:
+        return self.pending_faults()
 
     def _drop_unrequired(self) -> None:
         """Before the final assertion: forget the built-in mocks nobody asked for."""
         for name, response in (("token", self._token_response), ("chat", self._chat_response)):
             if name not in self._required and response.call_count == 0:
                 self.rsps.remove(response)
+
+
+class _BrokenBody(io.BufferedReader):
+    """A body that hands out ``data`` and then fails as a reset connection does, to every read
+    (``read`` and ``read1``, whatever urllib3 calls; each read returns what it has, as a socket's
+    does, so that the data before the reset is not lost in a read that asked for more)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(b""))
+        self._data = data
+        self._position = 0
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if self._position >= len(self._data):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer (mock drop)")
+        end = len(self._data) if size is None or size < 0 else self._position + size
+        chunk = self._data[self._position : end]
+        self._position += len(chunk)
+        return chunk
+
+    read1 = read
+
+
+def _dropped() -> Exception:
+    import requests  # (requests is loaded already: the mock patches it)
+
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer (mock drop)")
+    return requests.ConnectionError(reset)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _check_endpoint(endpoint: str) -> str:
+    if endpoint not in _ENDPOINTS:
+        raise ValueError(f"endpoint must be 'token' or 'chat', not {endpoint!r}")
+    return endpoint
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, not {value!r}")
+
+
+def _check_status(status: object) -> None:
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"status must be an int from 200 to 599, not {status!r}")
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ValueError(f"headers must map str to str, not {headers!r}")
+    return dict(headers)
 
 
 def _split(text: str) -> list[str]:
@@ -266,6 +485,13 @@ def aichatonline_mock(request: pytest.FixtureRequest) -> Iterator[AiChatOnlineMo
     try:
         yield mock
         if not request.node.stash.get(_CALL_FAILED, False):
+            unused = mock._unused_faults()
+            if unused:
+                pytest.fail(
+                    f"aichatonline_mock: {unused} queued fault repl{'y was' if unused == 1 else 'ies were'}"
+                    " never used (no request reached it)",
+                    pytrace=False,
+                )
             mock._drop_unrequired()
             rsps.stop(allow_assert=True)
     finally:

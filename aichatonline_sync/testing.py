@@ -23,8 +23,11 @@ next requests to that endpoint in FIFO order, each ``times`` times. A queued fau
 request to its endpoint whatever that request carries: the token and body checks are skipped for it.
 :meth:`Emulator.reset` clears them.
 
-Every request is recorded (:attr:`Emulator.requests`, a list of :class:`RecordedRequest` whose
-header names are lower-cased).
+Requests are recorded (:attr:`Emulator.requests`, a list of :class:`RecordedRequest` whose
+header names are lower-cased): the last ``max_records`` of them (default
+:data:`DEFAULT_MAX_RECORDS`), or none with ``record=False``, so that an emulator that runs for days
+(``aichatonline serve``) keeps a flat memory. The counters (:attr:`~Emulator.request_count`,
+:attr:`~Emulator.connections`, :attr:`~Emulator.tokens_issued`) count everything.
 
 Example::
 
@@ -57,7 +60,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Callable, Union
 from urllib.parse import parse_qsl, urlsplit
 
-from ._protocol import CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
+from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
 
 try:
     import fcntl
@@ -69,6 +72,8 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = [
     "CHAT_PATH",
     "DEFAULT_CONTENT_TYPE",
+    "DEFAULT_MAX_RECORDS",
+    "MAX_TOKENS",
     "TOKEN_PATH",
     "Emulator",
     "RecordedRequest",
@@ -81,6 +86,14 @@ logger = logging.getLogger("aichatonline_sync.testing")
 
 #: Content type of a chat reply unless ``content_type=`` says otherwise.
 DEFAULT_CONTENT_TYPE = "text/event-stream;charset=UTF-8"
+
+#: How many requests an emulator keeps in :attr:`Emulator.requests` unless ``max_records=`` says
+#: otherwise (the oldest are dropped first).
+DEFAULT_MAX_RECORDS = 1_000
+
+#: How many of the tokens handed out stay valid (and listed in :attr:`Emulator.issued_tokens`):
+#: the oldest expire first, as a real service's would; a client then fetches a fresh one.
+MAX_TOKENS = 10_000
 
 #: What ``reply=`` accepts.
 ReplySpec = Union[None, str, Callable[[str], str], Iterable[str]]
@@ -96,16 +109,6 @@ _DRAIN_SECONDS = 2.0
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 _PIECE_RE = re.compile(r"\S+\s*|\s+")
 
-_HTML_PAGE = (
-    '<!DOCTYPE html>\n<html lang="en-US">\n<head>\n<title>Just a moment...</title>\n'
-    '<meta http-equiv="Content-Type" content="text/html; charset=UTF-8">\n'
-    '<meta name="robots" content="noindex,nofollow">\n</head>\n<body>\n'
-    '<div class="main-wrapper" role="main"><div class="main-content">\n'
-    "<h1>aichatonlineorg.erweima.ai</h1>\n"
-    "<h2>Checking if the site connection is secure</h2>\n"
-    "<noscript>Enable JavaScript and cookies to continue</noscript>\n"
-    "</div></div>\n</body>\n</html>\n"
-)
 
 
 def split_pieces(text: str) -> list[str]:
@@ -296,6 +299,10 @@ class Emulator:
         just before it is written (not for an error line); it may block. Also the public attribute
         ``before_piece``.
     :param ssl_context: a server-side :class:`ssl.SSLContext` to speak HTTPS.
+    :param reply_headers: extra headers of chat replies, e.g. ``{"X-Accel-Buffering": "no"}`` to
+        see what a proxy in front does with it.
+    :param record: keep :class:`RecordedRequest` records (``False``: none; the counters still count).
+    :param max_records: keep the last this many records (``None``: every one, for short tests only).
     :raises ValueError: for an invalid argument.
     """
 
@@ -312,7 +319,16 @@ class Emulator:
         require_token: bool = True,
         before_piece: Callable[[int], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        reply_headers: Mapping[str, str] | None = None,
+        record: bool = True,
+        max_records: int | None = DEFAULT_MAX_RECORDS,
     ) -> None:
+        if not isinstance(record, bool):
+            raise ValueError(f"record must be True or False, not {record!r}")
+        if max_records is not None and (
+            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
+        ):
+            raise ValueError(f"max_records must be a whole number >= 1 or None, not {max_records!r}")
         if framing not in _FRAMINGS:
             raise ValueError(
                 f"framing must be one of {', '.join(map(repr, _FRAMINGS))}, not {framing!r}"
@@ -343,20 +359,25 @@ class Emulator:
         self._bind_host = host
         self._bind_port = port
         self._content_type = content_type
+        self._reply_headers = _check_headers(reply_headers)
         #: Whether chats need a valid ``UniqueId`` (may be changed at any time).
         self.require_token = bool(require_token)
         #: Called with each piece index before the piece is written (may be changed at any time).
         self.before_piece: Callable[[int], None] | None = before_piece
         self._ssl_context = ssl_context
 
-        self._requests: list[RecordedRequest] = []
+        self._recording = record
+        self._requests: collections.deque[RecordedRequest] = collections.deque(
+            maxlen=max_records if record else 0
+        )
+        self._request_count = 0
         self._faults: dict[str, collections.deque[_Fault]] = {
             name: collections.deque() for name in _ENDPOINTS
         }
         self._connections = 0
         self._tokens_issued = 0
-        self._valid_tokens: set[str] = set()
-        self._issued: list[str] = []
+        self._valid_tokens: dict[str, None] = {}  # (in the order issued: the oldest expire first)
+        self._issued: collections.deque[str] = collections.deque(maxlen=MAX_TOKENS)
 
         self._stop = threading.Event()
         self._started = False
@@ -589,9 +610,16 @@ class Emulator:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every request received so far, in order (a copy)."""
+        """The requests received so far, in order (a copy): the last ``max_records`` of them, or
+        none with ``record=False``."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def request_count(self) -> int:
+        """How many requests were received so far (also those no longer, or never, recorded)."""
+        with self._lock:
+            return self._request_count
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
@@ -617,7 +645,8 @@ class Emulator:
 
     @property
     def issued_tokens(self) -> list[str]:
-        """The tokens handed out so far, in order (also those revoked)."""
+        """The tokens handed out so far, in order (also those revoked; the last
+        :data:`MAX_TOKENS`)."""
         with self._lock:
             return list(self._issued)
 
@@ -637,6 +666,7 @@ class Emulator:
                 queue.clear()
             self._connections = 0
             self._tokens_issued = 0
+            self._request_count = 0
             self._issued.clear()
 
     def pending_faults(self, endpoint: str | None = None) -> int:
@@ -800,7 +830,7 @@ class Emulator:
                 "fail",
                 times,
                 status=status,
-                body=_HTML_PAGE.encode(),
+                body=BLOCK_PAGE.encode(),
                 content_type="text/html; charset=UTF-8",
             ),
         )
@@ -866,14 +896,18 @@ class Emulator:
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
-            self._requests.append(request)
+            self._request_count += 1
+            if self._recording:
+                self._requests.append(request)
 
     def _issue_token(self) -> str:
         token = secrets.token_hex(16)
         with self._lock:
             self._tokens_issued += 1
             self._issued.append(token)
-            self._valid_tokens.add(token)
+            self._valid_tokens[token] = None
+            if len(self._valid_tokens) > MAX_TOKENS:
+                del self._valid_tokens[next(iter(self._valid_tokens))]
         return token
 
     def _token_valid(self, token: str | None) -> bool:
@@ -1252,6 +1286,7 @@ class _Connection:
             f"Content-Type: {emu._content_type}",
             "Cache-Control: no-cache",
         ]
+        head.extend(f"{name}: {value}" for name, value in emu._reply_headers)
         if emu._gzip:
             head.append("Content-Encoding: gzip")
         if framing == "chunked":

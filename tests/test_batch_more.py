@@ -14,6 +14,7 @@ import ssl
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -412,15 +413,23 @@ def test_rate_limit_is_validated(emulator: MakeEmulator) -> None:
 # -- progress ---------------------------------------------------------------------------------
 
 
-def test_progress_without_tqdm_says_what_to_install(
+def test_progress_without_tqdm_warns_once_and_runs_the_batch(
     emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from aichatonline_sync import _batch
+
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(_batch._NoTqdm, "warned", False)
     emu = emulator(reply=echo)
-    with pytest.raises(InvalidRequestError, match=r"aichatonline-sync\[progress\]"):
-        aco.batch(["a"], base_url=emu.url, progress=True)
-    assert emu.requests == []
+    with pytest.warns(RuntimeWarning, match=r"pip install \"aichatonline-sync\[progress\]\"") as got:
+        assert aco.batch(["a", "b"], base_url=emu.url, progress=True) == [echo("a"), echo("b")]
+    assert len(got) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        results = list(aco.batch_iter(["c"], base_url=emu.url, progress=True))
+    assert [r.text for r in results] == [echo("c")]
+    assert len(emu.chat_requests) == 3
 
 
 def test_progress_bar_counts_done_and_failed(

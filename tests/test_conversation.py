@@ -166,7 +166,12 @@ def test_a_new_question_closes_an_unfinished_reply(emu: Emulator, session: Sessi
     assert next(first) == "Hello"
     conv.say("Two")
     assert first.closed
-    assert list(first) == []  # the closed reply yields nothing more, and is never added
+    # The closed reply does not end as if complete: iterating it raises, every time, and it is
+    # never added.
+    for _ in range(2):
+        with pytest.raises(IncompleteStreamError, match="a newer question was asked") as info:
+            list(first)
+        assert info.value.partial == "Hello"
     assert conv.messages == [
         {"role": "user", "content": "Two"},
         {"role": "assistant", "content": REPLY},
@@ -286,6 +291,13 @@ def test_load_with_options(tmp_path: Path, emu: Emulator) -> None:
         ('{"version": 1, "system": 3, "messages": []}', "'system' must be"),
         ('{"version": 1, "messages": {}}', "'messages' must be a list"),
         ('{"version": 1, "messages": [{"content": "x"}]}', "role"),
+        ('{"version": 1, "messages": [{"role": "user"}]}', r"messages\[0\] has no 'content'"),
+        (
+            '{"version": 1, "messages": [{"role": "user", "content": "a"}, '
+            '{"role": "assistant", "content": null}]}',
+            r"messages\[1\] has no 'content'",
+        ),
+        ('{"version": 1, "messages": [{"role": "user", "content": 5}]}', "must be a str"),
     ],
 )
 def test_load_rejects_what_is_no_saved_conversation(
@@ -296,6 +308,27 @@ def test_load_rejects_what_is_no_saved_conversation(
     with pytest.raises(InvalidRequestError, match=message) as info:
         Conversation.load(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"version": 1, "system": "caf\xe9", "messages": []}', b"\xff\xfe{\x00", b"\x80abc"],
+    ids=["latin-1", "utf-16", "binary"],
+)
+def test_load_rejects_a_file_that_is_not_utf8(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "chat.json"
+    path.write_bytes(data)
+    with pytest.raises(InvalidRequestError, match="not UTF-8 text") as info:
+        Conversation.load(path)
+    assert str(path) in str(info.value)
+    assert not isinstance(info.value, UnicodeDecodeError)
+
+
+def test_load_accepts_a_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "chat.json"
+    text = '{"version": 1, "system": "Café", "messages": []}'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert Conversation.load(path).system == "Café"
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
@@ -368,8 +401,12 @@ def test_session_options_with_a_session(session: Session) -> None:
         ("", {}, "empty"),
         ("  \n", {}, "empty"),
         ([{"type": "image_url"}], {}, "empty"),
-        (None, {}, "empty"),
-        (3, {}, "content"),
+        (None, {}, "must be a str, or a list of"),
+        (3, {}, "must be a str, or a list of"),
+        ([{"type": "text", "text": 3}], {}, r"\['text'\] must be a str"),
+        ([{"role": "user", "content": "Hi"}], {}, "not a list of messages"),
+        ({"role": "user", "content": "Hi"}, {}, "not dict"),
+        (b"Hi", {}, "not bytes"),
         ("Hi", {"proxy": "http://p:1"}, "when making the Conversation"),
         ("Hi", {"keep_text": False}, "keep_text"),
         ("Hi", {"model": "gpt-5"}, "unknown model"),

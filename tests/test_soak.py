@@ -327,3 +327,73 @@ def test_close_closes_every_connection(emulator: MakeEmulator, hold: str) -> Non
             assert client_sockets(emu.port) == 1
         assert client_sockets(emu.port) == 0
         del kept
+
+
+# --- an emulator that runs for days -------------------------------------------------------------
+
+
+def test_the_emulator_keeps_a_ring_of_records_and_counts_everything(
+    emulator: MakeEmulator,
+) -> None:
+    chats, ring = 2000, 50
+    emu = emulator(reply=PIECES, max_records=ring)
+    with Session(emu.url, timeout=TIMEOUT, max_retries=0) as session:
+        for i in range(chats):
+            assert session.complete(f"p{i}") == TEXT
+    assert emu.request_count == chats + 1  # and one token request
+    records = emu.requests
+    assert len(records) == ring  # the last ones, in order
+    assert [r.prompt for r in records] == [f"p{i}" for i in range(chats - ring, chats)]
+    assert emu.tokens_issued == 1
+
+
+def test_the_emulator_can_keep_no_records(emulator: MakeEmulator) -> None:
+    emu = emulator(reply=PIECES, record=False)
+    with Session(emu.url, timeout=TIMEOUT, max_retries=0) as session:
+        for i in range(300):
+            assert session.complete(f"p{i}") == TEXT
+    assert emu.requests == []
+    assert emu.chat_requests == []
+    assert emu.request_count == 301
+    assert emu.connections == 1
+
+
+def test_the_emulator_keeps_the_newest_tokens_valid(
+    emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aichatonline_sync import testing
+
+    monkeypatch.setattr(testing, "MAX_TOKENS", 5)
+    emu = emulator(reply=PIECES)
+    with Session(emu.url, timeout=TIMEOUT, max_retries=0, reuse_token=False) as session:
+        assert session.complete("p0") == TEXT
+        first = emu.issued_tokens[0]
+        for i in range(1, 40):
+            assert session.complete(f"p{i}") == TEXT
+    assert emu.tokens_issued == 40
+    assert len(emu.issued_tokens) == 5  # the newest; the older ones expired
+
+    def chat_status(token: str) -> int:
+        with requests.post(
+            f"{emu.url}{testing.CHAT_PATH}",
+            json={"conversationId": "c", "prompt": "x"},
+            headers={"UniqueId": token},
+            timeout=10,
+        ) as response:
+            return response.status_code
+
+    assert chat_status(emu.issued_tokens[-1]) == 200
+    assert chat_status(first) == 401
+
+
+def test_default_records_are_bounded() -> None:
+    from aichatonline_sync import testing
+
+    emu = Emulator()
+    assert emu.requests == []
+    assert testing.DEFAULT_MAX_RECORDS == 1000
+    for bad in (0, -1, True, 2.5, "10"):
+        with pytest.raises(ValueError, match="max_records"):
+            Emulator(max_records=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="record"):
+        Emulator(record="yes")  # type: ignore[arg-type]
