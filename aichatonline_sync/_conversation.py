@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from ._errors import AiChatOnlineError, InvalidRequestError
 from ._prompt import content_to_text, validate_content, validate_messages
-from ._registry import shared_session, split_options
+from ._registry import split_options, using_shared_session
 from ._session import Session
 from ._stream import ChatStream
 
@@ -207,8 +207,12 @@ class Conversation:
         with self._turn:  # waits while another thread's say() runs
             self._check_turn()
             self._discard_pending()
-            session = self._session or shared_session(**self._session_options)
-            stream = session.chat([*self.messages, question], **options)
+            messages = [*self.messages, question]
+            if self._session is not None:
+                stream = self._session.chat(messages, **options)
+            else:  # leased while the chat opens; the stream then reads on even if it is closed
+                with using_shared_session(**self._session_options) as session:
+                    stream = session.chat(messages, **options)
             return self._track(stream, question)
 
     def _check_turn(self) -> None:

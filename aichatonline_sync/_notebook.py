@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 from ._errors import InvalidRequestError
-from ._registry import shared_session, split_options
+from ._registry import split_options, using_shared_session
 from ._session import Session
 
 __all__ = ["DEFAULT_MIN_INTERVAL", "display_stream"]
@@ -112,8 +112,12 @@ def display_stream(
     # Only a kernel (Jupyter) can update an output in place; a terminal shell shows the end result.
     live = getattr(shell, "kernel", None) is not None
     if is_messages:
-        client = session if session is not None else shared_session(**session_options)
-        pieces: Iterator[str] = client.chat(stream_or_messages, **chat_options)
+        pieces: Iterator[str]
+        if session is not None:
+            pieces = session.chat(stream_or_messages, **chat_options)
+        else:  # leased while the chat opens; the stream then reads on even if it is closed
+            with using_shared_session(**session_options) as shared:
+                pieces = shared.chat(stream_or_messages, **chat_options)
     else:
         pieces = stream_or_messages  # type: ignore[assignment]
 

@@ -263,3 +263,34 @@ def test_chat_stream_from_module_level_chat(emu: Emulator) -> None:
         pieces = list(stream)
     assert pieces == split_pieces(REPLY)
     assert stream.text == REPLY
+
+
+@pytest.mark.parametrize("front", ["conversation", "display_stream"])
+def test_a_shared_session_dropped_while_its_chat_opens_stays_open_for_that_chat(
+    emulator: MakeEmulator, front: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emu = emulator(reply=REPLY)
+    other = emulator(reply=REPLY)
+    http = requests.Session()
+    dropped: list[aco.Session] = []
+
+    def drop_it_now(response: requests.Response, **_: Any) -> None:
+        # Runs inside the token request of the chat below: other calls push its session out.
+        if not dropped and "getUniqueId" in response.url:
+            dropped.append(shared_session(base_url=emu.url, http=http))
+            for index in range(MAX_SHARED_SESSIONS + 1):
+                aco.complete("hi", **headers_options(other, index))
+            assert shared_session_count() == MAX_SHARED_SESSIONS
+
+    http.hooks["response"].append(drop_it_now)
+    if front == "conversation":
+        text = aco.Conversation(base_url=emu.url, http=http).say("hello")
+    else:
+        ipython = pytest.importorskip("IPython")
+        monkeypatch.setattr(ipython, "get_ipython", object)  # a shell without a kernel
+        monkeypatch.setattr(pytest.importorskip("IPython.display"), "display", lambda *a, **k: None)
+        text = aco.display_stream("hello", base_url=emu.url, http=http)
+
+    assert text == REPLY
+    assert len(dropped) == 1
+    assert dropped[0].closed  # closed once the chat that held it had opened its stream
