@@ -1,0 +1,104 @@
+"""Session options from the environment: the ``AICHATONLINE_*`` variables read by the command
+line, the llm plugin and the gateway, parsed and checked in one place.
+
+``AICHATONLINE_BASE_URL`` is read by :class:`Session` itself (when no ``base_url`` is given); this
+module reads the others. A variable that is unset or blank counts as not given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from ._config import validate_proxy
+from ._errors import InvalidRequestError
+from ._protocol import BASE_URL_ENV
+
+__all__ = [
+    "BASE_URL_ENV",
+    "MAX_RETRIES_ENV",
+    "PROXY_ENV",
+    "TIMEOUT_ENV",
+    "parse_count",
+    "parse_proxy",
+    "parse_seconds",
+    "session_options_from_env",
+]
+
+PROXY_ENV = "AICHATONLINE_PROXY"
+TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
+MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
+
+
+def parse_seconds(value: str) -> float:
+    """A positive, finite number of seconds.
+
+    :raises ValueError: ``"must be a positive number of seconds, not '...'"`` (or ``"a number"``).
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def parse_count(value: str, minimum: int = 0) -> int:
+    """A whole number ``>= minimum``.
+
+    :raises ValueError: ``"must be a whole number >= 0, not '...'"``.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f"must be a whole number >= {minimum}, not {value!r}")
+    return number
+
+
+def parse_proxy(value: str) -> str:
+    """A proxy URL, checked as :class:`Session` checks it (credentials never in the message).
+
+    :raises ValueError: what is wrong with it.
+    """
+    try:
+        proxy = validate_proxy(value)
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc)) from None
+    assert proxy is not None
+    return proxy
+
+
+_PARSERS: tuple[tuple[str, str, Any], ...] = (
+    ("proxy", PROXY_ENV, parse_proxy),
+    ("timeout", TIMEOUT_ENV, parse_seconds),
+    ("max_retries", MAX_RETRIES_ENV, parse_count),
+)
+
+
+def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """The :class:`Session` options that ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT`` and
+    ``$AICHATONLINE_MAX_RETRIES`` give (only those that are set, not blank).
+
+    >>> session_options_from_env({"AICHATONLINE_TIMEOUT": "30", "AICHATONLINE_PROXY": ""})
+    {'timeout': 30.0}
+
+    :param environ: the variables (default :data:`os.environ`).
+    :raises InvalidRequestError: a bad value, as ``"$AICHATONLINE_TIMEOUT: must be a positive
+        number of seconds, not 'soon'"``.
+    """
+    source = os.environ if environ is None else environ
+    options: dict[str, Any] = {}
+    for option, name, parse in _PARSERS:
+        raw = source.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            options[option] = parse(raw)
+        except ValueError as exc:
+            raise InvalidRequestError(f"${name}: {exc}") from None
+    return options
