@@ -35,6 +35,7 @@ HISTORY = [
 HISTORY_PROMPT = "System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: How are you?\nAssistant:"
 PIECES = ["Hel", "lo ", "wörld", "!"]
 WORKER = "aichatonline-g4f"
+README = Path(__file__).resolve().parent.parent / "README.rst"
 
 
 def provider_for(emu: Emulator) -> type[AiChatOnline]:
@@ -67,10 +68,11 @@ def g4f(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]
 # -- without g4f --------------------------------------------------------------------------------
 
 
-def test_importing_the_package_and_the_class_does_not_import_g4f() -> None:
+def test_importing_the_package_and_the_class_does_not_import_g4f_or_llm() -> None:
     code = (
         "import sys, aichatonline_sync as aco; aco.AiChatOnline.params; "
-        "print(sorted(m for m in sys.modules if m == 'g4f' or m.startswith('g4f.')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('g4f', 'llm', 'asyncio')"
+        " or m == 'aichatonline_sync.llm_plugin'))"
     )
     path = [str(Path(aco.__file__).resolve().parent.parent), *sys.path]
     out = subprocess.run(
@@ -418,6 +420,32 @@ def test_chat_completion_create_async(emulator: MakeEmulator, g4f: ModuleType) -
         return whole, [piece async for piece in streamed]
 
     assert asyncio.run(run()) == ("".join(PIECES), PIECES)
+
+
+def readme_example() -> str:
+    """The gpt4free example of README.rst (a literal block, run here where g4f is installed)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("installed. The tests run this example against the emulator::") + 1
+    body: list[str] = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("    "):
+            break
+        body.append(line[4:])
+    return "\n".join(body).strip() + "\n"
+
+
+def test_the_readme_example_runs(
+    emulator: MakeEmulator,
+    g4f: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    emu = emulator(reply=PIECES)
+    monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
+    exec(compile(readme_example(), "README.rst", "exec"), {"messages": HISTORY})
+    text = "".join(PIECES)
+    assert capsys.readouterr().out == f"{text}{text}\n{text}{text}"
+    assert [r.prompt for r in emu.chat_requests] == [HISTORY_PROMPT] * 4
 
 
 def test_the_sync_api_inside_a_running_loop_needs_no_nest_asyncio(

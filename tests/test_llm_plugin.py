@@ -28,8 +28,8 @@ MakeEmulator = Callable[..., Emulator]
 llm = pytest.importorskip("llm", reason="llm is not installed (pip install -e '.[llm]')")
 
 if not any(
-    ep.name == "aichatonline" and ep.value == "aichatonline_sync.llm_plugin"
-    for ep in metadata.entry_points(group="llm")
+    ep.group == "llm" and ep.name == "aichatonline" and ep.value == "aichatonline_sync.llm_plugin"
+    for ep in metadata.distribution("aichatonline-sync").entry_points
 ):
     pytest.skip(
         "the 'llm' entry point of aichatonline-sync is not installed (run pip install -e .)",
