@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ._config import validate_proxy
 from ._errors import InvalidRequestError
@@ -25,6 +25,7 @@ __all__ = [
     "parse_proxy",
     "parse_seconds",
     "session_options_from_env",
+    "setting_from_env",
 ]
 
 PROXY_ENV = "AICHATONLINE_PROXY"
@@ -73,11 +74,32 @@ def parse_proxy(value: str) -> str:
     return proxy
 
 
-_PARSERS: tuple[tuple[str, str, Any], ...] = (
-    ("proxy", PROXY_ENV, parse_proxy),
-    ("timeout", TIMEOUT_ENV, parse_seconds),
-    ("max_retries", MAX_RETRIES_ENV, parse_count),
-)
+#: option -> (its variable, its parser)
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "proxy": (PROXY_ENV, parse_proxy),
+    "timeout": (TIMEOUT_ENV, parse_seconds),
+    "max_retries": (MAX_RETRIES_ENV, parse_count),
+}
+
+
+def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """The value of one :class:`Session` option from its variable, or ``None`` when the variable
+    is unset or blank. ``option`` is ``"proxy"``, ``"timeout"`` or ``"max_retries"``.
+
+    A front end with its own options (the command line) reads a variable only for an option that
+    was not given, so that a bad variable does not matter when the option overrides it.
+
+    :raises InvalidRequestError: a bad value, as ``"$AICHATONLINE_TIMEOUT: must be a positive
+        number of seconds, not '0'"``.
+    """
+    name, parse = _SETTINGS[option]
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"${name}: {exc}") from None
 
 
 def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
@@ -88,17 +110,7 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
     {'timeout': 30.0}
 
     :param environ: the variables (default :data:`os.environ`).
-    :raises InvalidRequestError: a bad value, as ``"$AICHATONLINE_TIMEOUT: must be a positive
-        number of seconds, not 'soon'"``.
+    :raises InvalidRequestError: a bad value, naming its variable (see :func:`setting_from_env`).
     """
-    source = os.environ if environ is None else environ
-    options: dict[str, Any] = {}
-    for option, name, parse in _PARSERS:
-        raw = source.get(name, "").strip()
-        if not raw:
-            continue
-        try:
-            options[option] = parse(raw)
-        except ValueError as exc:
-            raise InvalidRequestError(f"${name}: {exc}") from None
-    return options
+    options = {option: setting_from_env(option, environ) for option in _SETTINGS}
+    return {option: value for option, value in options.items() if value is not None}

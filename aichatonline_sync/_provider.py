@@ -66,8 +66,8 @@ class AiChatOnline:
     >>> for text in AiChatOnline.create_completion("gpt-4o-mini", [{"role": "user", "content": "Hi"}]):
     ...     print(text, end="")                                           # doctest: +SKIP
 
-    It is also a provider for gpt4free's own API, with or without ``ignore_working=True`` where
-    gpt4free checks ``working``:
+    It is also a provider for gpt4free's own API (``g4f.ChatCompletion`` asks for
+    ``ignore_working=True``: ``working`` is ``False``, gpt4free's last known status):
 
     >>> g4f.ChatCompletion.create("gpt-4o-mini", messages, provider=AiChatOnline,
     ...                           stream=True, ignore_working=True)       # doctest: +SKIP

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from aichatonline_sync import InvalidRequestError, Session
-from aichatonline_sync._env import session_options_from_env
+from aichatonline_sync._env import session_options_from_env, setting_from_env
 
 
 def test_nothing_set_is_no_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,3 +47,11 @@ def test_a_bad_proxy_keeps_its_password_out_of_the_message() -> None:
         session_options_from_env({"AICHATONLINE_PROXY": "ftp://user:s3cretpw@127.0.0.1:1"})
     assert str(info.value).startswith("$AICHATONLINE_PROXY: ")
     assert "s3cretpw" not in str(info.value)
+
+
+def test_one_setting_at_a_time() -> None:
+    environ = {"AICHATONLINE_TIMEOUT": "soon", "AICHATONLINE_MAX_RETRIES": "3"}
+    assert setting_from_env("max_retries", environ) == 3
+    assert setting_from_env("proxy", environ) is None
+    with pytest.raises(InvalidRequestError, match=r"^\$AICHATONLINE_TIMEOUT: "):
+        setting_from_env("timeout", environ)
