@@ -1,7 +1,7 @@
 """A plugin for Simon Willison's ``llm`` command line: the model ``aichatonline`` (gpt-4o-mini).
 
-Installed with the package (``pip install "aichatonline-sync[llm]"``, or ``llm install
-aichatonline-sync``), ``llm`` finds it through the ``llm`` entry point group::
+Installed with the package (``pip install ".[llm]"``, or ``llm install .`` from a checkout),
+``llm`` finds it through the ``llm`` entry point group::
 
     llm -m aichatonline "Hello"                   # streams the reply
     llm -m aichatonline -s "Be brief." "Hello"    # with a system message
