@@ -264,7 +264,8 @@ def test_no_service_at_all(env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def model(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Any:
+def model(emu: Emulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "llm"))
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
     return llm.get_model("aichatonline")
 
