@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-from ._config import validate_proxy
+from ._config import Timeout, validate_proxy
 from ._errors import InvalidRequestError
 from ._protocol import BASE_URL_ENV
 
@@ -24,6 +24,7 @@ __all__ = [
     "parse_count",
     "parse_proxy",
     "parse_seconds",
+    "parse_timeout",
     "session_options_from_env",
     "setting_from_env",
 ]
@@ -45,6 +46,22 @@ def parse_seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"must be a positive number of seconds, not {value!r}")
     return seconds
+
+
+def parse_timeout(value: str) -> Timeout:
+    """``SECONDS`` (connect and read), ``CONNECT,READ``, or ``none`` (no limit; each part too), as
+    the command line's ``--timeout`` takes it.
+
+    >>> parse_timeout("5,none")
+    Timeout(connect=5.0, read=None, total=None)
+
+    :raises ValueError: what is wrong with it.
+    """
+    parts = [part.strip().lower() for part in value.split(",")]
+    if len(parts) > 2:
+        raise ValueError(f"must be SECONDS, CONNECT,READ or 'none', not {value!r}")
+    seconds = [None if part == "none" else parse_seconds(part) for part in parts]
+    return Timeout(connect=seconds[0], read=seconds[-1])
 
 
 def parse_count(value: str, minimum: int = 0) -> int:
@@ -77,7 +94,7 @@ def parse_proxy(value: str) -> str:
 #: option -> (its variable, its parser)
 _SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "proxy": (PROXY_ENV, parse_proxy),
-    "timeout": (TIMEOUT_ENV, parse_seconds),
+    "timeout": (TIMEOUT_ENV, parse_timeout),
     "max_retries": (MAX_RETRIES_ENV, parse_count),
 }
 
@@ -107,7 +124,7 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
     ``$AICHATONLINE_MAX_RETRIES`` give (only those that are set, not blank).
 
     >>> session_options_from_env({"AICHATONLINE_TIMEOUT": "30", "AICHATONLINE_PROXY": ""})
-    {'timeout': 30.0}
+    {'timeout': Timeout(connect=30.0, read=30.0, total=None)}
 
     :param environ: the variables (default :data:`os.environ`).
     :raises InvalidRequestError: a bad value, naming its variable (see :func:`setting_from_env`).

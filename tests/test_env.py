@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from aichatonline_sync import InvalidRequestError, Session
+from aichatonline_sync import InvalidRequestError, Session, Timeout
 from aichatonline_sync._env import session_options_from_env, setting_from_env
 
 
@@ -21,7 +21,11 @@ def test_values_are_parsed_and_fit_a_session(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("AICHATONLINE_TIMEOUT", "2.5")
     monkeypatch.setenv("AICHATONLINE_MAX_RETRIES", "0")
     options = session_options_from_env()
-    assert options == {"proxy": "http://user:pw@127.0.0.1:3128", "timeout": 2.5, "max_retries": 0}
+    assert options == {
+        "proxy": "http://user:pw@127.0.0.1:3128",
+        "timeout": Timeout(connect=2.5, read=2.5),
+        "max_retries": 0,
+    }
     with Session("http://127.0.0.1:1", **options) as session:
         assert session.retry.max_retries == 0
 
@@ -32,6 +36,8 @@ def test_values_are_parsed_and_fit_a_session(monkeypatch: pytest.MonkeyPatch) ->
         ("AICHATONLINE_TIMEOUT", "soon", "$AICHATONLINE_TIMEOUT: must be a number of seconds, not 'soon'"),
         ("AICHATONLINE_TIMEOUT", "0", "$AICHATONLINE_TIMEOUT: must be a positive number of seconds, not '0'"),
         ("AICHATONLINE_TIMEOUT", "nan", "$AICHATONLINE_TIMEOUT: must be a positive number of seconds, not 'nan'"),
+        ("AICHATONLINE_TIMEOUT", "1,2,3", "$AICHATONLINE_TIMEOUT: must be SECONDS, CONNECT,READ or 'none', not '1,2,3'"),
+        ("AICHATONLINE_TIMEOUT", "5,-1", "$AICHATONLINE_TIMEOUT: must be a positive number of seconds, not '-1'"),
         ("AICHATONLINE_MAX_RETRIES", "-1", "$AICHATONLINE_MAX_RETRIES: must be a whole number >= 0, not '-1'"),
         ("AICHATONLINE_MAX_RETRIES", "2.5", "$AICHATONLINE_MAX_RETRIES: must be a whole number >= 0, not '2.5'"),
     ],
@@ -55,3 +61,16 @@ def test_one_setting_at_a_time() -> None:
     assert setting_from_env("proxy", environ) is None
     with pytest.raises(InvalidRequestError, match=r"^\$AICHATONLINE_TIMEOUT: "):
         setting_from_env("timeout", environ)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30", Timeout(connect=30, read=30)),
+        ("5, 60", Timeout(connect=5, read=60)),
+        ("none", Timeout(connect=None, read=None)),
+        ("5,None", Timeout(connect=5, read=None)),
+    ],
+)
+def test_timeout_forms_of_the_command_line(value: str, expected: Timeout) -> None:
+    assert setting_from_env("timeout", {"AICHATONLINE_TIMEOUT": value}) == expected
