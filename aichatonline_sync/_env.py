@@ -1,0 +1,133 @@
+"""Session options from the environment: the ``AICHATONLINE_*`` variables read by the command
+line, the llm plugin and the gateway, parsed and checked in one place.
+
+``AICHATONLINE_BASE_URL`` is read by :class:`Session` itself (when no ``base_url`` is given); this
+module reads the others. A variable that is unset or blank counts as not given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+from ._config import Timeout, validate_proxy
+from ._errors import InvalidRequestError
+from ._protocol import BASE_URL_ENV
+
+__all__ = [
+    "BASE_URL_ENV",
+    "MAX_RETRIES_ENV",
+    "PROXY_ENV",
+    "TIMEOUT_ENV",
+    "parse_count",
+    "parse_proxy",
+    "parse_seconds",
+    "parse_timeout",
+    "session_options_from_env",
+    "setting_from_env",
+]
+
+PROXY_ENV = "AICHATONLINE_PROXY"
+TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
+MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
+
+
+def parse_seconds(value: str) -> float:
+    """A positive, finite number of seconds.
+
+    :raises ValueError: ``"must be a positive number of seconds, not '...'"`` (or ``"a number"``).
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def parse_timeout(value: str) -> Timeout:
+    """``SECONDS`` (connect and read), ``CONNECT,READ``, or ``none`` (no limit; each part too), as
+    the command line's ``--timeout`` takes it.
+
+    >>> parse_timeout("5,none")
+    Timeout(connect=5.0, read=None, total=None)
+
+    :raises ValueError: what is wrong with it.
+    """
+    parts = [part.strip().lower() for part in value.split(",")]
+    if len(parts) > 2:
+        raise ValueError(f"must be SECONDS, CONNECT,READ or 'none', not {value!r}")
+    seconds = [None if part == "none" else parse_seconds(part) for part in parts]
+    return Timeout(connect=seconds[0], read=seconds[-1])
+
+
+def parse_count(value: str, minimum: int = 0) -> int:
+    """A whole number ``>= minimum``.
+
+    :raises ValueError: ``"must be a whole number >= 0, not '...'"``.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f"must be a whole number >= {minimum}, not {value!r}")
+    return number
+
+
+def parse_proxy(value: str) -> str:
+    """A proxy URL, checked as :class:`Session` checks it (credentials never in the message).
+
+    :raises ValueError: what is wrong with it.
+    """
+    try:
+        proxy = validate_proxy(value)
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc)) from None
+    assert proxy is not None
+    return proxy
+
+
+#: option -> (its variable, its parser)
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "proxy": (PROXY_ENV, parse_proxy),
+    "timeout": (TIMEOUT_ENV, parse_timeout),
+    "max_retries": (MAX_RETRIES_ENV, parse_count),
+}
+
+
+def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """The value of one :class:`Session` option from its variable, or ``None`` when the variable
+    is unset or blank. ``option`` is ``"proxy"``, ``"timeout"`` or ``"max_retries"``.
+
+    A front end with its own options (the command line) reads a variable only for an option that
+    was not given, so that a bad variable does not matter when the option overrides it.
+
+    :raises InvalidRequestError: a bad value, as ``"$AICHATONLINE_TIMEOUT: must be a positive
+        number of seconds, not '0'"``.
+    """
+    name, parse = _SETTINGS[option]
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"${name}: {exc}") from None
+
+
+def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """The :class:`Session` options that ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT`` and
+    ``$AICHATONLINE_MAX_RETRIES`` give (only those that are set, not blank).
+
+    >>> session_options_from_env({"AICHATONLINE_TIMEOUT": "30", "AICHATONLINE_PROXY": ""})
+    {'timeout': Timeout(connect=30.0, read=30.0, total=None)}
+
+    :param environ: the variables (default :data:`os.environ`).
+    :raises InvalidRequestError: a bad value, naming its variable (see :func:`setting_from_env`).
+    """
+    options = {option: setting_from_env(option, environ) for option in _SETTINGS}
+    return {option: value for option, value in options.items() if value is not None}
