@@ -1,4 +1,5 @@
-"""The ``aichatonline`` command (also ``python -m aichatonline_sync``): ``chat``, ``batch``, ``serve``.
+"""The ``aichatonline`` command (also ``python -m aichatonline_sync``): ``chat``, ``batch``, ``serve``,
+``gateway``.
 
 Exit status:
 
@@ -6,7 +7,8 @@ Exit status:
 - ``1``: an upstream or network failure (one ``aichatonline: error: ...`` line on stderr, no
   traceback); for ``batch``: at least one prompt failed, or an input line was malformed.
 - ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all).
-- ``130``: interrupted by Ctrl-C (``serve`` treats Ctrl-C as its normal way to stop and exits 0).
+- ``130``: interrupted by Ctrl-C (``serve`` and ``gateway`` treat Ctrl-C as their normal way to stop
+  and exit 0).
 - ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): the command stops
   quietly, and the status is the one a shell shows for a program ended by ``SIGPIPE`` (128 + 13).
 
@@ -192,6 +194,7 @@ examples:
   {PROG} chat --emulator "Hello"              # offline, against the bundled emulator
   {PROG} batch prompts.txt -o results.jsonl --workers 8
   {PROG} serve --port 8765
+  {PROG} gateway --emulator                   # an OpenAI-compatible API on :8000/v1
 
 exit status: 0 done, 1 upstream or network failure, 2 usage error, 130 interrupted,
 141 stdout closed early (e.g. piped into head).
@@ -239,6 +242,22 @@ then, in another terminal:
   AICHATONLINE_BASE_URL=http://127.0.0.1:8765 {PROG} chat "Hello"
 
 Runs until Ctrl-C or SIGTERM, then stops cleanly with exit status 0.
+"""
+
+
+_GATEWAY_EPILOG = f"""\
+examples:
+  {PROG} gateway                                 # http://127.0.0.1:8000/v1
+  {PROG} gateway --emulator --port 0             # offline, on any free port (the URL is printed)
+  AICHATONLINE_GATEWAY_KEY=s3cret {PROG} gateway --host 0.0.0.0
+
+then, from code written for OpenAI's API:
+  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret").chat.completions.create(...)
+
+Serves GET /v1/models and POST /v1/chat/completions (stream and not) with a threaded server
+of the standard library, until Ctrl-C or SIGTERM (then exit status 0). With a key, requests
+must carry 'Authorization: Bearer KEY'. In production, run the same app under gunicorn:
+  gunicorn -k gthread --threads 32 'aichatonline_sync.gateway:app'
 """
 
 
@@ -383,6 +402,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--gzip", action="store_true", help="gzip-compress the replies")
     serve.set_defaults(func=_run_serve)
+
+    gateway = commands.add_parser(
+        "gateway",
+        parents=[common, connection],
+        help="serve an OpenAI-compatible API (/v1/chat/completions) in the foreground",
+        description="Serve the service behind OpenAI's API, until Ctrl-C or SIGTERM.",
+        epilog=_GATEWAY_EPILOG,
+        formatter_class=formatter,
+    )
+    gateway.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    gateway.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="the port to listen on; 0 picks a free one (default: 8000)",
+    )
+    gateway.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
+    )
+    gateway.set_defaults(func=_run_gateway)
     return parser
 
 
@@ -759,6 +802,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- gateway -------------------------------------------------------------------------------------
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from ._config import redact_url
+    from .gateway import GATEWAY_KEY_ENV, make_app, make_server
+
+    _from_env(args, "api_key", GATEWAY_KEY_ENV, str)
+    with _connect(args) as session:
+        app = make_app(session, api_key=args.api_key)
+        try:
+            server = make_server(app, args.host, args.port)
+        except OSError as exc:
+            _error(f"cannot listen on {args.host}:{args.port}: {exc}")
+            return EXIT_FAILURE
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous: Any = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+        try:
+            upstream = "the bundled emulator" if args.emulator else redact_url(session.base_url)
+            sys.stdout.write(
+                f"Gateway listening on {server.url}/v1, answered by {upstream} (Ctrl-C to stop)\n"
+            )
+            sys.stdout.flush()
+            server.serve_forever()
+        except (KeyboardInterrupt, _Terminated):
+            logger.debug("stopping the gateway")
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            server.server_close()
+    return EXIT_OK
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -807,7 +883,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if getattr(args, "func", None) is None:
         parser.print_usage(sys.stderr)
-        _error(f"give a command: chat, batch or serve (see '{PROG} --help')")
+        _error(f"give a command: chat, batch, serve or gateway (see '{PROG} --help')")
         return EXIT_USAGE
     undo_logging = _setup_logging(bool(args.verbose))
     try:
