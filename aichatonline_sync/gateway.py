@@ -633,8 +633,12 @@ class GatewayApp:
             if request.stream:
                 # chat() returns once the first piece has arrived: errors before it get a status.
                 stream = session.chat(request.messages, model=request.model, keep_text=False)
+                try:
+                    start_response("200 OK", list(_SSE_HEADERS))
+                except BaseException:
+                    stream.close()
+                    raise
                 body = _EventStream(stream, created, self._end)
-                start_response("200 OK", list(_SSE_HEADERS))
                 return body
             with session.chat(request.messages, model=request.model, keep_text=False) as stream:
                 text = "".join(stream)
