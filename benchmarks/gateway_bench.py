@@ -388,10 +388,22 @@ class Lean:
         return connection
 
     def _response(self, prompt: str, stream: bool) -> Any:
+        import http.client
+
         body = json.dumps({"model": MODEL, "messages": _messages(prompt), "stream": stream})
-        connection = self._connection()
-        connection.request("POST", self.path, body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
+        for attempt in range(2):
+            connection = self._connection()
+            try:
+                connection.request("POST", self.path, body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionError):
+                # The server closed the connection while it sat idle (gunicorn's keep-alive
+                # is 2 s): open a new one, as any pooled client does.
+                connection.close()
+                self.local.connection = None
+                if attempt:
+                    raise
         assert response.status == 200, response.read()
         return response
 
@@ -694,7 +706,10 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
 # --- the whole run -----------------------------------------------------------------------------
 
 
-def bench_gateway(report: Any, quick: bool) -> None:
+SECTIONS = ("latency", "short", "concurrent")
+
+
+def bench_gateway(report: Any, quick: bool, sections: Sequence[str] = SECTIONS) -> None:
     """The three measures, with their own processes (``run.py --only gateway`` calls this)."""
     try:
         import gunicorn  # noqa: F401
@@ -723,7 +738,8 @@ def bench_gateway(report: Any, quick: bool) -> None:
         try:
             streaming["lean gunicorn"] = Lean("`http.client` → gunicorn gthread", procs.gunicorn)
             streaming["lean stdlib"] = Lean("`http.client` → `aichatonline gateway`", procs.stdlib)
-            bench_latency(report, streaming, quick)
+            if "latency" in sections:
+                bench_latency(report, streaming, quick)
             chats = {
                 "direct": streaming["direct"],
                 "lean gunicorn": streaming["lean gunicorn"],
@@ -732,11 +748,13 @@ def bench_gateway(report: Any, quick: bool) -> None:
                 "openai stdlib": streaming["stdlib"],
                 "alone": Recorded(streaming["gunicorn"], _spec(20, 0)),
             }
-            bench_short(report, chats, quick)
+            if "short" in sections:
+                bench_short(report, chats, quick)
         finally:
             for client in {id(c): c for c in [*streaming.values(), *chats.values()]}.values():
                 client.close()
-        bench_concurrent(report, procs, quick)
+        if "concurrent" in sections:
+            bench_concurrent(report, procs, quick)
     finally:
         procs.close()
     report(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
@@ -750,9 +768,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
     parser.add_argument("--write", metavar="FILE", help="also write the markdown report to FILE")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)"
+    )
     args = parser.parse_args(argv)
     report = Report()
-    bench_gateway(report, args.quick)
+    bench_gateway(report, args.quick, args.only or SECTIONS)
     report("### Targets")
     report()
     report.table(
