@@ -141,14 +141,15 @@ def _child_env(upstream: str) -> dict[str, str]:
 class Processes:
     """The upstream, gunicorn and ``aichatonline gateway``, started and stopped together."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, workers: int = 2) -> None:
+        self.workers, self.threads = workers, threads
         self.procs: list[subprocess.Popen[str]] = []
         upstream = self._start([sys.executable, os.path.abspath(__file__), "--upstream"], "stdout")
         self.upstream = f"http://{HOST}:{self._line(upstream, 'stdout').strip()}"
         env = _child_env(self.upstream)
         gunicorn = self._start(
             [
-                sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", "2",
+                sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", str(workers),
                 "--threads", str(threads), "--bind", f"{HOST}:0", "--backlog", "4096",
                 "aichatonline_sync.gateway:app",
             ],
@@ -156,7 +157,7 @@ class Processes:
             env=env,
         )  # fmt: skip
         port, booted = "", 0
-        while booted < 2:
+        while booted < workers:
             line = self._line(gunicorn, "stderr")
             found = re.search(r"Listening at: http://[\d.]+:(\d+)", line)
             port = found.group(1) if found else port
@@ -635,7 +636,8 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
     report(
         f"### 3. {count} concurrent streams of {pieces} pieces {delay * 1000:.0f} ms apart, started "
         f"over {spread:g} s (then all {count} run together for {pieces * delay - spread:g} s) "
-        "through one gunicorn (`-k gthread`, 2 workers × 256 threads), each read by a thread of "
+        f"through one gunicorn (`-k gthread`, {procs.workers} workers × {procs.threads} threads), "
+        "each read by a thread of "
         "this process with `http.client`, against one `Session` straight to the upstream from as "
         "many threads (run before and after)"
     )
@@ -697,7 +699,9 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
 SECTIONS = ("latency", "short", "concurrent")
 
 
-def bench_gateway(report: Any, quick: bool, sections: Sequence[str] = SECTIONS) -> None:
+def bench_gateway(
+    report: Any, quick: bool, sections: Sequence[str] = SECTIONS, workers: int = 2
+) -> None:
     """The three measures, with their own processes (``run.py --only gateway`` calls this)."""
     try:
         import gunicorn  # noqa: F401
@@ -715,7 +719,7 @@ def bench_gateway(report: Any, quick: bool, sections: Sequence[str] = SECTIONS) 
         "side-by-side differences within one run are what counts."
     )
     report()
-    procs = Processes(threads=256)
+    procs = Processes(threads=256, workers=workers)
     try:
         streaming: dict[str, Any] = {
             "direct": Direct(procs.upstream),
@@ -759,9 +763,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="gunicorn's worker processes (default: 2)"
+    )
     args = parser.parse_args(argv)
     report = Report()
-    bench_gateway(report, args.quick, args.only or SECTIONS)
+    bench_gateway(report, args.quick, args.only or SECTIONS, args.workers)
     report("### Targets")
     report()
     report.table(
