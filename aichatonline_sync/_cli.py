@@ -1,4 +1,5 @@
-"""The ``aichatonline`` command (also ``python -m aichatonline_sync``): ``chat``, ``batch``, ``serve``.
+"""The ``aichatonline`` command (also ``python -m aichatonline_sync``): ``chat``, ``batch``, ``serve``,
+``gateway``.
 
 Exit status:
 
@@ -9,7 +10,8 @@ Exit status:
 - ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all,
   input that is not UTF-8, an OUTPUT that cannot be opened or is the INPUT).
 - ``130``: interrupted by Ctrl-C; ``143``: stopped by SIGTERM (``timeout``, systemd, ``docker
-  stop``), handled the same way. ``serve`` treats both as its normal way to stop and exits 0.
+  stop``), handled the same way. ``serve`` and ``gateway`` treat both as their normal way to stop
+  and exit 0.
 - ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): ``chat`` stops quietly,
   ``batch`` says how far it got; the status is the one a shell shows for a program ended by
   ``SIGPIPE`` (128 + 13).
@@ -58,7 +60,16 @@ from ._cli_io import (
     same_file,
     with_system,
 )
-from ._config import Timeout, validate_base_url, validate_proxy, validate_verify
+from ._config import validate_base_url, validate_verify
+from ._env import (
+    MAX_RETRIES_ENV,
+    PROXY_ENV,
+    TIMEOUT_ENV,
+    parse_count,
+    parse_proxy,
+    parse_timeout,
+    setting_from_env,
+)
 from ._errors import AiChatOnlineError, APIConnectionError, InvalidRequestError
 from ._session import MODELS, Session
 from ._version import __version__
@@ -89,9 +100,6 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
 
-PROXY_ENV = "AICHATONLINE_PROXY"
-TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
-MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
 
 _BATCH_THREAD_PREFIX = "aichatonline-batch"
 #: The library's advice for an untrusted certificate, and the command line's words for it.
@@ -125,23 +133,25 @@ def _status_of(interrupt: KeyboardInterrupt) -> int:
 # -- option types --------------------------------------------------------------------------------
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
-    return seconds
+def _argument(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An ``argparse`` type from a parser of :mod:`._env` (its ``ValueError`` says what is wrong)."""
+
+    def argument(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    argument.__name__ = name
+    return argument
 
 
-def _timeout(value: str) -> Timeout:
-    """``SECONDS`` (connect and read), ``CONNECT,READ``, or ``none`` (each part too)."""
-    parts = [part.strip().lower() for part in value.split(",")]
-    if len(parts) > 2:
-        raise argparse.ArgumentTypeError(f"must be SECONDS, CONNECT,READ or 'none', not {value!r}")
-    seconds = [None if part == "none" else _seconds(part) for part in parts]
-    return Timeout(connect=seconds[0], read=seconds[-1])
+_timeout = _argument(parse_timeout, "timeout")
+_proxy = _argument(parse_proxy, "proxy")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    return _argument(lambda value: parse_count(value, minimum), f"whole number >= {minimum}")
 
 
 def _verify(value: str) -> Union[bool, str]:
@@ -167,22 +177,6 @@ def _delay(value: str) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value!r}")
     return seconds
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be a whole number >= {minimum}, not {value!r}"
-            ) from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, not {value!r}")
-        return number
-
-    parse.__name__ = f"whole number >= {minimum}"
-    return parse
 
 
 def _rate(value: str) -> float:
@@ -216,15 +210,6 @@ def _base_url(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).replace("base_url ", "", 1)) from None
 
 
-def _proxy(value: str) -> str:
-    try:
-        proxy = validate_proxy(value)
-    except InvalidRequestError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    assert proxy is not None
-    return proxy
-
-
 def _model(value: str) -> str:
     if value not in MODELS:
         raise argparse.ArgumentTypeError(
@@ -242,6 +227,7 @@ examples:
   {PROG} chat --emulator "Hello"              # offline, against the bundled emulator
   {PROG} batch prompts.txt -o results.jsonl --workers 8
   {PROG} serve --port 8765
+  {PROG} gateway --emulator                   # an OpenAI-compatible API on :8000/v1
 
 exit status: 0 done, 1 upstream or network failure (or a failed write), 2 usage error,
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed early (e.g. piped
@@ -307,6 +293,22 @@ then, in another terminal:
   AICHATONLINE_BASE_URL=http://127.0.0.1:8765 {PROG} chat "Hello"
 
 Runs until Ctrl-C or SIGTERM, then stops cleanly with exit status 0.
+"""
+
+
+_GATEWAY_EPILOG = f"""\
+examples:
+  {PROG} gateway                                 # http://127.0.0.1:8000/v1
+  {PROG} gateway --emulator --port 0             # offline, on any free port (the URL is printed)
+  AICHATONLINE_GATEWAY_KEY=s3cret {PROG} gateway --host 0.0.0.0
+
+then, from code written for OpenAI's API:
+  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret").chat.completions.create(...)
+
+Serves GET /v1/models and POST /v1/chat/completions (stream and not) with a threaded server
+of the standard library, until Ctrl-C or SIGTERM (then exit status 0). With a key, requests
+must carry 'Authorization: Bearer KEY'. In production, run the same app under gunicorn:
+  gunicorn -k gthread --threads 32 'aichatonline_sync.gateway:app'
 """
 
 
@@ -476,6 +478,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--gzip", action="store_true", help="gzip-compress the replies")
     serve.set_defaults(func=_run_serve)
+
+    gateway = commands.add_parser(
+        "gateway",
+        parents=[common, connection],
+        help="serve an OpenAI-compatible API (/v1/chat/completions) in the foreground",
+        description="Serve the service behind OpenAI's API, until Ctrl-C or SIGTERM.",
+        epilog=_GATEWAY_EPILOG,
+        formatter_class=formatter,
+    )
+    gateway.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    gateway.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="the port to listen on; 0 picks a free one (default: 8000)",
+    )
+    gateway.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
+    )
+    gateway.set_defaults(func=_run_gateway)
     return parser
 
 
@@ -496,9 +522,12 @@ def _from_env(args: argparse.Namespace, dest: str, env: str, parse: Callable[[st
 
 
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
-    _from_env(args, "proxy", PROXY_ENV, _proxy)
-    _from_env(args, "timeout", TIMEOUT_ENV, _timeout)
-    _from_env(args, "max_retries", MAX_RETRIES_ENV, _count(0))
+    for option in ("proxy", "timeout", "max_retries"):
+        if getattr(args, option) is None:  # a given option wins over its variable, bad or not
+            try:
+                setattr(args, option, setting_from_env(option))
+            except InvalidRequestError as exc:
+                raise UsageError(str(exc)) from None
     options: dict[str, Any] = {}
     for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes"):
         if getattr(args, name) is not None:
@@ -853,6 +882,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- gateway -------------------------------------------------------------------------------------
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from ._config import redact_url
+    from .gateway import GATEWAY_KEY_ENV, make_app, make_server
+
+    _from_env(args, "api_key", GATEWAY_KEY_ENV, str)
+    with _connect(args) as session:
+        app = make_app(session, api_key=args.api_key)
+        try:
+            server = make_server(app, args.host, args.port)
+        except OSError as exc:
+            _error(f"cannot listen on {args.host}:{args.port}: {exc}")
+            return EXIT_FAILURE
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous: Any = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+        try:
+            upstream = "the bundled emulator" if args.emulator else redact_url(session.base_url)
+            sys.stdout.write(
+                f"Gateway listening on {server.url}/v1, answered by {upstream} (Ctrl-C to stop)\n"
+            )
+            sys.stdout.flush()
+            server.serve_forever()
+        except (KeyboardInterrupt, _Terminated):
+            logger.debug("stopping the gateway")
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            server.server_close()
+    return EXIT_OK
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -923,7 +985,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if getattr(args, "func", None) is None:
         parser.print_usage(sys.stderr)
-        _error(f"give a command: chat, batch or serve (see '{PROG} --help')")
+        _error(f"give a command: chat, batch, serve or gateway (see '{PROG} --help')")
         return EXIT_USAGE
     undo_logging = _setup_logging(bool(args.verbose))
     try:

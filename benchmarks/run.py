@@ -1090,8 +1090,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["server", "throughput", "latency", "session", "memory", "tracer", "import"],
-        help="run only these sections (repeatable)",
+        choices=[
+            "server",
+            "throughput",
+            "latency",
+            "session",
+            "memory",
+            "tracer",
+            "import",
+            "gateway",
+        ],
+        help="run only these sections (repeatable); `gateway` (gateway_bench.py) runs only when named",
     )
     args = parser.parse_args(argv)
     if args.lib:
@@ -1125,6 +1134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bench_tracer(srv, report, args.quick)
     if "import" in sections:
         bench_import(report, args.quick)
+    if "gateway" in sections:
+        from gateway_bench import bench_gateway
+
+        bench_gateway(report, args.quick)
     report("## Targets")
     report()
     report.table(
