@@ -3,17 +3,15 @@ keep every test off the network (only loopback) and independent of the others.""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import _netguard
 import pytest
 
 from aichatonline_sync import RetryPolicy
 from aichatonline_sync._api import close_shared_sessions
 from aichatonline_sync.testing import Emulator
-
-_LOOPBACK = {"127.0.0.1", "::1", "localhost", b"127.0.0.1", b"localhost"}
 
 
 class SleepRecorder:
@@ -51,15 +49,9 @@ def emulator() -> Iterator[Callable[..., Emulator]]:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No environment leaks in, no host but loopback is resolved, no shared session leaks out."""
+    """No environment leaks in, no host but this machine is resolved or reached (``_netguard``), no
+    shared session leaks out."""
     monkeypatch.delenv("AICHATONLINE_BASE_URL", raising=False)
-    real = socket.getaddrinfo
-
-    def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host not in _LOOPBACK:
-            raise socket.gaierror(f"tests may only reach loopback, not {host!r}")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    _netguard.install(monkeypatch.setattr)
     yield
     close_shared_sessions()
