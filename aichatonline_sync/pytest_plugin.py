@@ -125,7 +125,8 @@ class AiChatOnlineMock:
         base_url: str = MOCK_BASE_URL,
         token: str | None = None,
     ) -> None:
-        from responses import matchers  # lazy: responses is optional
+        import responses  # lazy: responses is optional
+        from responses import matchers
 
         #: The base URL answered for (no trailing slash).
         self.base_url = base_url.rstrip("/")
@@ -145,12 +146,15 @@ class AiChatOnlineMock:
             self.token_url,
             json=token_reply(self.token),
         )
-        self._chat_response = rsps.add_callback(
-            "POST",
-            self.chat_url,
-            callback=self._chat_callback,
-            content_type=None,
-            match=[matchers.header_matcher({"UniqueId": self.token}), _chat_body_matcher],
+        # add(CallbackResponse(...)), not add_callback(), which returns None in responses 0.23.
+        self._chat_response = rsps.add(
+            responses.CallbackResponse(
+                "POST",
+                self.chat_url,
+                callback=self._chat_callback,
+                content_type=None,
+                match=[matchers.header_matcher({"UniqueId": self.token}), _chat_body_matcher],
+            )
         )
 
     @property
