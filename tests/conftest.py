@@ -1,16 +1,18 @@
 """Shared fixtures: emulators that are always stopped, a sleep recorder for retries, and guards that
 keep every test off the network (only loopback) and independent of the others.
 
-With ``AICHATONLINE_REQUIRE_OPTIONAL=1`` (as .ci/run sets on every row), a test that skips because
-an optional package cannot be imported (``pytest.importorskip``) fails instead: a CI row passes by
-running its tests, not by missing their packages. A package that cannot be had on some Python
-(g4f needs 3.10+) is skipped with ``skipif`` on the version, and a reason that says so.
+Optional packages: ``pytest.importorskip`` is wrapped here. With ``AICHATONLINE_REQUIRE_OPTIONAL=1``
+(as .ci/run sets on every row) a test that would skip because an optional package cannot be imported
+fails instead: a CI row passes by running its tests, not by missing their packages. A package that
+the test extra cannot install on this Python (``UNAVAILABLE_HERE``, after setup.cfg's markers) still
+skips, with a reason that says so.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import _netguard
@@ -22,19 +24,31 @@ from aichatonline_sync.testing import Emulator
 
 REQUIRE_OPTIONAL = os.environ.get("AICHATONLINE_REQUIRE_OPTIONAL", "") not in ("", "0")
 
+#: Optional packages that setup.cfg's test extra does not install on this Python, and why.
+UNAVAILABLE_HERE = (
+    {"g4f": "g4f needs Python 3.10 or newer (the test extra installs it from 3.10 on)"}
+    if sys.version_info < (3, 10)
+    else {}
+)
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
-    outcome = yield
-    report = outcome.get_result()
-    if not (REQUIRE_OPTIONAL and report.skipped and call.excinfo is not None):
-        return
-    message = str(call.excinfo.value)
-    if message.startswith("could not import"):  # pytest.importorskip's words
-        report.outcome = "failed"
-        report.longrepr = f"{message}: AICHATONLINE_REQUIRE_OPTIONAL is set, install it"
+_importorskip = pytest.importorskip
+
+
+def _importorskip_or_fail(modname: str, *args: Any, **kwargs: Any) -> Any:
+    """``pytest.importorskip``, but a skip for a missing package fails under REQUIRE_OPTIONAL."""
+    __tracebackhide__ = True  # a skip or failure is reported at the test's line, as pytest's is
+    try:
+        return _importorskip(modname, *args, **kwargs)
+    except pytest.skip.Exception as skip:
+        unavailable = UNAVAILABLE_HERE.get(modname.split(".", maxsplit=1)[0])
+        if unavailable:
+            raise pytest.skip.Exception(unavailable, allow_module_level=True) from None
+        if not REQUIRE_OPTIONAL:
+            raise
+        pytest.fail(f"{skip.msg}; AICHATONLINE_REQUIRE_OPTIONAL is set: install it", pytrace=False)
+
+
+pytest.importorskip = _importorskip_or_fail  # type: ignore[assignment]
 
 
 class SleepRecorder:
