@@ -125,8 +125,7 @@ class AiChatOnlineMock:
         base_url: str = MOCK_BASE_URL,
         token: str | None = None,
     ) -> None:
-        import responses  # lazy: responses is optional
-        from responses import matchers
+        from responses import matchers  # lazy: responses is optional
 
         #: The base URL answered for (no trailing slash).
         self.base_url = base_url.rstrip("/")
@@ -146,15 +145,13 @@ class AiChatOnlineMock:
             self.token_url,
             json=token_reply(self.token),
         )
-        # add(CallbackResponse(...)), not add_callback(), which returns None in responses 0.23.
-        self._chat_response = rsps.add(
-            responses.CallbackResponse(
-                "POST",
-                self.chat_url,
-                callback=self._chat_callback,
-                content_type=None,
-                match=[matchers.header_matcher({"UniqueId": self.token}), _chat_body_matcher],
-            )
+        self._chat_response = _add_callback(
+            rsps,
+            "POST",
+            self.chat_url,
+            callback=self._chat_callback,
+            content_type=None,
+            match=[matchers.header_matcher({"UniqueId": self.token}), _chat_body_matcher],
         )
 
     @property
@@ -208,6 +205,16 @@ class AiChatOnlineMock:
         for name, response in (("token", self._token_response), ("chat", self._chat_response)):
             if name not in self._required and response.call_count == 0:
                 self.rsps.remove(response)
+
+
+def _add_callback(
+    rsps: responses.RequestsMock, method: str, url: Any, **kwargs: Any
+) -> responses.BaseResponse:
+    """``rsps.add_callback(...)``, returning the response it adds (``add_callback`` itself returns
+    ``None`` in responses 0.23, which legacy code bases still pin)."""
+    import responses  # lazy: responses is optional
+
+    return rsps.add(responses.CallbackResponse(method, url, **kwargs))
 
 
 def _split(text: str) -> list[str]:
