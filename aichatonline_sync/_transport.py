@@ -493,8 +493,11 @@ _REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>:? ?|\b[A-Z]\w*Connection(Pool)?
 def _detail(chain: list[BaseException]) -> str:
     """What went wrong, in words: the system's words for the innermost error that has them."""
     for item in reversed(chain):
-        if isinstance(item, ssl.SSLCertVerificationError) and item.verify_message:
-            return str(item.verify_message)
+        # getattr: one raised by ssl.match_hostname (which early urllib3 1.26 releases call) has
+        # no verify_message.
+        verify_message = getattr(item, "verify_message", None)
+        if isinstance(item, ssl.SSLCertVerificationError) and verify_message:
+            return str(verify_message)
         if isinstance(item, OSError) and item.strerror:
             return str(item.strerror)
     for item in reversed(chain):

@@ -169,10 +169,11 @@ class AiChatOnlineMock:
         )
         #: The chat URL.
         self.chat_url = f"{self.base_url}{CHAT_PATH}"
-        self._token_response = rsps.add_callback(
-            "GET", self.token_url, callback=self._token_callback, content_type=None
+        self._token_response = _add_callback(
+            rsps, "GET", self.token_url, callback=self._token_callback, content_type=None
         )
-        self._chat_response = rsps.add_callback(
+        self._chat_response = _add_callback(
+            rsps,
             "POST",
             self.chat_url,
             callback=self._chat_callback,
@@ -423,6 +424,16 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     ):
         raise ValueError(f"headers must map str to str, not {headers!r}")
     return dict(headers)
+
+
+def _add_callback(
+    rsps: responses.RequestsMock, method: str, url: Any, **kwargs: Any
+) -> responses.BaseResponse:
+    """``rsps.add_callback(...)``, returning the response it adds (``add_callback`` itself returns
+    ``None`` in responses 0.23, which legacy code bases still pin)."""
+    import responses  # lazy: responses is optional
+
+    return rsps.add(responses.CallbackResponse(method, url, **kwargs))
 
 
 def _split(text: str) -> list[str]:

@@ -268,7 +268,9 @@ def assert_no_secret(texts: list[str], secrets: list[str]) -> None:
 
 def error_texts(error: BaseException) -> list[str]:
     """What a user may print or log of an error: str, repr, and the whole chained traceback."""
-    return [str(error), repr(error), "".join(traceback.format_exception(error))]
+    # The three-argument form: the one-argument one is Python 3.10+.
+    chained = traceback.format_exception(type(error), error, error.__traceback__)
+    return [str(error), repr(error), "".join(chained)]
 
 
 @pytest.mark.parametrize("scheme", ["http", "socks5"])

@@ -104,7 +104,7 @@ def add_chat(
         chat_url(base),
         body=body_of("Hello", ", ", "world") if body is None else body,
         status=status,
-        headers=headers,
+        headers=headers or {},  # None: responses < 0.25 iterates it with content_type
         content_type=content_type,
         match=[matchers.header_matcher({"UniqueId": token})],
     )

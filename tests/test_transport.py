@@ -22,7 +22,8 @@ FRAMINGS = ["chunked", "length", "close"]
 COMBOS = [(framing, gz) for framing in FRAMINGS for gz in (False, True)]
 COMBO_IDS = [f"{framing}-{'gzip' if gz else 'plain'}" for framing, gz in COMBOS]
 PIECES = ["Hello", ", ", "wörld ", "日本語 ", "\u2028", "emoji 🎉 ", "line\nbreak\r\n", "end"]
-URLLIB3_2 = not urllib3.__version__.startswith("1.")
+# HTTPResponse.read1: urllib3 2.2 on; before it (1.26, 2.0, 2.1) the fallback reads with stream().
+HAS_READ1 = hasattr(urllib3.response.HTTPResponse, "read1")
 
 
 @pytest.fixture
@@ -86,10 +87,13 @@ def test_fallback_hands_the_connection_back(
 def test_fallback_hands_each_piece_out_on_arrival(
     emulator: MakeEmulator, public_reads: list[bool], framing: str
 ) -> None:
-    """urllib3 2's ``read1`` is prompt in every framing; urllib3 1.26's ``stream()`` only on
-    chunked bodies (the reason for internal 1)."""
-    if not URLLIB3_2 and framing != "chunked":
-        pytest.skip("urllib3 1.26 has no read1: its public reads wait for whole blocks")
+    """urllib3's ``read1`` (2.2 on) is prompt in every framing; ``stream()`` (urllib3 1.26 to 2.1)
+    only on chunked bodies (the reason for internal 1)."""
+    if not HAS_READ1 and framing != "chunked":
+        pytest.skip(
+            f"urllib3 {urllib3.__version__} has no read1 (2.2 on): its public reads wait for "
+            "whole blocks on a body that is not chunked"
+        )
     received = [threading.Event() for _ in PIECES]
     late: list[int] = []
 
