@@ -315,7 +315,9 @@ def iter_batch(
     Prompts are pulled from ``prompts`` as work frees up: at most :func:`in_flight_limit` of them
     are submitted and not yet handed out, so an endless generator works, with flat memory. A
     sequence (a list, a tuple) is checked whole before anything is sent; a prompt from any other
-    iterable is checked when it is pulled, and a bad one becomes its result's error.
+    iterable is checked when it is pulled, and a bad one becomes its result's error. Once a
+    ``cancel`` given in ``chat_options`` is cancelled, every prompt of a sequence not yet done
+    fails at once (each is accounted for), and an iterator is pulled no further.
     """
     check_prompts(prompts)
     _check(max_workers, rate_limit)
@@ -341,8 +343,10 @@ def iter_batch(
         )
     if session is None and shared is None:
         raise InvalidRequestError("a batch needs a session")
+    chat_options = dict(chat_options)
+    given_cancel = _batch_cancel(chat_options, remote)
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
-    cancel = None if remote else Cancellation()
+    cancel = None if remote else (given_cancel or Cancellation())
     limiter = (
         RateLimiter(rate_limit, sleep=cancel.wait)
         if rate_limit is not None and cancel is not None
@@ -380,6 +384,9 @@ def iter_batch(
         more = True
         while True:
             while more and len(pending) + len(refused) < limit:
+                if not checked and cancel is not None and cancel.cancelled:
+                    more = False  # cancelled: an iterator (maybe endless) is pulled no further
+                    break
                 item = next(source, None)
                 if item is None:
                     more = False
@@ -416,6 +423,23 @@ def iter_batch(
                 pool.shutdown(wait=finished, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+
+def _batch_cancel(chat_options: dict[str, Any], remote: bool) -> Optional[Cancellation]:
+    """Take ``cancel`` out of ``chat_options`` (the batch passes its own to each chat); refuse
+    the chat options a batch cannot pass on."""
+    if "keep_text" in chat_options:
+        raise InvalidRequestError("a batch keeps the text of every reply: keep_text is not an option")
+    cancel = chat_options.pop("cancel", None)
+    if cancel is None:
+        return None
+    if not isinstance(cancel, Cancellation):
+        raise InvalidRequestError(f"cancel must be a Cancellation, not {type(cancel).__name__}")
+    if remote:
+        raise InvalidRequestError(
+            "cancel= works with thread executors only (a Cancellation cannot reach another process)"
+        )
+    return cancel
 
 
 def in_flight_limit(max_workers: int) -> int:

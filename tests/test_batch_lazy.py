@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -150,3 +151,37 @@ def test_progress_of_an_unsized_iterable_has_no_total(
     assert len(list(aco.batch_iter((p for p in ["a", "b"]), session=session, progress=True))) == 2
     assert len(list(aco.batch_iter(["a", "b"], session=session, progress=True))) == 2
     assert totals == [None, 2]
+
+
+def test_a_cancellation_given_to_a_batch_stops_it_from_another_thread(
+    emulator: Callable[..., Emulator],
+) -> None:
+    emu = emulator(reply=["a", "b"])
+    cancel = aco.Cancellation()
+    results = []
+    with aco.Session(emu.url) as session:
+        for result in aco.batch_iter(
+            (f"q{i}" for i in range(1000)), session=session, max_workers=2, cancel=cancel
+        ):
+            results.append(result)
+            if len(results) == 3:
+                threading.Thread(target=cancel.cancel).start()  # as a watchdog thread would
+
+    done = [r for r in results if r.error is None]
+    stopped = [r for r in results if r.error is not None]
+    assert len(done) >= 3
+    assert all(isinstance(r.error, aco.APIConnectionError) for r in stopped)
+    assert all("cancelled" in str(r.error) for r in stopped)
+    assert len(results) < 1000  # what was not yet pulled is never run
+    assert len(emu.chat_requests) <= len(done) + 2 * 2
+
+
+def test_keep_text_and_a_bad_cancel_are_refused_before_any_request(
+    emulator: Callable[..., Emulator],
+) -> None:
+    emu = emulator()
+    with pytest.raises(aco.InvalidRequestError, match="keep_text"):
+        aco.batch(["a"], base_url=emu.url, keep_text=False)
+    with pytest.raises(aco.InvalidRequestError, match="Cancellation"):
+        aco.batch(["a"], base_url=emu.url, cancel="stop")
+    assert emu.requests == []
