@@ -56,17 +56,19 @@ def _as_code(value: Any) -> Any:
     return value
 
 
-def _decode_lines(complete: bytes) -> list[str]:
+def _decode_lines(complete: bytes, warn: bool = True) -> tuple[list[str], bool]:
     """The lines of ``complete`` (which ends with a newline) as text, without their newlines.
 
     The whole block is decoded at once (strict UTF-8). When that fails, each line that is no
-    UTF-8 is decoded with U+FFFD in place of its bad bytes (as httpx's ``iter_text`` does), with a
-    warning: a piece with one bad byte keeps the rest of its text, and a line of binary garbage is
-    then skipped as not JSON. ``\n`` never occurs inside a UTF-8 sequence, so the lines are the
-    same either way.
+    UTF-8 is decoded with U+FFFD in place of its bad bytes (as httpx's ``iter_text`` does): a
+    piece with one bad byte keeps the rest of its text, and a line of binary garbage is then
+    skipped as not JSON. The first such line is logged as a warning (when ``warn``), the others at
+    debug level. ``\\n`` never occurs inside a UTF-8 sequence, so the lines are the same either way.
+
+    :returns: the lines, and whether a line was no UTF-8.
     """
     try:
-        return complete.decode("utf-8").split("\n")[:-1]
+        return complete.decode("utf-8").split("\n")[:-1], False
     except UnicodeDecodeError:
         pass
     lines = []
@@ -74,9 +76,11 @@ def _decode_lines(complete: bytes) -> list[str]:
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            logger.warning("a reply line is not UTF-8; its bad bytes became U+FFFD: %.200r", raw)
+            level = logging.WARNING if warn else logging.DEBUG
+            warn = False
+            logger.log(level, "a reply line (%d bytes) is not UTF-8; its bad bytes became U+FFFD", len(raw))
             lines.append(raw.decode("utf-8", "replace"))
-    return lines
+    return lines, True
 
 
 class LineParser:
@@ -93,7 +97,7 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_overflow", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -104,6 +108,7 @@ class LineParser:
         #: The error line that stopped the parse, if any.
         self.error: Optional[ErrorLine] = None
         self._overflow: Optional[ProtocolError] = None
+        self._not_utf8 = False  # a line was no UTF-8 (warned once per reply)
 
     @property
     def stopped(self) -> bool:
@@ -168,7 +173,9 @@ class LineParser:
         out: list[str] = []
         append = out.append
         scan = _SCAN
-        for line in _decode_lines(complete):
+        lines, not_utf8 = _decode_lines(complete, warn=not self._not_utf8)
+        self._not_utf8 = self._not_utf8 or not_utf8
+        for line in lines:
             try:
                 obj, end = scan(line, 0)
                 message = obj["data"]["message"]
