@@ -42,6 +42,7 @@ import io
 import json
 import re
 import secrets
+import threading
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -159,6 +160,7 @@ class AiChatOnlineMock:
         self.token = token if token is not None else secrets.token_hex(16)
         self._pieces: list[str] = _split(_DEFAULT_MOCK_REPLY)
         self._required: set[str] = set()
+        self._faults_lock = threading.Lock()  # responses runs callbacks in the callers' threads
         self._faults: dict[str, collections.deque[list[Any]]] = {
             name: collections.deque() for name in _ENDPOINTS
         }
@@ -316,23 +318,26 @@ class AiChatOnlineMock:
     def pending_faults(self, endpoint: str | None = None) -> int:
         """How many fault replies are still queued (for ``"token"``, ``"chat"``, or both)."""
         names = _ENDPOINTS if endpoint is None else (_check_endpoint(endpoint),)
-        return sum(fault[1] for name in names for fault in self._faults[name])
+        with self._faults_lock:
+            return sum(fault[1] for name in names for fault in self._faults[name])
 
     def _queue(self, endpoint: str, fault: tuple[Any, ...], times: int) -> None:
         _check_endpoint(endpoint)
         _check_count("times", times, 1)
-        self._faults[endpoint].append([fault, times])
+        with self._faults_lock:
+            self._faults[endpoint].append([fault, times])
 
     def _take_fault(self, endpoint: str) -> Optional[tuple[Any, ...]]:
-        queue = self._faults[endpoint]
-        if not queue:
-            return None
-        entry = queue[0]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            queue.popleft()
-        fault: tuple[Any, ...] = entry[0]
-        return fault
+        with self._faults_lock:
+            queue = self._faults[endpoint]
+            if not queue:
+                return None
+            entry = queue[0]
+            entry[1] -= 1
+            if entry[1] <= 0:
+                queue.popleft()
+            fault: tuple[Any, ...] = entry[0]
+            return fault
 
     def _token_callback(self, request: PreparedRequest) -> _Reply:
         fault = self._take_fault("token")

@@ -184,3 +184,24 @@ def test_other_hosts_stay_strict_and_the_message_says_it_is_the_mock(
         """,
     )
     result.assert_outcomes(passed=2)
+
+
+def test_faults_are_taken_once_each_by_a_threaded_batch(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import aichatonline_sync as aco
+
+
+        def test_batch(aichatonline_mock):
+            aichatonline_mock.set_reply("ok")
+            aichatonline_mock.fail("chat", 400, times=7)
+            with aco.Session(aichatonline_mock.base_url, max_retries=0) as s:
+                results = s.batch([f"q{i}" for i in range(60)], max_workers=8, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, aco.APIStatusError)]
+            assert len(failed) == 7
+            assert results.count("ok") == 53
+            assert aichatonline_mock.pending_faults() == 0
+        """,
+    )
+    result.assert_outcomes(passed=1)
