@@ -106,10 +106,6 @@ _BATCH_THREAD_PREFIX = "aichatonline-batch"
 _VERIFY_HINT = ("pass verify='/path/to/ca.pem'", "pass --verify /path/to/ca.pem")
 
 
-class _Terminated(Exception):
-    """Raised by the SIGTERM handler of ``serve``."""
-
-
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (and an exception, not ``sys.exit``)."""
 
@@ -845,7 +841,10 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    raise _Terminated
+    # A KeyboardInterrupt like Ctrl-C's, not an Exception: the signal can land in code that
+    # catches Exception and goes on, such as socketserver's hand-over of a new connection to its
+    # thread (BaseServer._handle_request_noblock), where the server would keep serving.
+    raise Terminated
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -873,7 +872,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         while True:
             time.sleep(3600)
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
         logger.debug("stopping the emulator")
     finally:
         if in_main_thread:
@@ -906,7 +905,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
             )
             sys.stdout.flush()
             server.serve_forever()
-        except (KeyboardInterrupt, _Terminated):
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
             logger.debug("stopping the gateway")
         finally:
             if in_main_thread:
