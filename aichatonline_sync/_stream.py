@@ -37,6 +37,9 @@ logger = logging.getLogger("aichatonline_sync")
 #: Guards the first claim of a stream by its reading thread.
 _READER_LOCK = threading.Lock()
 
+#: Why a stream closed by a thread other than its reader ended, in the words of its error.
+_CLOSED = "the stream was closed"
+
 
 class _KeptText:
     """The text handed out so far: each read's pieces joined into one block, small blocks folded
@@ -302,6 +305,8 @@ class ChatStream:
         self._reply = reply
         self._gen = reply.pieces()
         self._reader: Optional[threading.Thread] = None  # the thread that iterates it
+        # The thread that read last (began a loop, or called next()); at first the one that made it.
+        self._last_reader = threading.get_ident()
 
     def __iter__(self) -> Iterator[str]:
         self._check_reader()
@@ -312,11 +317,13 @@ class ChatStream:
     def __next__(self) -> str:
         self._check_aborted()
         try:
-            return next(self._gen)
+            piece = next(self._gen)
         except ValueError as exc:
             if type(exc) is ValueError and "already executing" in str(exc):
                 raise self._busy() from None
             raise
+        self._last_reader = threading.get_ident()  # (a refused read does not make a reader)
+        return piece
 
     def _check_aborted(self) -> None:
         """A stream aborted with a reason raises it at once, every time it is iterated."""
@@ -339,6 +346,7 @@ class ChatStream:
                 reader = self._reader
         if reader is me or self._reply.released or not reader.is_alive():
             self._reader = me
+            self._last_reader = me.ident or 0
             return
         raise self._busy()
 
@@ -362,13 +370,25 @@ class ChatStream:
         self.close()
 
     def close(self) -> None:
-        """Stop reading and release the connection. Idempotent. From the iterating thread; from
-        another thread while a read runs, it does what :meth:`abort` does."""
-        if getattr(self._gen, "gi_running", False):  # (only another thread can be inside it)
-            self._reply.abort()
+        """Stop reading and release the connection. Idempotent.
+
+        From the thread that reads the stream (or made it, before any read), the stream just ends.
+        From another thread, before the reply's end, it does what ``abort("the stream was
+        closed")`` does: the reader's next read raises :class:`IncompleteStreamError` (``.partial``
+        keeps the text it got), so a reply cut off never looks complete.
+        """
+        reply = self._reply
+        if reply.finished or reply.released:
             return
-        self._gen.close()
-        self._reply.release()
+        if threading.get_ident() != self._last_reader:
+            self.abort(_CLOSED)
+            return
+        try:
+            self._gen.close()
+        except ValueError:  # 'generator already executing': another thread is inside a read
+            self.abort(_CLOSED)
+            return
+        reply.release()
 
     def abort(self, reason: Optional[str] = None) -> None:
         """Stop the stream from any thread: a read blocked in another thread fails at once with

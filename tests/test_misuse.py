@@ -134,6 +134,47 @@ def test_close_from_another_thread_while_a_read_runs_aborts_it(
     assert stream.closed
 
 
+def test_close_from_another_thread_between_pieces_cuts_the_reply_off(
+    emu: Emulator, session: Session
+) -> None:
+    emu.stall("chat", after=1, seconds=None)  # one piece, then nothing more arrives
+    stream = session.chat("hi")
+    got_one, closed = threading.Event(), threading.Event()
+
+    def read() -> list[str]:
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            got_one.set()
+            assert closed.wait(WAIT)  # between pieces: not inside a read when close() runs
+        return pieces
+
+    reader, out = in_thread(read, "reader")
+    assert got_one.wait(WAIT)
+    stream.close()
+    closed.set()
+    reader.join(WAIT)
+    assert not reader.is_alive()
+    # Not a loop that ends normally with half a reply: the reader learns it was cut off.
+    assert "result" not in out
+    assert isinstance(out["error"], IncompleteStreamError)
+    assert "the stream was closed" in str(out["error"])
+    assert out["error"].partial == "one "
+    assert stream.closed
+    assert stream.text == "one "
+    with pytest.raises(IncompleteStreamError, match="the stream was closed"):
+        next(stream)
+
+
+def test_close_by_the_reading_thread_still_just_ends_the_stream(session: Session) -> None:
+    stream = session.chat("hi")
+    assert next(stream) == "one "
+    stream.close()
+    assert stream.closed
+    assert list(stream) == []  # its own thread closed it: nothing to report
+    assert stream.text == "one "
+
+
 def test_a_stream_may_be_handed_over_once_its_reader_has_ended(session: Session) -> None:
     stream = session.chat("hi")
     reader, out = in_thread(lambda: next(stream), "first")
