@@ -40,6 +40,8 @@ _READER_LOCK = threading.Lock()
 #: Why a stream closed by a thread other than its reader ended, in the words of its error.
 _CLOSED = "the stream was closed"
 
+_SECOND = operator.itemgetter(1)
+
 
 class _KeptText:
     """The text handed out so far: each read's pieces joined into one block, small blocks folded
@@ -102,6 +104,7 @@ class Reply:
         self._kept = _KeptText() if keep_text else None
         self._batch: Optional[list[str]] = None  # the pieces being handed out...
         self._position: Optional[Iterator[str]] = None  # ... and the iterator over them
+        self._gate: Optional[list[None]] = None  # ... which hands out no more once it is cleared
         self._first: list[str] = []
         self._callbacks: list[Callable[[str], None]] = []
         self._cancel = cancel
@@ -148,16 +151,26 @@ class Reply:
             self._first = []
             kept = self._kept
             while batch is not None:
+                # ``yield from`` hands a batch out at generator speed. An abort with a reason stops
+                # it in one step, from any thread (:meth:`_stop_handing_out`); the reason is
+                # checked after the batch is published, so a batch read just then is stopped too.
                 if kept is None:
+                    self._batch = batch  # cleared to stop: nothing counts what was handed out
+                    if self.abort_reason is not None:
+                        raise self.aborted_error()
                     yield from batch
                 else:
-                    # ``yield from`` hands the batch out at generator speed; :attr:`text` counts
-                    # what was handed out of it by the position of its iterator.
+                    # :attr:`text` counts what was handed out of the batch by the position of its
+                    # iterator, which the gate (consulted first) stops without moving.
                     position = iter(batch)
-                    self._batch, self._position = batch, position
-                    yield from position
-                    kept.add(batch)
-                    self._batch = self._position = None
+                    gate: list[None] = [None] * len(batch)
+                    self._batch, self._position, self._gate = batch, position, gate
+                    if self.abort_reason is not None:
+                        raise self.aborted_error()
+                    yield from map(_SECOND, zip(gate, position))
+                    rest = operator.length_hint(position)
+                    kept.add(batch[:-rest] if rest else batch)
+                    self._batch = self._position = self._gate = None
                 batch = self._next_batch(started=True)
             text = kept.finish() if kept is not None else ""
             self.finished = True
@@ -252,7 +265,18 @@ class Reply:
         if reason is not None and self.abort_reason is None:
             self.abort_reason = reason
         self.aborted = True
+        if self.abort_reason is not None:
+            self._stop_handing_out()
         abort(self._response)
+
+    def _stop_handing_out(self) -> None:
+        """Stop the batch being handed out after the piece the reader has (one atomic step, so
+        safe against a reader running in another thread; :attr:`text` stays what it got)."""
+        gate, batch = self._gate, self._batch
+        if gate is not None:
+            gate.clear()
+        elif batch is not None and self._kept is None:
+            batch.clear()
 
     def aborted_error(self) -> IncompleteStreamError:
         """The error of a reply aborted with a reason, for every later attempt to read it."""
@@ -395,8 +419,9 @@ class ChatStream:
         :class:`IncompleteStreamError` (``.partial`` keeps the text so far). Idempotent.
 
         :param reason: why, in the words of the error. With a reason, every later attempt to
-            iterate the stream raises that error at once (nothing more is handed out), and the
-            connection is released at once unless a read runs in another thread.
+            iterate the stream raises that error at once (nothing more is handed out, not even
+            the rest of pieces already read, and ``.partial`` is exactly the text handed out),
+            and the connection is released at once unless a read runs in another thread.
         """
         reply = self._reply
         reply.abort(reason)

@@ -219,6 +219,62 @@ def test_a_reply_cleared_raises_when_read(session: Session) -> None:
     assert len(conv) == 0
 
 
+def test_a_reply_cleared_mid_loop_hands_out_nothing_more(session: Session) -> None:
+    # The emulator writes the whole reply at once: its pieces arrive (and are parsed) together.
+    conv = Conversation(session=session)
+    got: list[str] = []
+
+    def read() -> None:
+        for piece in conv.ask("hi"):
+            got.append(piece)
+            conv.clear()
+
+    with pytest.raises(IncompleteStreamError, match="cleared") as info:
+        read()
+    assert got == ["one "]  # not the rest of the batch already parsed
+    assert info.value.partial == "one "
+    assert len(conv) == 0
+
+
+@pytest.mark.parametrize("keep_text", [True, False])
+def test_abort_from_another_thread_between_pieces_hands_out_nothing_more(
+    session: Session, keep_text: bool
+) -> None:
+    stream = session.chat("hi", keep_text=keep_text)
+    got_one, aborted = threading.Event(), threading.Event()
+    pieces: list[str] = []
+
+    def read() -> None:
+        for piece in stream:
+            pieces.append(piece)
+            got_one.set()
+            assert aborted.wait(WAIT)
+
+    reader, out = in_thread(read, "reader")
+    assert got_one.wait(WAIT)
+    stream.abort("stopped by the test")
+    aborted.set()
+    reader.join(WAIT)
+    assert pieces == ["one "]  # not the rest of the batch already parsed
+    assert isinstance(out["error"], IncompleteStreamError)
+    assert "stopped by the test" in str(out["error"])
+    assert out["error"].partial == ("one " if keep_text else "")
+    assert stream.text == ("one " if keep_text else "")
+    with pytest.raises(IncompleteStreamError, match="stopped by the test"):
+        next(stream)
+
+
+def test_next_after_abort_with_a_reason_hands_out_nothing_more(session: Session) -> None:
+    stream = session.chat("hi")
+    assert next(stream) == "one "
+    stream.abort("enough")
+    for _ in range(2):
+        with pytest.raises(IncompleteStreamError, match="enough") as info:
+            next(stream)
+        assert info.value.partial == "one "
+    assert stream.closed
+
+
 # --- a conversation, several threads ----------------------------------------------------------------
 
 
