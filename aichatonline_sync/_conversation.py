@@ -122,6 +122,8 @@ class Conversation:
         if messages:
             self._history = [copy.deepcopy(m) for m in validate_messages(messages)]
         self._pending: Optional[ChatStream] = None
+        # Bumped by clear(): a reply asked for with the history of an older generation is not added.
+        self._generation = 0
         self._asker: Optional[threading.Thread] = None  # the thread that asked for _pending
         self._lock = threading.Lock()
         self._turn = threading.RLock()  # held for a whole say(), and while ask() sends
@@ -142,11 +144,15 @@ class Conversation:
     def messages(self) -> list[dict[str, Any]]:
         """The messages the next question is sent after: the system message (if any) and the
         history, as a new list of new dicts (changing it does not change the conversation)."""
+        return self._snapshot()[1]
+
+    def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """The generation of the history and the messages of :attr:`messages`, taken together."""
         with self._lock:
-            history = copy.deepcopy(self._history)
+            generation, history = self._generation, copy.deepcopy(self._history)
         if self._system is None:
-            return history
-        return [{"role": "system", "content": self._system}, *history]
+            return generation, history
+        return generation, [{"role": "system", "content": self._system}, *history]
 
     def __len__(self) -> int:
         """The number of messages in the history, questions and replies (not the system message)."""
@@ -160,11 +166,13 @@ class Conversation:
     def clear(self) -> None:
         """Forget the questions and replies (the system message stays).
 
-        A reply still streaming is closed and not added.
+        A reply still streaming is closed and not added; so is one whose question is being sent
+        (by :meth:`say` or :meth:`ask` in another thread) with the history before the clear.
         """
-        self._discard_pending()
         with self._lock:
+            self._generation += 1
             self._history.clear()
+        self._discard_pending()
 
     def copy(self) -> Conversation:
         """A new conversation with the same system message, history, session and options.
@@ -207,13 +215,14 @@ class Conversation:
         with self._turn:  # waits while another thread's say() runs
             self._check_turn()
             self._discard_pending()
-            messages = [*self.messages, question]
+            generation, messages = self._snapshot()
+            messages.append(question)
             if self._session is not None:
                 stream = self._session.chat(messages, **options)
             else:  # leased while the chat opens; the stream then reads on even if it is closed
                 with using_shared_session(**self._session_options) as session:
                     stream = session.chat(messages, **options)
-            return self._track(stream, question)
+            return self._track(stream, question, generation)
 
     def _check_turn(self) -> None:
         with self._lock:
@@ -229,12 +238,13 @@ class Conversation:
                 "(conv.copy())"
             )
 
-    def _track(self, stream: ChatStream, question: dict[str, Any]) -> ChatStream:
-        """Make ``stream`` the pending reply: it and ``question`` join the history at its end."""
+    def _track(self, stream: ChatStream, question: dict[str, Any], generation: int) -> ChatStream:
+        """Make ``stream`` the pending reply: it and ``question`` join the history at its end,
+        unless :meth:`clear` ran since the history it was sent with was taken (``generation``)."""
 
         def on_complete(text: str) -> None:
             with self._lock:
-                if self._pending is not stream:
+                if self._pending is not stream or self._generation != generation:
                     return  # discarded by clear() or a newer question
                 self._pending = None
                 self._history.append(question)
@@ -244,8 +254,13 @@ class Conversation:
 
         stream.add_done_callback(on_complete)
         with self._lock:
-            self._pending = stream
-            self._asker = threading.current_thread()
+            current = self._generation == generation
+            if current:
+                self._pending = stream
+                self._asker = threading.current_thread()
+        if not current:  # cleared while the question was sent: as if clear() came just after
+            logger.debug("conversation: cleared while a question was sent; its reply is not added")
+            stream.abort(_SUPERSEDED)
         return stream
 
     def say(self, content: Any, **chat_options: Any) -> str:

@@ -310,6 +310,36 @@ def test_say_from_several_threads_is_serialised(emulator: MakeEmulator) -> None:
     )
 
 
+def test_clear_while_a_turn_waits_for_its_first_piece_drops_that_turn(
+    emulator: MakeEmulator,
+) -> None:
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def before_piece(index: int) -> None:
+        if hold.is_set() and index == 0:  # the second question's reply waits before its first piece
+            entered.set()
+            assert release.wait(WAIT)
+
+    emu = emulator(reply=PIECES, before_piece=before_piece)
+    with Session(emu.url, max_retries=0) as session:
+        conv = Conversation(session=session)
+        assert conv.say("q1") == "".join(PIECES)
+        hold.set()
+        asker, out = in_thread(lambda: conv.say("q2"), "asker")
+        assert entered.wait(WAIT)  # q2 was sent, with q1 and its answer before it
+        conv.clear()
+        release.set()
+        asker.join(WAIT)
+    assert not asker.is_alive()
+    # The reply in progress is closed and not added: the history is not [q2, its answer], a turn
+    # that was sent after a history that clear() forgot.
+    assert isinstance(out.get("error"), IncompleteStreamError), out
+    assert "cleared" in str(out["error"])
+    assert out["error"].partial == ""
+    assert conv.messages == []
+    assert len(conv) == 0
+
+
 def test_asking_while_another_threads_reply_is_open_is_refused(
     emu: Emulator, session: Session
 ) -> None:
