@@ -77,7 +77,10 @@ class Conversation:
     of closing it. No turn is lost silently. Many conversations may share one :class:`Session`.
 
     :param system: the system message, sent first with every question (kept by :meth:`clear`).
-    :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts).
+    :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts),
+        by the rule of :meth:`Session.chat`: a content is a str, a list of
+        ``{"type": "text", "text": ...}`` parts (other parts are dropped), or ``None`` or missing
+        (no text). :meth:`load` reads back whatever :meth:`save` wrote of such a history.
     :param session: the :class:`Session` to chat through; default: the shared session for
         ``options``, as :func:`aichatonline_sync.chat` uses.
     :param options: :class:`Session` options (not with ``session``) and :meth:`Session.chat` options
@@ -322,7 +325,7 @@ class Conversation:
         """Make a conversation from a dict as :meth:`to_dict` returns it.
 
         :raises InvalidRequestError: not such a dict, a version this library does not know, or a
-            message without ``content``.
+            message that the constructor refuses.
         """
         if not isinstance(data, Mapping):
             raise InvalidRequestError(
@@ -340,9 +343,7 @@ class Conversation:
         messages = data.get("messages", [])
         if not isinstance(messages, list):
             raise InvalidRequestError(f"'messages' must be a list, not {type(messages).__name__}")
-        for index, message in enumerate(messages):
-            if isinstance(message, Mapping) and message.get("content") is None:
-                raise InvalidRequestError(f"messages[{index}] has no 'content'")
+        # The messages follow the constructor's rule, which is chat()'s: what it saved, it loads.
         return cls(system, messages=messages, session=session, **options)
 
     @classmethod
@@ -355,7 +356,8 @@ class Conversation:
         :param session: the :class:`Session` to chat through (nothing of the session is saved).
         :param options: the same options as the constructor.
         :raises InvalidRequestError: the file is not a saved conversation (the message says why:
-            not UTF-8, not JSON, not the format :meth:`save` writes, a message without content).
+            not UTF-8, not JSON, not the format :meth:`save` writes, a message that the
+            constructor refuses).
         :raises OSError: the file cannot be read.
         """
         raw = Path(path).read_bytes()
