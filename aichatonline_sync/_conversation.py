@@ -77,7 +77,10 @@ class Conversation:
     of closing it. No turn is lost silently. Many conversations may share one :class:`Session`.
 
     :param system: the system message, sent first with every question (kept by :meth:`clear`).
-    :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts).
+    :param messages: an earlier history to start from (a list of ``{"role", "content"}`` dicts),
+        by the rule of :meth:`Session.chat`: a content is a str, a list of
+        ``{"type": "text", "text": ...}`` parts (other parts are dropped), or ``None`` or missing
+        (no text). :meth:`load` reads back whatever :meth:`save` wrote of such a history.
     :param session: the :class:`Session` to chat through; default: the shared session for
         ``options``, as :func:`aichatonline_sync.chat` uses.
     :param options: :class:`Session` options (not with ``session``) and :meth:`Session.chat` options
@@ -122,6 +125,8 @@ class Conversation:
         if messages:
             self._history = [copy.deepcopy(m) for m in validate_messages(messages)]
         self._pending: Optional[ChatStream] = None
+        # Bumped by clear(): a reply asked for with the history of an older generation is not added.
+        self._generation = 0
         self._asker: Optional[threading.Thread] = None  # the thread that asked for _pending
         self._lock = threading.Lock()
         self._turn = threading.RLock()  # held for a whole say(), and while ask() sends
@@ -142,11 +147,15 @@ class Conversation:
     def messages(self) -> list[dict[str, Any]]:
         """The messages the next question is sent after: the system message (if any) and the
         history, as a new list of new dicts (changing it does not change the conversation)."""
+        return self._snapshot()[1]
+
+    def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """The generation of the history and the messages of :attr:`messages`, taken together."""
         with self._lock:
-            history = copy.deepcopy(self._history)
+            generation, history = self._generation, copy.deepcopy(self._history)
         if self._system is None:
-            return history
-        return [{"role": "system", "content": self._system}, *history]
+            return generation, history
+        return generation, [{"role": "system", "content": self._system}, *history]
 
     def __len__(self) -> int:
         """The number of messages in the history, questions and replies (not the system message)."""
@@ -160,11 +169,13 @@ class Conversation:
     def clear(self) -> None:
         """Forget the questions and replies (the system message stays).
 
-        A reply still streaming is closed and not added.
+        A reply still streaming is closed and not added; so is one whose question is being sent
+        (by :meth:`say` or :meth:`ask` in another thread) with the history before the clear.
         """
-        self._discard_pending()
         with self._lock:
+            self._generation += 1
             self._history.clear()
+        self._discard_pending()
 
     def copy(self) -> Conversation:
         """A new conversation with the same system message, history, session and options.
@@ -207,13 +218,14 @@ class Conversation:
         with self._turn:  # waits while another thread's say() runs
             self._check_turn()
             self._discard_pending()
-            messages = [*self.messages, question]
+            generation, messages = self._snapshot()
+            messages.append(question)
             if self._session is not None:
                 stream = self._session.chat(messages, **options)
             else:  # leased while the chat opens; the stream then reads on even if it is closed
                 with using_shared_session(**self._session_options) as session:
                     stream = session.chat(messages, **options)
-            return self._track(stream, question)
+            return self._track(stream, question, generation)
 
     def _check_turn(self) -> None:
         with self._lock:
@@ -229,12 +241,13 @@ class Conversation:
                 "(conv.copy())"
             )
 
-    def _track(self, stream: ChatStream, question: dict[str, Any]) -> ChatStream:
-        """Make ``stream`` the pending reply: it and ``question`` join the history at its end."""
+    def _track(self, stream: ChatStream, question: dict[str, Any], generation: int) -> ChatStream:
+        """Make ``stream`` the pending reply: it and ``question`` join the history at its end,
+        unless :meth:`clear` ran since the history it was sent with was taken (``generation``)."""
 
         def on_complete(text: str) -> None:
             with self._lock:
-                if self._pending is not stream:
+                if self._pending is not stream or self._generation != generation:
                     return  # discarded by clear() or a newer question
                 self._pending = None
                 self._history.append(question)
@@ -244,8 +257,13 @@ class Conversation:
 
         stream.add_done_callback(on_complete)
         with self._lock:
-            self._pending = stream
-            self._asker = threading.current_thread()
+            current = self._generation == generation
+            if current:
+                self._pending = stream
+                self._asker = threading.current_thread()
+        if not current:  # cleared while the question was sent: as if clear() came just after
+            logger.debug("conversation: cleared while a question was sent; its reply is not added")
+            stream.abort(_SUPERSEDED)
         return stream
 
     def say(self, content: Any, **chat_options: Any) -> str:
@@ -307,7 +325,7 @@ class Conversation:
         """Make a conversation from a dict as :meth:`to_dict` returns it.
 
         :raises InvalidRequestError: not such a dict, a version this library does not know, or a
-            message without ``content``.
+            message that the constructor refuses.
         """
         if not isinstance(data, Mapping):
             raise InvalidRequestError(
@@ -325,9 +343,7 @@ class Conversation:
         messages = data.get("messages", [])
         if not isinstance(messages, list):
             raise InvalidRequestError(f"'messages' must be a list, not {type(messages).__name__}")
-        for index, message in enumerate(messages):
-            if isinstance(message, Mapping) and message.get("content") is None:
-                raise InvalidRequestError(f"messages[{index}] has no 'content'")
+        # The messages follow the constructor's rule, which is chat()'s: what it saved, it loads.
         return cls(system, messages=messages, session=session, **options)
 
     @classmethod
@@ -340,7 +356,8 @@ class Conversation:
         :param session: the :class:`Session` to chat through (nothing of the session is saved).
         :param options: the same options as the constructor.
         :raises InvalidRequestError: the file is not a saved conversation (the message says why:
-            not UTF-8, not JSON, not the format :meth:`save` writes, a message without content).
+            not UTF-8, not JSON, not the format :meth:`save` writes, a message that the
+            constructor refuses).
         :raises OSError: the file cannot be read.
         """
         raw = Path(path).read_bytes()

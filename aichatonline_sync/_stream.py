@@ -37,6 +37,11 @@ logger = logging.getLogger("aichatonline_sync")
 #: Guards the first claim of a stream by its reading thread.
 _READER_LOCK = threading.Lock()
 
+#: Why a stream closed by a thread other than its reader ended, in the words of its error.
+_CLOSED = "the stream was closed"
+
+_SECOND = operator.itemgetter(1)
+
 
 class _KeptText:
     """The text handed out so far: each read's pieces joined into one block, small blocks folded
@@ -99,6 +104,7 @@ class Reply:
         self._kept = _KeptText() if keep_text else None
         self._batch: Optional[list[str]] = None  # the pieces being handed out...
         self._position: Optional[Iterator[str]] = None  # ... and the iterator over them
+        self._gate: Optional[list[None]] = None  # ... which hands out no more once it is cleared
         self._first: list[str] = []
         self._callbacks: list[Callable[[str], None]] = []
         self._cancel = cancel
@@ -145,16 +151,26 @@ class Reply:
             self._first = []
             kept = self._kept
             while batch is not None:
+                # ``yield from`` hands a batch out at generator speed. An abort with a reason stops
+                # it in one step, from any thread (:meth:`_stop_handing_out`); the reason is
+                # checked after the batch is published, so a batch read just then is stopped too.
                 if kept is None:
+                    self._batch = batch  # cleared to stop: nothing counts what was handed out
+                    if self.abort_reason is not None:
+                        raise self.aborted_error()
                     yield from batch
                 else:
-                    # ``yield from`` hands the batch out at generator speed; :attr:`text` counts
-                    # what was handed out of it by the position of its iterator.
+                    # :attr:`text` counts what was handed out of the batch by the position of its
+                    # iterator, which the gate (consulted first) stops without moving.
                     position = iter(batch)
-                    self._batch, self._position = batch, position
-                    yield from position
-                    kept.add(batch)
-                    self._batch = self._position = None
+                    gate: list[None] = [None] * len(batch)
+                    self._batch, self._position, self._gate = batch, position, gate
+                    if self.abort_reason is not None:
+                        raise self.aborted_error()
+                    yield from map(_SECOND, zip(gate, position))
+                    rest = operator.length_hint(position)
+                    kept.add(batch[:-rest] if rest else batch)
+                    self._batch = self._position = self._gate = None
                 batch = self._next_batch(started=True)
             text = kept.finish() if kept is not None else ""
             self.finished = True
@@ -249,7 +265,18 @@ class Reply:
         if reason is not None and self.abort_reason is None:
             self.abort_reason = reason
         self.aborted = True
+        if self.abort_reason is not None:
+            self._stop_handing_out()
         abort(self._response)
+
+    def _stop_handing_out(self) -> None:
+        """Stop the batch being handed out after the piece the reader has (one atomic step, so
+        safe against a reader running in another thread; :attr:`text` stays what it got)."""
+        gate, batch = self._gate, self._batch
+        if gate is not None:
+            gate.clear()
+        elif batch is not None and self._kept is None:
+            batch.clear()
 
     def aborted_error(self) -> IncompleteStreamError:
         """The error of a reply aborted with a reason, for every later attempt to read it."""
@@ -302,6 +329,8 @@ class ChatStream:
         self._reply = reply
         self._gen = reply.pieces()
         self._reader: Optional[threading.Thread] = None  # the thread that iterates it
+        # The thread that read last (began a loop, or called next()); at first the one that made it.
+        self._last_reader = threading.get_ident()
 
     def __iter__(self) -> Iterator[str]:
         self._check_reader()
@@ -312,11 +341,13 @@ class ChatStream:
     def __next__(self) -> str:
         self._check_aborted()
         try:
-            return next(self._gen)
+            piece = next(self._gen)
         except ValueError as exc:
             if type(exc) is ValueError and "already executing" in str(exc):
                 raise self._busy() from None
             raise
+        self._last_reader = threading.get_ident()  # (a refused read does not make a reader)
+        return piece
 
     def _check_aborted(self) -> None:
         """A stream aborted with a reason raises it at once, every time it is iterated."""
@@ -339,6 +370,7 @@ class ChatStream:
                 reader = self._reader
         if reader is me or self._reply.released or not reader.is_alive():
             self._reader = me
+            self._last_reader = me.ident or 0
             return
         raise self._busy()
 
@@ -362,21 +394,34 @@ class ChatStream:
         self.close()
 
     def close(self) -> None:
-        """Stop reading and release the connection. Idempotent. From the iterating thread; from
-        another thread while a read runs, it does what :meth:`abort` does."""
-        if getattr(self._gen, "gi_running", False):  # (only another thread can be inside it)
-            self._reply.abort()
+        """Stop reading and release the connection. Idempotent.
+
+        From the thread that reads the stream (or made it, before any read), the stream just ends.
+        From another thread, before the reply's end, it does what ``abort("the stream was
+        closed")`` does: the reader's next read raises :class:`IncompleteStreamError` (``.partial``
+        keeps the text it got), so a reply cut off never looks complete.
+        """
+        reply = self._reply
+        if reply.finished or reply.released:
             return
-        self._gen.close()
-        self._reply.release()
+        if threading.get_ident() != self._last_reader:
+            self.abort(_CLOSED)
+            return
+        try:
+            self._gen.close()
+        except ValueError:  # 'generator already executing': another thread is inside a read
+            self.abort(_CLOSED)
+            return
+        reply.release()
 
     def abort(self, reason: Optional[str] = None) -> None:
         """Stop the stream from any thread: a read blocked in another thread fails at once with
         :class:`IncompleteStreamError` (``.partial`` keeps the text so far). Idempotent.
 
         :param reason: why, in the words of the error. With a reason, every later attempt to
-            iterate the stream raises that error at once (nothing more is handed out), and the
-            connection is released at once unless a read runs in another thread.
+            iterate the stream raises that error at once (nothing more is handed out, not even
+            the rest of pieces already read, and ``.partial`` is exactly the text handed out),
+            and the connection is released at once unless a read runs in another thread.
         """
         reply = self._reply
         reply.abort(reason)

@@ -266,6 +266,60 @@ def test_save_and_load(tmp_path: Path, emu: Emulator, session: Session) -> None:
     )
 
 
+# The rule of chat() for a content (a str, a list of parts, or None: no text), for the constructor
+# and load alike.
+CONTENTS = [
+    pytest.param({"content": None}, id="none"),
+    pytest.param({}, id="missing"),
+    pytest.param({"content": [{"type": "text", "text": "parts"}]}, id="parts"),
+    pytest.param({"content": [{"type": "image_url", "image_url": {"url": "u"}}]}, id="image-only"),
+]
+
+
+@pytest.mark.parametrize("content", CONTENTS)
+def test_what_the_constructor_takes_is_saved_and_loaded(
+    tmp_path: Path, emu: Emulator, session: Session, content: dict[str, Any]
+) -> None:
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", **content}]
+    conv = Conversation(messages=history, session=session)
+    path = tmp_path / "chat.json"
+    conv.save(path)
+    loaded = Conversation.load(path, session=session)
+    assert loaded.messages == conv.messages == history
+    # ... and chat() takes it too: the loaded history is sent as the constructor's would be.
+    conv.say("b")
+    loaded.say("b")
+    first, second = (r.prompt for r in emu.chat_requests)
+    assert first == second
+    assert first is not None
+    assert first.startswith("User: a\n")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(5, id="int"),
+        pytest.param([{"type": "text", "text": 5}], id="non-str-text"),
+        pytest.param(["a"], id="str-part"),
+    ],
+)
+def test_the_constructor_and_load_refuse_the_same_content(
+    tmp_path: Path, emu: Emulator, content: Any
+) -> None:
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": content}]
+    with pytest.raises(InvalidRequestError) as made:
+        Conversation(messages=history)
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps({"version": 1, "messages": history}), encoding="utf-8")
+    with pytest.raises(InvalidRequestError) as loaded:
+        Conversation.load(path)
+    assert str(loaded.value) == f"{path}: {made.value}"
+    with pytest.raises(InvalidRequestError) as chatted:
+        aco.chat(history, base_url=emu.url)
+    assert str(chatted.value) == str(made.value)
+    assert emu.requests == []
+
+
 def test_save_overwrites(tmp_path: Path, session: Session) -> None:
     path = tmp_path / "chat.json"
     path.write_text("old", encoding="utf-8")
@@ -291,13 +345,11 @@ def test_load_with_options(tmp_path: Path, emu: Emulator) -> None:
         ('{"version": 1, "system": 3, "messages": []}', "'system' must be"),
         ('{"version": 1, "messages": {}}', "'messages' must be a list"),
         ('{"version": 1, "messages": [{"content": "x"}]}', "role"),
-        ('{"version": 1, "messages": [{"role": "user"}]}', r"messages\[0\] has no 'content'"),
-        (
-            '{"version": 1, "messages": [{"role": "user", "content": "a"}, '
-            '{"role": "assistant", "content": null}]}',
-            r"messages\[1\] has no 'content'",
-        ),
         ('{"version": 1, "messages": [{"role": "user", "content": 5}]}', "must be a str"),
+        (
+            '{"version": 1, "messages": [{"role": "user", "content": [{"text": 5}]}]}',
+            r"messages\[0\]\['content'\]\[0\]\['text'\] must be a str",
+        ),
     ],
 )
 def test_load_rejects_what_is_no_saved_conversation(

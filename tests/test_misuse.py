@@ -134,6 +134,47 @@ def test_close_from_another_thread_while_a_read_runs_aborts_it(
     assert stream.closed
 
 
+def test_close_from_another_thread_between_pieces_cuts_the_reply_off(
+    emu: Emulator, session: Session
+) -> None:
+    emu.stall("chat", after=1, seconds=None)  # one piece, then nothing more arrives
+    stream = session.chat("hi")
+    got_one, closed = threading.Event(), threading.Event()
+
+    def read() -> list[str]:
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            got_one.set()
+            assert closed.wait(WAIT)  # between pieces: not inside a read when close() runs
+        return pieces
+
+    reader, out = in_thread(read, "reader")
+    assert got_one.wait(WAIT)
+    stream.close()
+    closed.set()
+    reader.join(WAIT)
+    assert not reader.is_alive()
+    # Not a loop that ends normally with half a reply: the reader learns it was cut off.
+    assert "result" not in out
+    assert isinstance(out["error"], IncompleteStreamError)
+    assert "the stream was closed" in str(out["error"])
+    assert out["error"].partial == "one "
+    assert stream.closed
+    assert stream.text == "one "
+    with pytest.raises(IncompleteStreamError, match="the stream was closed"):
+        next(stream)
+
+
+def test_close_by_the_reading_thread_still_just_ends_the_stream(session: Session) -> None:
+    stream = session.chat("hi")
+    assert next(stream) == "one "
+    stream.close()
+    assert stream.closed
+    assert list(stream) == []  # its own thread closed it: nothing to report
+    assert stream.text == "one "
+
+
 def test_a_stream_may_be_handed_over_once_its_reader_has_ended(session: Session) -> None:
     stream = session.chat("hi")
     reader, out = in_thread(lambda: next(stream), "first")
@@ -178,6 +219,62 @@ def test_a_reply_cleared_raises_when_read(session: Session) -> None:
     assert len(conv) == 0
 
 
+def test_a_reply_cleared_mid_loop_hands_out_nothing_more(session: Session) -> None:
+    # The emulator writes the whole reply at once: its pieces arrive (and are parsed) together.
+    conv = Conversation(session=session)
+    got: list[str] = []
+
+    def read() -> None:
+        for piece in conv.ask("hi"):
+            got.append(piece)
+            conv.clear()
+
+    with pytest.raises(IncompleteStreamError, match="cleared") as info:
+        read()
+    assert got == ["one "]  # not the rest of the batch already parsed
+    assert info.value.partial == "one "
+    assert len(conv) == 0
+
+
+@pytest.mark.parametrize("keep_text", [True, False])
+def test_abort_from_another_thread_between_pieces_hands_out_nothing_more(
+    session: Session, keep_text: bool
+) -> None:
+    stream = session.chat("hi", keep_text=keep_text)
+    got_one, aborted = threading.Event(), threading.Event()
+    pieces: list[str] = []
+
+    def read() -> None:
+        for piece in stream:
+            pieces.append(piece)
+            got_one.set()
+            assert aborted.wait(WAIT)
+
+    reader, out = in_thread(read, "reader")
+    assert got_one.wait(WAIT)
+    stream.abort("stopped by the test")
+    aborted.set()
+    reader.join(WAIT)
+    assert pieces == ["one "]  # not the rest of the batch already parsed
+    assert isinstance(out["error"], IncompleteStreamError)
+    assert "stopped by the test" in str(out["error"])
+    assert out["error"].partial == ("one " if keep_text else "")
+    assert stream.text == ("one " if keep_text else "")
+    with pytest.raises(IncompleteStreamError, match="stopped by the test"):
+        next(stream)
+
+
+def test_next_after_abort_with_a_reason_hands_out_nothing_more(session: Session) -> None:
+    stream = session.chat("hi")
+    assert next(stream) == "one "
+    stream.abort("enough")
+    for _ in range(2):
+        with pytest.raises(IncompleteStreamError, match="enough") as info:
+            next(stream)
+        assert info.value.partial == "one "
+    assert stream.closed
+
+
 # --- a conversation, several threads ----------------------------------------------------------------
 
 
@@ -211,6 +308,36 @@ def test_say_from_several_threads_is_serialised(emulator: MakeEmulator) -> None:
     assert sorted(m["content"] for m in history if m["role"] == "user") == sorted(
         f"question from {i}" for i in range(threads)
     )
+
+
+def test_clear_while_a_turn_waits_for_its_first_piece_drops_that_turn(
+    emulator: MakeEmulator,
+) -> None:
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def before_piece(index: int) -> None:
+        if hold.is_set() and index == 0:  # the second question's reply waits before its first piece
+            entered.set()
+            assert release.wait(WAIT)
+
+    emu = emulator(reply=PIECES, before_piece=before_piece)
+    with Session(emu.url, max_retries=0) as session:
+        conv = Conversation(session=session)
+        assert conv.say("q1") == "".join(PIECES)
+        hold.set()
+        asker, out = in_thread(lambda: conv.say("q2"), "asker")
+        assert entered.wait(WAIT)  # q2 was sent, with q1 and its answer before it
+        conv.clear()
+        release.set()
+        asker.join(WAIT)
+    assert not asker.is_alive()
+    # The reply in progress is closed and not added: the history is not [q2, its answer], a turn
+    # that was sent after a history that clear() forgot.
+    assert isinstance(out.get("error"), IncompleteStreamError), out
+    assert "cleared" in str(out["error"])
+    assert out["error"].partial == ""
+    assert conv.messages == []
+    assert len(conv) == 0
 
 
 def test_asking_while_another_threads_reply_is_open_is_refused(
