@@ -285,7 +285,9 @@ def test_cancel_wakes_a_chat_waiting_for_another_threads_token(
     assert isinstance(error, aco.APIConnectionError)
     assert error.retryable is False
     assert "cancel" in str(error)
-    assert emu.connections == 1  # the cancelled chat never asked for a token of its own
+    # The cancelled chat never asked for a token of its own (the first chat may not have
+    # connected yet when the second one began to wait for it).
+    assert emu.connections <= 1
     assert emu.chat_requests == []
 
 
