@@ -11,8 +11,9 @@ are not what this module expects (tests/test_transport.py runs the streaming cas
    line is handed out as soon as it arrives in every framing, with and without gzip. Why: urllib3
    1.26 has no ``read1``; urllib3 2's ``read1`` is slow on one-line chunks; ``iter_content`` holds
    lines back on Content-Length and close-delimited bodies and on gzip (STREAMING.md).
-   Fallback: ``raw.read1(n, decode_content=True)`` (urllib3 2), else ``raw.stream(n,
-   decode_content=True)`` (urllib3 1.26: prompt on chunked bodies, whole reads otherwise).
+   Fallback: ``raw.read1(n, decode_content=True)`` (urllib3 2.2 and later), else ``raw.stream(n,
+   decode_content=False)`` decoded by :mod:`._framing` (before 2.2: prompt on chunked bodies,
+   whole reads otherwise).
 2. ``raw._connection.sock``: its timeout is shortened so that no read waits past a chat's total
    deadline. Fallback: the deadline is checked between reads, each bounded by the read timeout.
 3. The same socket is shut down to abort a stream that another thread is reading (closing the
@@ -382,12 +383,18 @@ def _deadline_read1(
     return read
 
 
-def _public_reads(raw: Any, deadline: Optional[float]) -> Iterator[bytes]:
-    """The public fallback: urllib3's own reads, and its own decoding of the content."""
+def _public_reads(raw: Any, encoding: Optional[str], deadline: Optional[float]) -> Iterator[bytes]:
+    """The public fallback: urllib3's own reads (``read1`` decodes the content too).
+
+    Before urllib3 2.2 there is no ``read1``, and ``read(n, decode_content=True)`` on urllib3 2.0
+    and 2.1 reads again and again until it has ``n`` decoded bytes (losing what it had when a read
+    fails, such as the text before a reset); so there the body is read undecoded, one read at a
+    time, and decoded here.
+    """
     if hasattr(raw, "read1"):
         chunks: Iterable[bytes] = iter(lambda: raw.read1(READ_SIZE, decode_content=True), b"")
     else:
-        chunks = raw.stream(READ_SIZE, decode_content=True)
+        chunks = _decoded(raw.stream(READ_SIZE, decode_content=False), make_decoder(encoding))
     for data in chunks:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded()
@@ -412,20 +419,25 @@ def iter_body(
     :raises OSError: socket errors and timeouts, as the socket raises them.
     """
     wire = _Wire.of(response)
+    encoding = response.headers.get("Content-Encoding")
     if wire is None:
-        yield from _public_reads(response.raw, deadline)
+        yield from _public_reads(response.raw, encoding, deadline)
         return
-    decoder = make_decoder(response.headers.get("Content-Encoding"))
-    source = wire.chunks(deadline, read_timeout)
+    yield from _decoded(wire.chunks(deadline, read_timeout), make_decoder(encoding))
+    wire.finish(response)
+
+
+def _decoded(source: Iterable[bytes], decoder: Any) -> Iterator[bytes]:
+    """The bytes of ``source`` decoded by ``decoder`` (from :func:`make_decoder`; ``None``: as
+    they are)."""
     if decoder is None:
         yield from source
-    else:
-        for data in source:
-            yield from decoder.decode(data)
-        tail = decoder.flush()
-        if tail:
-            yield tail
-    wire.finish(response)
+        return
+    for data in source:
+        yield from decoder.decode(data)
+    tail = decoder.flush()
+    if tail:
+        yield tail
 
 
 def read_start(response: requests.Response, limit: int = STATUS_BODY_LIMIT) -> str:
