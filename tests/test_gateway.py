@@ -19,6 +19,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -742,6 +743,58 @@ def test_head_and_keep_alive_on_the_standard_library_server(stdlib_gateway: Gate
             length = int(fields["content-length"])
             if method == "GET":  # same connection: it was kept alive after the HEAD
                 assert json.loads(reader.read(length))["data"][0]["id"] == MODEL
+
+
+class ConnectionEnds(logging.Handler):
+    """The gateway server's records of a connection that ended with an ``OSError``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(isinstance(arg, OSError) for arg in args):
+            self.records.append(record)
+            self.seen.set()
+
+
+def test_a_client_that_resets_a_kept_alive_connection_is_a_debug_record(
+    stdlib_gateway: Gateway, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger("aichatonline_sync.gateway")
+    handler, level = ConnectionEnds(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        port = int(stdlib_gateway.base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(
+                f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+            )
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            fields = dict(
+                line.decode().lower().split(":", 1)
+                for line in iter(lambda: reader.readline().strip(), b"")
+            )
+            reader.read(int(fields["content-length"]))
+            # The server now waits for the next request on the kept-alive connection: reset it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reader.close()
+        assert handler.seen.wait(WAIT), "the server did not log the reset"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    [record] = handler.records
+    assert record.levelno == logging.DEBUG
+    assert isinstance(record.args, tuple)
+    assert isinstance(record.args[-1], ConnectionResetError)
+    assert record.exc_info is None
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err
+    assert "ConnectionResetError" not in captured.err
 
 
 def test_an_http_1_0_client_gets_a_body_that_ends_with_the_connection(
