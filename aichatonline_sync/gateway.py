@@ -26,9 +26,10 @@ and ignored; ``n`` other than 1, tools and functions, and content other than tex
 Errors are in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 a bad request
 (also a body that is not JSON, wrong types, a body over ``max_body_bytes``), 401 a wrong or missing
 key (when the gateway has one), 404 an unknown path or model, 405 a wrong method, 429 the upstream
-rate-limits, 502 the upstream failed, 504 it timed out. A failure after the first streamed chunk
-ends the stream with the event ``data: {"error": {...}}``, so that OpenAI's clients raise instead of
-returning half a reply as if it were whole. When the client goes away in the middle of a stream
+rate-limits, 502 the upstream failed, 504 it timed out (also after the first piece: a read timeout
+or the total deadline). A failure after the first streamed chunk ends the stream with the event
+``data: {"error": {...}}`` (of the same ``type`` and ``code``), so that OpenAI's clients raise
+instead of returning half a reply as if it were whole. When the client goes away in the middle of a stream
 (the server's write fails, and it closes the body), the upstream chat is closed at once.
 
 This module is not imported by ``import aichatonline_sync``, and it uses only the public
@@ -54,12 +55,14 @@ from ._env import BASE_URL_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
 from ._errors import (
     AiChatOnlineError,
     APITimeoutError,
+    IncompleteStreamError,
     InvalidRequestError,
     RateLimitError,
     UpstreamError,
 )
 from ._session import MODELS, Session
 from ._stream import ChatStream
+from ._transport import is_timeout
 
 if TYPE_CHECKING:
     from ._wsgiserver import GatewayServer
@@ -183,7 +186,9 @@ def _refusal_for(exc: AiChatOnlineError) -> _Refusal:
         return _Refusal(
             429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=headers
         )
-    if isinstance(exc, APITimeoutError):
+    if isinstance(exc, APITimeoutError) or (
+        isinstance(exc, IncompleteStreamError) and is_timeout(exc)
+    ):  # a reply that stalled after its first piece (read timeout, total deadline) too
         return _Refusal(504, message, type="timeout_error", code="upstream_timeout")
     return _Refusal(502, message, type="upstream_error", code="upstream_error")
 

@@ -485,6 +485,36 @@ def test_an_upstream_timeout_is_a_504(emulator: Callable[..., Emulator]) -> None
 
 @needs_openai
 @pytest.mark.parametrize(
+    "timeout",
+    [aco.Timeout(WAIT, 0.3), aco.Timeout(WAIT, WAIT, total=1.0)],
+    ids=["read-timeout", "total-deadline"],
+)
+def test_an_upstream_that_stalls_after_the_first_piece_is_a_timeout(
+    emulator: Callable[..., Emulator], timeout: aco.Timeout
+) -> None:
+    emu = emulator(reply=REPLY)
+    emu.stall("chat", after=1, seconds=None, times=2)  # one piece, then nothing
+    session = aco.Session(emu.url, max_retries=0, timeout=timeout)
+    with session, serving(make_app(session)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=WAIT)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert caught.value.status_code == 504
+        assert caught.value.code == "upstream_timeout"
+        # Streamed, the status was already 200: the error event says it is a timeout.
+        pieces: list[str] = []
+        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+        with stream, pytest.raises(openai.APIError) as in_band:
+            pieces.extend(content_of(chunk) or "" for chunk in stream)
+    assert pieces == ["", REPLY[0]]
+    assert not isinstance(in_band.value, openai.APIStatusError)
+    body = in_band.value.body
+    assert isinstance(body, dict)
+    assert (body["type"], body["code"]) == ("timeout_error", "upstream_timeout")
+
+
+@needs_openai
+@pytest.mark.parametrize(
     "fault",
     [
         lambda emu: emu.error_line(500, "the model fell over", after=2),
