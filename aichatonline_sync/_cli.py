@@ -65,7 +65,9 @@ from ._env import (
     MAX_RETRIES_ENV,
     PROXY_ENV,
     TIMEOUT_ENV,
+    gateway_key_from_env,
     parse_count,
+    parse_gateway_key,
     parse_proxy,
     parse_timeout,
     setting_from_env,
@@ -148,6 +150,7 @@ def _argument(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
 
 _timeout = _argument(parse_timeout, "timeout")
 _proxy = _argument(parse_proxy, "proxy")
+_api_key = _argument(parse_gateway_key, "API key")
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -498,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--api-key",
+        type=_api_key,
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
     )
@@ -508,19 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- shared helpers ------------------------------------------------------------------------------
 
 
-def _from_env(args: argparse.Namespace, dest: str, env: str, parse: Callable[[str], Any]) -> None:
-    """Fill an option that was not given from its environment variable (a bad value: exit 2)."""
-    if getattr(args, dest) is not None:
-        return
-    raw = os.environ.get(env, "").strip()
-    if not raw:
-        return
-    try:
-        setattr(args, dest, parse(raw))
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${env}: {exc}") from None
-
-
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("proxy", "timeout", "max_retries"):
         if getattr(args, option) is None:  # a given option wins over its variable, bad or not
@@ -528,6 +519,11 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
                 setattr(args, option, setting_from_env(option))
             except InvalidRequestError as exc:
                 raise UsageError(str(exc)) from None
+    if args.base_url is None and not args.emulator:
+        try:
+            args.base_url = setting_from_env("base_url")
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
     options: dict[str, Any] = {}
     for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes"):
         if getattr(args, name) is not None:
@@ -887,9 +883,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_gateway(args: argparse.Namespace) -> int:
     from ._config import redact_url
-    from .gateway import GATEWAY_KEY_ENV, make_app, make_server
+    from .gateway import make_app, make_server
 
-    _from_env(args, "api_key", GATEWAY_KEY_ENV, str)
+    if args.api_key is None:  # a given --api-key wins over the variable, bad or not
+        args.api_key = gateway_key_from_env()
     with _connect(args) as session:
         app = make_app(session, api_key=args.api_key)
         try:

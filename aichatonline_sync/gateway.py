@@ -50,8 +50,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from . import _env
-from ._config import validate_base_url
-from ._env import BASE_URL_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
+from ._env import BASE_URL_ENV, GATEWAY_KEY_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
 from ._errors import (
     AiChatOnlineError,
     APITimeoutError,
@@ -91,9 +90,6 @@ logger = logging.getLogger("aichatonline_sync.gateway")
 WSGIEnvironment = dict[str, Any]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
-
-#: The settings :data:`app` reads (the same as the ``aichatonline`` command's, and the key).
-GATEWAY_KEY_ENV = "AICHATONLINE_GATEWAY_KEY"
 
 #: The largest request body accepted (a 400 above it).
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -671,18 +667,15 @@ class GatewayApp:
 # -- making one ---------------------------------------------------------------------------------
 
 
-def _check_key(api_key: object, source: str) -> Optional[str]:
+def _check_key(api_key: object) -> Optional[str]:
     if api_key is None:
         return None
-    if (
-        not isinstance(api_key, str)
-        or not api_key
-        or not all("!" <= char <= "~" for char in api_key)
-    ):
-        raise InvalidRequestError(
-            f"{source} must be a non-empty string of printable ASCII characters without spaces"
-        )
-    return api_key
+    if not isinstance(api_key, str):
+        raise InvalidRequestError(f"api_key must be a str, not {type(api_key).__name__}")
+    try:
+        return _env.parse_gateway_key(api_key)
+    except ValueError as exc:
+        raise InvalidRequestError(f"api_key {exc}") from None
 
 
 def make_app(
@@ -714,7 +707,7 @@ def make_app(
         raise InvalidRequestError(f"max_body_bytes must be an int >= 1, not {max_body_bytes!r}")
     return GatewayApp(
         session,
-        api_key=_check_key(api_key, "api_key"),
+        api_key=_check_key(api_key),
         session_options={},
         max_body_bytes=max_body_bytes,
     )
@@ -728,15 +721,11 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
 
     :raises InvalidRequestError: a bad value, naming its variable.
     """
-    env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
-    raw = env.get(BASE_URL_ENV, "").strip()
-    if raw:
-        try:
-            options["base_url"] = validate_base_url(raw)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"${BASE_URL_ENV}: {exc}") from None
-    options.update(_env.session_options_from_env(env))
+    base_url = _env.setting_from_env("base_url", environ)
+    if base_url is not None:
+        options["base_url"] = base_url
+    options.update(_env.session_options_from_env(environ))
     return options
 
 
@@ -747,12 +736,10 @@ def app_from_env(environ: Optional[Mapping[str, str]] = None) -> GatewayApp:
 
     :raises InvalidRequestError: a bad value, naming its variable.
     """
-    env = os.environ if environ is None else environ
-    options = session_options_from_env(env)
-    key = env.get(GATEWAY_KEY_ENV, "").strip() or None
+    options = session_options_from_env(environ)
     return GatewayApp(
         None,
-        api_key=_check_key(key, f"${GATEWAY_KEY_ENV}"),
+        api_key=_env.gateway_key_from_env(environ),
         session_options=options,
         max_body_bytes=DEFAULT_MAX_BODY_BYTES,
     )

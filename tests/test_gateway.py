@@ -970,7 +970,7 @@ def test_settings_from_the_environment(emulator: Callable[..., Emulator]) -> Non
     ],
 )
 def test_a_bad_setting_is_an_error_that_names_it(name: str, value: str) -> None:
-    with pytest.raises(aco.InvalidRequestError, match=re.escape(f"${name}")):
+    with pytest.raises(aco.InvalidRequestError, match=f"^{re.escape(f'${name}: ')}"):
         app_from_env({name: value})
 
 
@@ -979,7 +979,7 @@ def test_a_bad_setting_is_an_error_that_names_it(name: str, value: str) -> None:
     [{"session": "s"}, {"api_key": ""}, {"api_key": "a b"}, {"max_body_bytes": 0}],
 )
 def test_make_app_checks_its_arguments(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(aco.InvalidRequestError):
+    with pytest.raises(aco.InvalidRequestError, match=f"^{next(iter(kwargs))} must be"):
         make_app(**kwargs)
 
 
@@ -1133,14 +1133,38 @@ def test_the_command_reports_a_busy_port_and_a_bad_key(emulator: Callable[..., E
     )
     assert busy.returncode == 1
     assert busy.stderr.startswith("aichatonline: error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in busy.stderr
+
+
+KEY_RULE = "must be a non-empty string of printable ASCII characters without spaces"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--api-key", "s\u00e9cret"], {}, f"argument --api-key: {KEY_RULE}"),
+        (["--api-key", "a b"], {GATEWAY_KEY_ENV: KEY}, f"argument --api-key: {KEY_RULE}"),
+        ([], {GATEWAY_KEY_ENV: "a b"}, f"${GATEWAY_KEY_ENV}: {KEY_RULE}"),
+        ([], {"AICHATONLINE_BASE_URL": "ftp://example.com"}, "$AICHATONLINE_BASE_URL: must be"),
+    ],
+    ids=["option-not-ascii", "option-with-a-space", "variable", "base-url-variable"],
+)
+def test_the_command_names_the_option_or_variable_of_a_bad_setting(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
     bad = subprocess.run(
-        [sys.executable, "-m", "aichatonline_sync", "gateway", "--emulator", "--api-key", "a b"],
-        env=child_env(),
+        [sys.executable, "-m", "aichatonline_sync", "gateway", "--port", "0", *args],
+        env=child_env({"PYTHONIOENCODING": "utf-8", **env}),
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=WAIT,
         check=False,
     )
     assert bad.returncode == 2
-    assert bad.stderr.startswith("aichatonline: error: api_key must be")
-    assert "Traceback" not in busy.stderr + bad.stderr
+    assert bad.stderr.startswith(f"aichatonline: error: {message}"), bad.stderr
+    assert bad.stderr.count("\n") == 1
+    assert "api_key" not in bad.stderr
+    assert "\u00e9" not in bad.stderr  # the key is never shown
+    assert "a b" not in bad.stderr
+    assert bad.stdout == ""
