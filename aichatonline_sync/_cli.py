@@ -531,12 +531,20 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+#: The connections to the emulator that ``gateway --emulator`` keeps. Its server has a thread per
+#: client, and the pool of a given ``http`` does not grow (as a Session's own does, by
+#: ``ensure_pool``): up to this many streams at a time, each connection is used again (above it,
+#: urllib3 warns "Connection pool is full"). An unused place in the pool costs nothing.
+_GATEWAY_POOL = 256
+
+
 @contextlib.contextmanager
-def _direct_http(workers: int) -> Iterator[requests.Session]:
-    """A ``requests.Session`` that ignores the proxy environment variables."""
+def _direct_http(pool: int) -> Iterator[requests.Session]:
+    """A ``requests.Session`` that ignores the proxy environment variables (a Session's own
+    ``http`` reads them, once), keeping ``pool`` connections (at least 10)."""
     with requests.Session() as http:
         http.trust_env = False
-        adapter = HTTPAdapter(pool_maxsize=max(10, workers), max_retries=0)
+        adapter = HTTPAdapter(pool_maxsize=max(10, pool), max_retries=0)
         http.mount("http://", adapter)
         http.mount("https://", adapter)
         yield http
@@ -556,7 +564,8 @@ def _connect(args: argparse.Namespace) -> Iterator[Session]:
             logger.debug("started the emulator at %s", base_url)
             if "proxy" not in options:
                 # The emulator is on the loopback interface: $HTTP_PROXY must not reroute it.
-                options["http"] = stack.enter_context(_direct_http(getattr(args, "workers", 1)))
+                pool = _GATEWAY_POOL if args.command == "gateway" else getattr(args, "workers", 1)
+                options["http"] = stack.enter_context(_direct_http(pool))
         if options.get("verify") is False:
             # Asked for: urllib3's warning at every request would only bury the output.
             stack.enter_context(warnings.catch_warnings())

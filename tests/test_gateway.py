@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -1083,6 +1084,53 @@ def test_the_command_serves_until_ctrl_c_or_sigterm(sig: signal.Signals) -> None
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
     assert out == b""
+
+
+STREAMS = 16  #: more than requests' default pool of 10 connections
+
+
+@pytest.mark.parametrize("upstream", ["--emulator", "--base-url"])
+def test_the_commands_session_keeps_a_connection_for_each_stream(
+    upstream: str,
+    emulator: Callable[..., Emulator],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aichatonline_sync import _cli, testing
+
+    made: list[Emulator] = [] if upstream == "--emulator" else [emulator()]
+
+    class Recorded(testing.Emulator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(testing, "Emulator", Recorded)
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    together = threading.Barrier(STREAMS)
+
+    def all_at_once(index: int) -> None:
+        if index == 1:  # every stream has its first piece: STREAMS upstream chats at a time
+            together.wait(WAIT)
+
+    where = [upstream] if upstream == "--emulator" else [upstream, made[0].url]
+    args = _cli.build_parser().parse_args(["gateway", *where, "--port", "0"])
+    with _cli._connect(args) as session, serving(make_app(session)) as base:
+        [emu] = made
+        emu.set_reply(REPLY)
+        emu.before_piece = all_at_once
+        session.grab_token()
+        gateway = Gateway("stdlib", base, emu)
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+        with ThreadPoolExecutor(STREAMS) as pool:
+            for _ in range(2):
+                replies = list(pool.map(lambda _: gateway.post(body, key=None), range(STREAMS)))
+                assert [reply.status_code for reply in replies] == [200] * STREAMS
+                assert all(reply.text.endswith("data: [DONE]\n\n") for reply in replies)
+        connections = emu.connections
+    assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
+    # The token's connection, then one for each stream at a time, kept and used again.
+    assert connections <= STREAMS
 
 
 def test_the_command_reads_its_key_from_the_environment(emulator: Callable[..., Emulator]) -> None:
