@@ -65,7 +65,9 @@ from ._env import (
     MAX_RETRIES_ENV,
     PROXY_ENV,
     TIMEOUT_ENV,
+    gateway_key_from_env,
     parse_count,
+    parse_gateway_key,
     parse_proxy,
     parse_timeout,
     setting_from_env,
@@ -144,6 +146,7 @@ def _argument(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
 
 _timeout = _argument(parse_timeout, "timeout")
 _proxy = _argument(parse_proxy, "proxy")
+_api_key = _argument(parse_gateway_key, "API key")
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -494,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument(
         "--api-key",
+        type=_api_key,
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
     )
@@ -504,19 +508,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- shared helpers ------------------------------------------------------------------------------
 
 
-def _from_env(args: argparse.Namespace, dest: str, env: str, parse: Callable[[str], Any]) -> None:
-    """Fill an option that was not given from its environment variable (a bad value: exit 2)."""
-    if getattr(args, dest) is not None:
-        return
-    raw = os.environ.get(env, "").strip()
-    if not raw:
-        return
-    try:
-        setattr(args, dest, parse(raw))
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"${env}: {exc}") from None
-
-
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("proxy", "timeout", "max_retries"):
         if getattr(args, option) is None:  # a given option wins over its variable, bad or not
@@ -524,6 +515,11 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
                 setattr(args, option, setting_from_env(option))
             except InvalidRequestError as exc:
                 raise UsageError(str(exc)) from None
+    if args.base_url is None and not args.emulator:
+        try:
+            args.base_url = setting_from_env("base_url")
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
     options: dict[str, Any] = {}
     for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes"):
         if getattr(args, name) is not None:
@@ -531,12 +527,20 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+#: The connections to the emulator that ``gateway --emulator`` keeps. Its server has a thread per
+#: client, and the pool of a given ``http`` does not grow (as a Session's own does, by
+#: ``ensure_pool``): up to this many streams at a time, each connection is used again (above it,
+#: urllib3 warns "Connection pool is full"). An unused place in the pool costs nothing.
+_GATEWAY_POOL = 256
+
+
 @contextlib.contextmanager
-def _direct_http(workers: int) -> Iterator[requests.Session]:
-    """A ``requests.Session`` that ignores the proxy environment variables."""
+def _direct_http(pool: int) -> Iterator[requests.Session]:
+    """A ``requests.Session`` that ignores the proxy environment variables (a Session's own
+    ``http`` reads them, once), keeping ``pool`` connections (at least 10)."""
     with requests.Session() as http:
         http.trust_env = False
-        adapter = HTTPAdapter(pool_maxsize=max(10, workers), max_retries=0)
+        adapter = HTTPAdapter(pool_maxsize=max(10, pool), max_retries=0)
         http.mount("http://", adapter)
         http.mount("https://", adapter)
         yield http
@@ -556,7 +560,8 @@ def _connect(args: argparse.Namespace) -> Iterator[Session]:
             logger.debug("started the emulator at %s", base_url)
             if "proxy" not in options:
                 # The emulator is on the loopback interface: $HTTP_PROXY must not reroute it.
-                options["http"] = stack.enter_context(_direct_http(getattr(args, "workers", 1)))
+                pool = _GATEWAY_POOL if args.command == "gateway" else getattr(args, "workers", 1)
+                options["http"] = stack.enter_context(_direct_http(pool))
         if options.get("verify") is False:
             # Asked for: urllib3's warning at every request would only bury the output.
             stack.enter_context(warnings.catch_warnings())
@@ -886,9 +891,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_gateway(args: argparse.Namespace) -> int:
     from ._config import redact_url
-    from .gateway import GATEWAY_KEY_ENV, make_app, make_server
+    from .gateway import make_app, make_server
 
-    _from_env(args, "api_key", GATEWAY_KEY_ENV, str)
+    if args.api_key is None:  # a given --api-key wins over the variable, bad or not
+        args.api_key = gateway_key_from_env()
     with _connect(args) as session:
         app = make_app(session, api_key=args.api_key)
         try:

@@ -1,8 +1,9 @@
-"""Session options from the environment: the ``AICHATONLINE_*`` variables read by the command
-line, the llm plugin and the gateway, parsed and checked in one place.
+"""Settings from the environment: the ``AICHATONLINE_*`` variables read by the command line, the
+llm plugin and the gateway, parsed and checked in one place (this module is their one reader).
 
-``AICHATONLINE_BASE_URL`` is read by :class:`Session` itself (when no ``base_url`` is given); this
-module reads the others. A variable that is unset or blank counts as not given.
+``AICHATONLINE_BASE_URL`` is also read by :class:`Session` itself when it is given no ``base_url``
+(so that it is not among :func:`session_options_from_env`); a front end that shows or checks the URL
+reads it here, with :func:`setting_from_env`. A variable that is unset or blank counts as not given.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import os
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-from ._config import Timeout, validate_proxy
+from ._config import Timeout, validate_base_url, validate_proxy
 from ._errors import InvalidRequestError
 from ._protocol import BASE_URL_ENV
 
 __all__ = [
     "BASE_URL_ENV",
+    "GATEWAY_KEY_ENV",
     "MAX_RETRIES_ENV",
     "PROXY_ENV",
     "TIMEOUT_ENV",
+    "gateway_key_from_env",
+    "parse_base_url",
     "parse_count",
+    "parse_gateway_key",
     "parse_proxy",
     "parse_seconds",
     "parse_timeout",
@@ -32,6 +37,7 @@ __all__ = [
 PROXY_ENV = "AICHATONLINE_PROXY"
 TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
 MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
+GATEWAY_KEY_ENV = "AICHATONLINE_GATEWAY_KEY"
 
 
 def parse_seconds(value: str) -> float:
@@ -91,17 +97,46 @@ def parse_proxy(value: str) -> str:
     return proxy
 
 
-#: option -> (its variable, its parser)
+def parse_base_url(value: str) -> str:
+    """An http(s) base URL, checked as :class:`Session` checks it (without its trailing slash).
+
+    :raises ValueError: ``"must be an http:// or https:// URL with a host, not '...'"`` (and such).
+    """
+    try:
+        return validate_base_url(value)
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc).replace("base_url ", "", 1)) from None
+
+
+def parse_gateway_key(value: str) -> str:
+    """The gateway's API key: printable ASCII, no spaces (what a ``Bearer`` header can carry).
+
+    :raises ValueError: what is wrong with it (the key itself is never in the message).
+    """
+    if not value or not all("!" <= char <= "~" for char in value):
+        raise ValueError(
+            "must be a non-empty string of printable ASCII characters without spaces"
+        )
+    return value
+
+
+#: option -> (its variable, its parser): the options of a Session, ...
 _SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "proxy": (PROXY_ENV, parse_proxy),
     "timeout": (TIMEOUT_ENV, parse_timeout),
     "max_retries": (MAX_RETRIES_ENV, parse_count),
 }
+#: ... and the others.
+_OTHER_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "base_url": (BASE_URL_ENV, parse_base_url),
+    "gateway_key": (GATEWAY_KEY_ENV, parse_gateway_key),
+}
 
 
 def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -> Any:
-    """The value of one :class:`Session` option from its variable, or ``None`` when the variable
-    is unset or blank. ``option`` is ``"proxy"``, ``"timeout"`` or ``"max_retries"``.
+    """The value of one setting from its variable, or ``None`` when the variable is unset or blank.
+    ``option`` is a :class:`Session` option, ``"proxy"``, ``"timeout"``, ``"max_retries"`` or
+    ``"base_url"``, or the gateway's ``"gateway_key"``.
 
     A front end with its own options (the command line) reads a variable only for an option that
     was not given, so that a bad variable does not matter when the option overrides it.
@@ -109,7 +144,7 @@ def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -
     :raises InvalidRequestError: a bad value, as ``"$AICHATONLINE_TIMEOUT: must be a positive
         number of seconds, not '0'"``.
     """
-    name, parse = _SETTINGS[option]
+    name, parse = _SETTINGS[option] if option in _SETTINGS else _OTHER_SETTINGS[option]
     raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return None
@@ -131,3 +166,12 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
     """
     options = {option: setting_from_env(option, environ) for option in _SETTINGS}
     return {option: value for option, value in options.items() if value is not None}
+
+
+def gateway_key_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The gateway's key, ``$AICHATONLINE_GATEWAY_KEY`` (``None`` when unset or blank).
+
+    :raises InvalidRequestError: a bad key, as ``"$AICHATONLINE_GATEWAY_KEY: must be ..."``.
+    """
+    key: Optional[str] = setting_from_env("gateway_key", environ)
+    return key

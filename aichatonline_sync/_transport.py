@@ -61,6 +61,7 @@ __all__ = [
     "Transport",
     "abort",
     "break_reason",
+    "is_timeout",
     "iter_body",
     "read_start",
     "scrub",
@@ -582,6 +583,16 @@ def _kind(chain: list[BaseException]) -> str:
         if any(matches(item) for item in chain):
             return kind
     return "connection"
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception of its chain (causes, contexts, reasons) is a timeout: our
+    :class:`APITimeoutError`, the total deadline, or a connect or read timeout of the socket,
+    urllib3 or requests. An :class:`IncompleteStreamError` of a stalled reply is one."""
+    return any(
+        isinstance(item, (APITimeoutError, DeadlineExceeded)) or _timeout(item) or _connect_timeout(item)
+        for item in _chain(exc)
+    )
 
 
 def translate_exception(

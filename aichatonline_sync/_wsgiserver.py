@@ -256,6 +256,18 @@ class GatewayServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's thread failed outside the application (socketserver would print it).
+
+        A client that resets or drops a kept-alive connection, or times out, is normal: a debug
+        record. Anything else is logged with its traceback.
+        """
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            logger.debug("the connection of %s ended: %r", client_address, exc)
+        else:
+            logger.exception("the gateway server failed on a connection of %s", client_address)
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look up the host's full name (a DNS query): not needed.
         socketserver.TCPServer.server_bind(self)

@@ -26,9 +26,10 @@ and ignored; ``n`` other than 1, tools and functions, and content other than tex
 Errors are in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 a bad request
 (also a body that is not JSON, wrong types, a body over ``max_body_bytes``), 401 a wrong or missing
 key (when the gateway has one), 404 an unknown path or model, 405 a wrong method, 429 the upstream
-rate-limits, 502 the upstream failed, 504 it timed out. A failure after the first streamed chunk
-ends the stream with the event ``data: {"error": {...}}``, so that OpenAI's clients raise instead of
-returning half a reply as if it were whole. When the client goes away in the middle of a stream
+rate-limits, 502 the upstream failed, 504 it timed out (also after the first piece: a read timeout
+or the total deadline). A failure after the first streamed chunk ends the stream with the event
+``data: {"error": {...}}`` (of the same ``type`` and ``code``), so that OpenAI's clients raise
+instead of returning half a reply as if it were whole. When the client goes away in the middle of a stream
 (the server's write fails, and it closes the body), the upstream chat is closed at once.
 
 This module is not imported by ``import aichatonline_sync``, and it uses only the public
@@ -49,17 +50,18 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from . import _env
-from ._config import validate_base_url
-from ._env import BASE_URL_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
+from ._env import BASE_URL_ENV, GATEWAY_KEY_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
 from ._errors import (
     AiChatOnlineError,
     APITimeoutError,
+    IncompleteStreamError,
     InvalidRequestError,
     RateLimitError,
     UpstreamError,
 )
 from ._session import MODELS, Session
 from ._stream import ChatStream
+from ._transport import is_timeout
 
 if TYPE_CHECKING:
     from ._wsgiserver import GatewayServer
@@ -88,9 +90,6 @@ logger = logging.getLogger("aichatonline_sync.gateway")
 WSGIEnvironment = dict[str, Any]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApplication = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
-
-#: The settings :data:`app` reads (the same as the ``aichatonline`` command's, and the key).
-GATEWAY_KEY_ENV = "AICHATONLINE_GATEWAY_KEY"
 
 #: The largest request body accepted (a 400 above it).
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -183,7 +182,9 @@ def _refusal_for(exc: AiChatOnlineError) -> _Refusal:
         return _Refusal(
             429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=headers
         )
-    if isinstance(exc, APITimeoutError):
+    if isinstance(exc, APITimeoutError) or (
+        isinstance(exc, IncompleteStreamError) and is_timeout(exc)
+    ):  # a reply that stalled after its first piece (read timeout, total deadline) too
         return _Refusal(504, message, type="timeout_error", code="upstream_timeout")
     return _Refusal(502, message, type="upstream_error", code="upstream_error")
 
@@ -666,18 +667,15 @@ class GatewayApp:
 # -- making one ---------------------------------------------------------------------------------
 
 
-def _check_key(api_key: object, source: str) -> Optional[str]:
+def _check_key(api_key: object) -> Optional[str]:
     if api_key is None:
         return None
-    if (
-        not isinstance(api_key, str)
-        or not api_key
-        or not all("!" <= char <= "~" for char in api_key)
-    ):
-        raise InvalidRequestError(
-            f"{source} must be a non-empty string of printable ASCII characters without spaces"
-        )
-    return api_key
+    if not isinstance(api_key, str):
+        raise InvalidRequestError(f"api_key must be a str, not {type(api_key).__name__}")
+    try:
+        return _env.parse_gateway_key(api_key)
+    except ValueError as exc:
+        raise InvalidRequestError(f"api_key {exc}") from None
 
 
 def make_app(
@@ -709,7 +707,7 @@ def make_app(
         raise InvalidRequestError(f"max_body_bytes must be an int >= 1, not {max_body_bytes!r}")
     return GatewayApp(
         session,
-        api_key=_check_key(api_key, "api_key"),
+        api_key=_check_key(api_key),
         session_options={},
         max_body_bytes=max_body_bytes,
     )
@@ -723,15 +721,11 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
 
     :raises InvalidRequestError: a bad value, naming its variable.
     """
-    env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
-    raw = env.get(BASE_URL_ENV, "").strip()
-    if raw:
-        try:
-            options["base_url"] = validate_base_url(raw)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"${BASE_URL_ENV}: {exc}") from None
-    options.update(_env.session_options_from_env(env))
+    base_url = _env.setting_from_env("base_url", environ)
+    if base_url is not None:
+        options["base_url"] = base_url
+    options.update(_env.session_options_from_env(environ))
     return options
 
 
@@ -742,12 +736,10 @@ def app_from_env(environ: Optional[Mapping[str, str]] = None) -> GatewayApp:
 
     :raises InvalidRequestError: a bad value, naming its variable.
     """
-    env = os.environ if environ is None else environ
-    options = session_options_from_env(env)
-    key = env.get(GATEWAY_KEY_ENV, "").strip() or None
+    options = session_options_from_env(environ)
     return GatewayApp(
         None,
-        api_key=_check_key(key, f"${GATEWAY_KEY_ENV}"),
+        api_key=_env.gateway_key_from_env(environ),
         session_options=options,
         max_body_bytes=DEFAULT_MAX_BODY_BYTES,
     )

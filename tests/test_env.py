@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from aichatonline_sync import InvalidRequestError, Session, Timeout
-from aichatonline_sync._env import session_options_from_env, setting_from_env
+from aichatonline_sync._env import gateway_key_from_env, session_options_from_env, setting_from_env
 
 
 def test_nothing_set_is_no_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,3 +74,28 @@ def test_one_setting_at_a_time() -> None:
 )
 def test_timeout_forms_of_the_command_line(value: str, expected: Timeout) -> None:
     assert setting_from_env("timeout", {"AICHATONLINE_TIMEOUT": value}) == expected
+
+
+def test_the_base_url_and_the_gateway_key() -> None:
+    environ = {"AICHATONLINE_BASE_URL": " http://127.0.0.1:8765/ ", "AICHATONLINE_GATEWAY_KEY": " k3y "}
+    assert setting_from_env("base_url", environ) == "http://127.0.0.1:8765"
+    assert gateway_key_from_env(environ) == "k3y"
+    assert setting_from_env("base_url", {"AICHATONLINE_BASE_URL": " "}) is None
+    assert gateway_key_from_env({}) is None
+    # Neither is a session option of the llm plugin's or the command line's.
+    assert session_options_from_env(environ) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("AICHATONLINE_BASE_URL", "ftp://example.com", "$AICHATONLINE_BASE_URL: must be an http:// or https:// URL with a host, not 'ftp://example.com'"),
+        ("AICHATONLINE_GATEWAY_KEY", "two words", "$AICHATONLINE_GATEWAY_KEY: must be a non-empty string of printable ASCII characters without spaces"),
+        ("AICHATONLINE_GATEWAY_KEY", "s\u00e9cret", "$AICHATONLINE_GATEWAY_KEY: must be a non-empty string of printable ASCII characters without spaces"),
+    ],
+)
+def test_a_bad_base_url_or_key_names_its_variable(name: str, value: str, message: str) -> None:
+    option = "base_url" if name.endswith("BASE_URL") else "gateway_key"
+    with pytest.raises(InvalidRequestError) as info:
+        setting_from_env(option, {name: value})
+    assert str(info.value) == message

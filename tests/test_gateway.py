@@ -19,11 +19,13 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -484,6 +486,36 @@ def test_an_upstream_timeout_is_a_504(emulator: Callable[..., Emulator]) -> None
 
 @needs_openai
 @pytest.mark.parametrize(
+    "timeout",
+    [aco.Timeout(WAIT, 0.3), aco.Timeout(WAIT, WAIT, total=1.0)],
+    ids=["read-timeout", "total-deadline"],
+)
+def test_an_upstream_that_stalls_after_the_first_piece_is_a_timeout(
+    emulator: Callable[..., Emulator], timeout: aco.Timeout
+) -> None:
+    emu = emulator(reply=REPLY)
+    emu.stall("chat", after=1, seconds=None, times=2)  # one piece, then nothing
+    session = aco.Session(emu.url, max_retries=0, timeout=timeout)
+    with session, serving(make_app(session)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=WAIT)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert caught.value.status_code == 504
+        assert caught.value.code == "upstream_timeout"
+        # Streamed, the status was already 200: the error event says it is a timeout.
+        pieces: list[str] = []
+        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+        with stream, pytest.raises(openai.APIError) as in_band:
+            pieces.extend(content_of(chunk) or "" for chunk in stream)
+    assert pieces == ["", REPLY[0]]
+    assert not isinstance(in_band.value, openai.APIStatusError)
+    body = in_band.value.body
+    assert isinstance(body, dict)
+    assert (body["type"], body["code"]) == ("timeout_error", "upstream_timeout")
+
+
+@needs_openai
+@pytest.mark.parametrize(
     "fault",
     [
         lambda emu: emu.error_line(500, "the model fell over", after=2),
@@ -744,6 +776,58 @@ def test_head_and_keep_alive_on_the_standard_library_server(stdlib_gateway: Gate
                 assert json.loads(reader.read(length))["data"][0]["id"] == MODEL
 
 
+class ConnectionEnds(logging.Handler):
+    """The gateway server's records of a connection that ended with an ``OSError``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(isinstance(arg, OSError) for arg in args):
+            self.records.append(record)
+            self.seen.set()
+
+
+def test_a_client_that_resets_a_kept_alive_connection_is_a_debug_record(
+    stdlib_gateway: Gateway, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger("aichatonline_sync.gateway")
+    handler, level = ConnectionEnds(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        port = int(stdlib_gateway.base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(
+                f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+            )
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            fields = dict(
+                line.decode().lower().split(":", 1)
+                for line in iter(lambda: reader.readline().strip(), b"")
+            )
+            reader.read(int(fields["content-length"]))
+            # The server now waits for the next request on the kept-alive connection: reset it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reader.close()
+        assert handler.seen.wait(WAIT), "the server did not log the reset"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    [record] = handler.records
+    assert record.levelno == logging.DEBUG
+    assert isinstance(record.args, tuple)
+    assert isinstance(record.args[-1], ConnectionResetError)
+    assert record.exc_info is None
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err
+    assert "ConnectionResetError" not in captured.err
+
+
 def test_an_http_1_0_client_gets_a_body_that_ends_with_the_connection(
     stdlib_gateway: Gateway,
 ) -> None:
@@ -887,7 +971,7 @@ def test_settings_from_the_environment(emulator: Callable[..., Emulator]) -> Non
     ],
 )
 def test_a_bad_setting_is_an_error_that_names_it(name: str, value: str) -> None:
-    with pytest.raises(aco.InvalidRequestError, match=re.escape(f"${name}")):
+    with pytest.raises(aco.InvalidRequestError, match=f"^{re.escape(f'${name}: ')}"):
         app_from_env({name: value})
 
 
@@ -896,7 +980,7 @@ def test_a_bad_setting_is_an_error_that_names_it(name: str, value: str) -> None:
     [{"session": "s"}, {"api_key": ""}, {"api_key": "a b"}, {"max_body_bytes": 0}],
 )
 def test_make_app_checks_its_arguments(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(aco.InvalidRequestError):
+    with pytest.raises(aco.InvalidRequestError, match=f"^{next(iter(kwargs))} must be"):
         make_app(**kwargs)
 
 
@@ -1053,6 +1137,53 @@ def test_the_command_stops_on_a_signal_that_lands_while_it_accepts(sig: signal.S
     assert out == b""
 
 
+STREAMS = 16  #: more than requests' default pool of 10 connections
+
+
+@pytest.mark.parametrize("upstream", ["--emulator", "--base-url"])
+def test_the_commands_session_keeps_a_connection_for_each_stream(
+    upstream: str,
+    emulator: Callable[..., Emulator],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aichatonline_sync import _cli, testing
+
+    made: list[Emulator] = [] if upstream == "--emulator" else [emulator()]
+
+    class Recorded(testing.Emulator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(testing, "Emulator", Recorded)
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    together = threading.Barrier(STREAMS)
+
+    def all_at_once(index: int) -> None:
+        if index == 1:  # every stream has its first piece: STREAMS upstream chats at a time
+            together.wait(WAIT)
+
+    where = [upstream] if upstream == "--emulator" else [upstream, made[0].url]
+    args = _cli.build_parser().parse_args(["gateway", *where, "--port", "0"])
+    with _cli._connect(args) as session, serving(make_app(session)) as base:
+        [emu] = made
+        emu.set_reply(REPLY)
+        emu.before_piece = all_at_once
+        session.grab_token()
+        gateway = Gateway("stdlib", base, emu)
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+        with ThreadPoolExecutor(STREAMS) as pool:
+            for _ in range(2):
+                replies = list(pool.map(lambda _: gateway.post(body, key=None), range(STREAMS)))
+                assert [reply.status_code for reply in replies] == [200] * STREAMS
+                assert all(reply.text.endswith("data: [DONE]\n\n") for reply in replies)
+        connections = emu.connections
+    assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
+    # The token's connection, then one for each stream at a time, kept and used again.
+    assert connections <= STREAMS
+
+
 def test_the_command_reads_its_key_from_the_environment(emulator: Callable[..., Emulator]) -> None:
     emu = emulator(reply=REPLY)
     proc = subprocess.Popen(
@@ -1101,14 +1232,38 @@ def test_the_command_reports_a_busy_port_and_a_bad_key(emulator: Callable[..., E
     )
     assert busy.returncode == 1
     assert busy.stderr.startswith("aichatonline: error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in busy.stderr
+
+
+KEY_RULE = "must be a non-empty string of printable ASCII characters without spaces"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--api-key", "s\u00e9cret"], {}, f"argument --api-key: {KEY_RULE}"),
+        (["--api-key", "a b"], {GATEWAY_KEY_ENV: KEY}, f"argument --api-key: {KEY_RULE}"),
+        ([], {GATEWAY_KEY_ENV: "a b"}, f"${GATEWAY_KEY_ENV}: {KEY_RULE}"),
+        ([], {"AICHATONLINE_BASE_URL": "ftp://example.com"}, "$AICHATONLINE_BASE_URL: must be"),
+    ],
+    ids=["option-not-ascii", "option-with-a-space", "variable", "base-url-variable"],
+)
+def test_the_command_names_the_option_or_variable_of_a_bad_setting(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
     bad = subprocess.run(
-        [sys.executable, "-m", "aichatonline_sync", "gateway", "--emulator", "--api-key", "a b"],
-        env=child_env(),
+        [sys.executable, "-m", "aichatonline_sync", "gateway", "--port", "0", *args],
+        env=child_env({"PYTHONIOENCODING": "utf-8", **env}),
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=WAIT,
         check=False,
     )
     assert bad.returncode == 2
-    assert bad.stderr.startswith("aichatonline: error: api_key must be")
-    assert "Traceback" not in busy.stderr + bad.stderr
+    assert bad.stderr.startswith(f"aichatonline: error: {message}"), bad.stderr
+    assert bad.stderr.count("\n") == 1
+    assert "api_key" not in bad.stderr
+    assert "\u00e9" not in bad.stderr  # the key is never shown
+    assert "a b" not in bad.stderr
+    assert bad.stdout == ""
