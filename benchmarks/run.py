@@ -437,7 +437,10 @@ def bench_latency(srv: ServerProcess, report: Report, quick: bool) -> None:
                         # Scheduling waits of both processes in this piece's window: the client's
                         # since the previous piece (it sleeps in recv in between), the server's
                         # around its stamp and send.
-                        sched = (waited[i + 1] - waited[i] + server_waits[i]) / 1e6
+                        # (The last wait may not be in yet: the client can ask for the stamps
+                        # before the server's sendall of the last line has returned.)
+                        server_wait = server_waits[i] if i < len(server_waits) else 0
+                        sched = (waited[i + 1] - waited[i] + server_wait) / 1e6
                         own[key].append(max(0.0, latency - sched))
         finally:
             clock.close()
