@@ -247,6 +247,10 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True  # at exit, requests in progress do not hold the process
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a burst of clients connecting at once (16
+    # openai clients starting together) overflows it, and the kernel drops their SYNs, which are
+    # sent again only after 1, 2, 4... seconds. 128 is what the emulator and most servers use.
+    request_queue_size = 128
 
     def __init__(
         self, app: Callable[..., Iterable[bytes]], host: str = "127.0.0.1", port: int = 8000

@@ -1267,3 +1267,19 @@ def test_the_command_names_the_option_or_variable_of_a_bad_setting(
     assert "\u00e9" not in bad.stderr  # the key is never shown
     assert "a b" not in bad.stderr
     assert bad.stdout == ""
+
+
+def test_the_server_takes_a_burst_of_connections_before_it_accepts_them() -> None:
+    # The kernel completes the handshakes of up to the listen backlog on its own; socketserver's
+    # default of 5 dropped the SYNs of a burst of clients (sent again only 1, 2, 4 s later).
+    server = make_server(make_app(), port=0)  # bound and listening, not accepting yet
+    host, port = server.server_address[:2]
+    clients = [socket.socket() for _ in range(64)]
+    try:
+        for client in clients:
+            client.settimeout(WAIT)  # a bound, not a pause: each connect returns at once
+            client.connect((host, port))
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
