@@ -19,6 +19,7 @@ import logging
 import socket
 import socketserver
 import sys
+import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Optional
@@ -256,9 +257,32 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self, app: Callable[..., Iterable[bytes]], host: str = "127.0.0.1", port: int = 8000
     ) -> None:
         self.app = app
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening, and end the connections still open: a kept-alive idle one at once (it
+        would otherwise wait out its 75 s idle timeout, a thread and a socket each), a reply in
+        progress at its next write (its upstream chat is then closed)."""
+        super().server_close()
+        with self._connections_lock:
+            still_open = list(self._connections)
+        for connection in still_open:
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection's thread failed outside the application (socketserver would print it).

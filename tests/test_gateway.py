@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -186,13 +186,20 @@ class Gateway:
     kind: str  #: "stdlib" or "gunicorn"
     base: str  #: the server's base URL (no /v1)
     emu: Emulator  #: the upstream
+    clients: list[Any] = field(default_factory=list)  #: the openai clients made, closed after
 
     @property
     def url(self) -> str:
         return f"{self.base}/v1"
 
     def client(self, key: str = KEY) -> Any:
-        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=WAIT)
+        client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=WAIT)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
     def post(self, body: Any, *, key: Optional[str] = KEY, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -210,7 +217,9 @@ def stdlib_gateway(emulator: Callable[..., Emulator]) -> Iterator[Gateway]:
     emu = emulator(reply=REPLY)
     session = aco.Session(emu.url, max_retries=0, timeout=WAIT)
     with session, serving(make_app(session, api_key=KEY)) as base:
-        yield Gateway("stdlib", base, emu)
+        gateway = Gateway("stdlib", base, emu)
+        yield gateway
+        gateway.close()
 
 
 def start_gunicorn(
@@ -282,7 +291,9 @@ def gunicorn_gateway(gunicorn_server: tuple[Emulator, str]) -> Iterator[Gateway]
     emu.reset()
     emu.set_reply(REPLY)
     emu.before_piece = None
-    yield Gateway("gunicorn", base, emu)
+    gateway = Gateway("gunicorn", base, emu)
+    yield gateway
+    gateway.close()
     emu.before_piece = None
     emu.reset()
 
@@ -478,7 +489,7 @@ def test_an_upstream_timeout_is_a_504(emulator: Callable[..., Emulator]) -> None
     session = aco.Session(emu.url, max_retries=0, timeout=0.3)
     with session, serving(make_app(session)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as caught:
+        with client, pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
     assert caught.value.status_code == 504
     assert caught.value.code == "upstream_timeout"
@@ -498,15 +509,16 @@ def test_an_upstream_that_stalls_after_the_first_piece_is_a_timeout(
     session = aco.Session(emu.url, max_retries=0, timeout=timeout)
     with session, serving(make_app(session)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=WAIT)
-        with pytest.raises(openai.InternalServerError) as caught:
-            client.chat.completions.create(model=MODEL, messages=MESSAGES)
-        assert caught.value.status_code == 504
-        assert caught.value.code == "upstream_timeout"
-        # Streamed, the status was already 200: the error event says it is a timeout.
-        pieces: list[str] = []
-        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
-        with stream, pytest.raises(openai.APIError) as in_band:
-            pieces.extend(content_of(chunk) or "" for chunk in stream)
+        with client:
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            assert caught.value.status_code == 504
+            assert caught.value.code == "upstream_timeout"
+            # Streamed, the status was already 200: the error event says it is a timeout.
+            pieces: list[str] = []
+            stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+            with stream, pytest.raises(openai.APIError) as in_band:
+                pieces.extend(content_of(chunk) or "" for chunk in stream)
     assert pieces == ["", REPLY[0]]
     assert not isinstance(in_band.value, openai.APIStatusError)
     body = in_band.value.body
@@ -774,6 +786,39 @@ def test_head_and_keep_alive_on_the_standard_library_server(stdlib_gateway: Gate
             length = int(fields["content-length"])
             if method == "GET":  # same connection: it was kept alive after the HEAD
                 assert json.loads(reader.read(length))["data"][0]["id"] == MODEL
+
+
+def test_closing_the_server_ends_its_kept_alive_connections(emulator: Callable[..., Emulator]) -> None:
+    # Before, an idle kept-alive connection outlived server_close() by its 75 s idle timeout,
+    # with its thread, and a later server on the same port number inherited its client socket.
+    emu = emulator(reply=REPLY)
+    with aco.Session(emu.url, max_retries=0, timeout=WAIT) as session:
+        server = make_server(make_app(session, api_key=KEY), port=0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            sock = socket.create_connection(server.server_address[:2], timeout=WAIT)
+            with sock, sock.makefile("rb") as reader:
+                sock.sendall(
+                    f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+                )
+                assert reader.readline().startswith(b"HTTP/1.1 200")
+                length = 0
+                while True:
+                    line = reader.readline().strip()
+                    if not line:
+                        break
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                assert json.loads(reader.read(length))["data"][0]["id"] == MODEL
+                server.shutdown()
+                server.server_close()
+                assert reader.read() == b""  # the server ended it (not the 20 s timeout: it raises)
+        finally:
+            server.shutdown()  # (again, when an assertion failed before: a no-op otherwise)
+            server.server_close()
+            thread.join(WAIT)
 
 
 class ConnectionEnds(logging.Handler):
@@ -1071,14 +1116,15 @@ def start_cli(*args: str) -> tuple[subprocess.Popen[bytes], str]:
 def test_the_command_serves_until_ctrl_c_or_sigterm(sig: signal.Signals) -> None:
     proc, url = start_cli("--emulator", "--api-key", KEY)
     try:
-        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=WAIT)
-        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)
-        assert 'You said: "System: Be brief.' in (completion.choices[0].message.content or "")
-        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
-        text = "".join(content_of(chunk) or "" for chunk in stream)
-        assert text == completion.choices[0].message.content
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url, api_key="nope", max_retries=0).models.list()
+        with openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=WAIT) as client:
+            completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+            assert 'You said: "System: Be brief.' in (completion.choices[0].message.content or "")
+            stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+            text = "".join(content_of(chunk) or "" for chunk in stream)
+            assert text == completion.choices[0].message.content
+        refused = openai.OpenAI(base_url=url, api_key="nope", max_retries=0)
+        with refused, pytest.raises(openai.AuthenticationError):
+            refused.models.list()
     finally:
         out, err = stop(proc, sig)
     assert proc.returncode == 0, err
