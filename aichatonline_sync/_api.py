@@ -77,7 +77,11 @@ def batch_iter(
     the results handed out: a generator of a million prompts, or an endless one, starts yielding
     at once with flat memory. A list or tuple is checked whole before anything is sent; a bad
     prompt pulled from any other iterable becomes its result's ``error`` (an
-    :class:`InvalidRequestError`), and the others go on.
+    :class:`InvalidRequestError`), and the others go on. Prompts are pulled in the thread that
+    iterates the results, between two results, as the standard library's
+    ``Executor.map(buffersize=...)`` (Python 3.14) pulls its inputs: a source tied to its thread
+    (a generator over a ``sqlite3`` cursor) works, but a source that blocks (``iter(queue.get, None)``) holds back
+    the results that finish while it waits, and one that waits for a result deadlocks.
 
     Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
     not yet started and cancels the chats running in this process (retry waits end, streams are

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import sqlite3
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -91,6 +92,20 @@ def test_every_prompt_of_a_generator_gets_its_result(emu: Emulator, session: Ses
     assert all(r.text == echo(f"q{r.index}") for r in results)
     assert prompts.pulled == 100
     assert len(emu.chat_requests) == 100
+
+
+def test_prompts_are_pulled_in_the_thread_that_iterates(emu: Emulator, session: Session) -> None:
+    # A sqlite3 cursor refuses any other thread (ProgrammingError): a source tied to its thread
+    # works, as the docstring and README promise.
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE TABLE prompts (text TEXT)")
+        db.executemany("INSERT INTO prompts VALUES (?)", [(f"q{i}",) for i in range(20)])
+        rows = (text for (text,) in db.execute("SELECT text FROM prompts ORDER BY rowid"))
+        results = list(aco.batch_iter(rows, session=session, max_workers=4))
+    finally:
+        db.close()
+    assert sorted((r.index, r.text) for r in results) == [(i, echo(f"q{i}")) for i in range(20)]
 
 
 def test_a_bad_prompt_of_a_generator_is_its_result_error(emu: Emulator, session: Session) -> None:
