@@ -120,8 +120,18 @@ def _one_line(text: str) -> str:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {_one_line(message)}\n")
-    sys.stderr.flush()
+    _say(f"{PROG}: error: {_one_line(message)}")
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr. When stderr cannot take it (``2>/dev/full``, a closed pipe),
+    there is nobody left to tell: the exit status still says what happened, and stderr is pointed
+    at devnull so that the flush at exit does not fail again (Python would exit with 120)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _silence(sys.stderr)
 
 
 def _status_of(interrupt: KeyboardInterrupt) -> int:
@@ -825,8 +835,7 @@ def _run_batch(args: argparse.Namespace) -> int:
             if todo:
                 _run_chats(args, stack, todo, writer, tally)
         except KeyboardInterrupt as interrupt:
-            sys.stderr.write(tally.line(interrupt) + "\n")
-            sys.stderr.flush()
+            _say(tally.line(interrupt))
             _abandon_workers(_status_of(interrupt))
             raise
         except OutputError as exc:
@@ -837,8 +846,7 @@ def _run_batch(args: argparse.Namespace) -> int:
             status = EXIT_BROKEN_PIPE if exc.broken_pipe else EXIT_FAILURE
             _abandon_workers(status)
             return status
-    sys.stderr.write(tally.line() + "\n")
-    sys.stderr.flush()
+    _say(tally.line())
     return EXIT_FAILURE if tally.failed or tally.malformed else EXIT_OK
 
 
@@ -944,10 +952,19 @@ def _setup_logging(verbose: bool) -> Callable[[], None]:
 
 def _silence_stdout() -> None:
     """After a broken pipe: point stdout at devnull so that the flush at exit cannot fail again."""
+    _silence(sys.stdout)
+
+
+def _silence(stream: Optional[IO[str]]) -> None:
+    """Point ``stream``'s file descriptor at devnull (what it still buffers is dropped there)."""
+    if stream is None:
+        return
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
     except (OSError, ValueError, AttributeError):
         pass
 

@@ -61,6 +61,7 @@ def run_bytes(
     env: Optional[dict[str, str]] = None,
     stdin: Any = None,
     stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.PIPE,
     preexec_fn: Optional[Callable[[], None]] = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Like ``run``, with bytes in and out (and arguments that may be bytes)."""
@@ -70,7 +71,7 @@ def run_bytes(
         input=input,
         stdin=stdin if input is None else None,
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         env=_env(env),
         timeout=TIMEOUT,
         check=False,
@@ -211,6 +212,28 @@ def test_chat_to_a_full_disk_is_one_error_line(emu: Emulator) -> None:
     assert result.returncode == 1
     line = one_error_line(result.stderr.decode())
     assert line == "aichatonline: error: cannot write to stdout: No space left on device"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stderr_that_takes_nothing_changes_no_exit_status(emu: Emulator, tmp_path: Path) -> None:
+    """``2>/dev/full``: the summary and the error lines cannot be written, and there is nobody to
+    tell; the results are still written and the exit status is still the one of the run (before,
+    the failed write of the summary was a traceback nobody saw, and exit status 1)."""
+    prompts = prompts_file(tmp_path, "one", "two")
+    out = tmp_path / "results.jsonl"
+    with open("/dev/full", "wb") as full:
+        done = run_bytes("batch", str(prompts), "-o", str(out), "--base-url", emu.url, stderr=full)
+        usage = run_bytes("chat", "--no-such-option", "Hi", stderr=full)
+        emu.fail("chat", 500)
+        failed = run_bytes("chat", "--base-url", emu.url, "--max-retries", "0", "Hi", stderr=full)
+    assert done.returncode == 0
+    assert {r["id"]: r["text"] for r in records(out.read_text())} == {
+        1: reply_of(emu, "one"),
+        2: reply_of(emu, "two"),
+    }
+    assert usage.returncode == 2
+    assert failed.returncode == 1
+    assert failed.stdout == b""
 
 
 @pytest.mark.skipif(not POSIX, reason="SIGPIPE semantics")
