@@ -321,7 +321,8 @@ must carry 'Authorization: Bearer KEY'. In production, run the same app under gu
 """
 
 
-def _connection_options() -> _Parser:
+def _connection_options(*, model: bool = True) -> _Parser:
+    """The options of the service's connection (with ``--model`` unless the requests name it)."""
     connection = _Parser(add_help=False)
     group = connection.add_argument_group("connection options")
     where = group.add_mutually_exclusive_group()
@@ -336,9 +337,10 @@ def _connection_options() -> _Parser:
         action="store_true",
         help="start the bundled emulator in-process and talk to it (no network needed)",
     )
-    group.add_argument(
-        "--model", type=_model, metavar="MODEL", help=f"the model (default: {MODELS[0]})"
-    )
+    if model:
+        group.add_argument(
+            "--model", type=_model, metavar="MODEL", help=f"the model (default: {MODELS[0]})"
+        )
     group.add_argument(
         "--proxy",
         type=_proxy,
@@ -490,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser(
         "gateway",
-        parents=[common, connection],
+        parents=[common, _connection_options(model=False)],  # each request names its model
         help="serve an OpenAI-compatible API (/v1/chat/completions) in the foreground",
         description="Serve the service behind OpenAI's API, until Ctrl-C or SIGTERM.",
         epilog=_GATEWAY_EPILOG,

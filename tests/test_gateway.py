@@ -1291,8 +1291,10 @@ KEY_RULE = "must be a non-empty string of printable ASCII characters without spa
         (["--api-key", "a b"], {GATEWAY_KEY_ENV: KEY}, f"argument --api-key: {KEY_RULE}"),
         ([], {GATEWAY_KEY_ENV: "a b"}, f"${GATEWAY_KEY_ENV}: {KEY_RULE}"),
         ([], {"AICHATONLINE_BASE_URL": "ftp://example.com"}, "$AICHATONLINE_BASE_URL: must be"),
+        # Each request names its model: an option that would be ignored is refused.
+        (["--model", "gpt-4o-mini"], {}, "unknown option '--model' (see 'aichatonline gateway"),
     ],
-    ids=["option-not-ascii", "option-with-a-space", "variable", "base-url-variable"],
+    ids=["option-not-ascii", "option-with-a-space", "variable", "base-url-variable", "model"],
 )
 def test_the_command_names_the_option_or_variable_of_a_bad_setting(
     args: list[str], env: dict[str, str], message: str
