@@ -274,6 +274,7 @@ It is JSON lines when its name ends in .jsonl or .ndjson, or when its first non-
 line is a JSON object; then every non-blank line must be a JSON object with "prompt" or
 "messages" (and an optional "id"; default: the line number). Otherwise every line is a
 prompt as it is written, even one that starts with '{{'. Blank lines are skipped.
+INPUT is read whole (up to 256 MiB) and checked before anything is sent.
 
 Each result is appended to OUTPUT as one JSON line the moment it is done:
   {{"id": "q1", "text": "...", "elapsed": 1.234, "line": 1, "prompt_sha256": "..."}}

@@ -36,6 +36,7 @@ from ._errors import InvalidRequestError
 from ._prompt import build_prompt
 
 __all__ = [
+    "MAX_INPUT_BYTES",
     "MAX_RECORD_BYTES",
     "BadLine",
     "Item",
@@ -62,6 +63,9 @@ Prompt = Union[str, list[Any]]
 
 #: The longest OUTPUT line read when resuming; a longer one is skipped (its id is run again).
 MAX_RECORD_BYTES = 64 << 20
+#: The most of INPUT (or of a prompt on stdin) read: it is read whole, to check every line before
+#: anything is sent, so an endless one (``/dev/zero``, ``yes |``) must end somewhere.
+MAX_INPUT_BYTES = 256 << 20
 #: INPUT file names that are always read as JSON lines.
 JSON_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -108,35 +112,63 @@ def decode_utf8(data: bytes, where: str) -> str:
         ) from None
 
 
-def read_stdin(what: str) -> bytes:
-    """All of stdin, as bytes (whatever ``PYTHONIOENCODING`` says)."""
+_WHY_WHOLE = (
+    ": it is read whole, so that every line is checked before anything is sent; split it into "
+    "smaller files"
+)
+
+
+def read_stdin(what: str, limit: int = MAX_INPUT_BYTES, why: str = "") -> bytes:
+    """All of stdin, as bytes (whatever ``PYTHONIOENCODING`` says), at most ``limit`` of them.
+
+    :raises UsageError: there is no stdin, or it holds more than ``limit`` bytes.
+    """
     stdin = sys.stdin
     if stdin is None:
         raise UsageError(f"{what} is to be read from stdin, but there is no stdin")
     buffer: Optional[BinaryIO] = getattr(stdin, "buffer", None)
     if buffer is not None:
-        return buffer.read()
-    text = stdin.read()  # a text stream without bytes below it (e.g. replaced by a test)
+        return _bounded_read(buffer, f"{what} on stdin", limit, why)
+    text = stdin.read(limit + 1)  # a text stream without bytes below it (e.g. replaced by a test)
     try:
-        return text.encode("utf-8", "surrogateescape")
+        data = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
+        data = text.encode("utf-8", "surrogatepass")
+    _check_size(len(data), f"{what} on stdin", limit, why)
+    return data
 
 
-def read_input(path: str) -> tuple[str, str]:
+def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> tuple[str, str]:
     """``(where, text)`` of INPUT (``-``: stdin); ``where`` names it in messages.
 
-    :raises UsageError: it cannot be read, or it is not UTF-8.
+    :raises UsageError: it cannot be read, it is larger than ``limit`` bytes, or it is not UTF-8.
     """
     if path == "-":
-        return "stdin", decode_utf8(read_stdin("INPUT"), "stdin")
+        return "stdin", decode_utf8(read_stdin("INPUT", limit, _WHY_WHOLE), "stdin")
     where = f"INPUT {path!r}"
     try:
         with open(path, "rb") as file:
-            data = file.read()
+            data = _bounded_read(file, where, limit, _WHY_WHOLE)
     except OSError as exc:
         raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
     return where, decode_utf8(data, where)
+
+
+def _bounded_read(file: BinaryIO, where: str, limit: int, why: str) -> bytes:
+    try:
+        status = os.fstat(file.fileno())
+    except (OSError, ValueError, AttributeError):  # no file below it
+        status = None
+    if status is not None and stat.S_ISREG(status.st_mode):
+        _check_size(status.st_size, where, limit, why)  # said before anything is read
+    data = file.read(limit + 1)
+    _check_size(len(data), where, limit, why)
+    return data
+
+
+def _check_size(size: int, where: str, limit: int, why: str) -> None:
+    if size > limit:
+        raise UsageError(f"{where} is larger than {limit >> 20} MiB{why}. Nothing was sent")
 
 
 # -- INPUT lines --------------------------------------------------------------------------------

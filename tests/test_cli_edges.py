@@ -39,7 +39,7 @@ from test_cli import (
 )
 
 import aichatonline_sync as aco
-from aichatonline_sync._cli_io import read_done
+from aichatonline_sync._cli_io import MAX_INPUT_BYTES, read_done
 from aichatonline_sync.testing import Emulator, default_reply
 
 pytestmark = pytest.mark.skipif(
@@ -111,6 +111,42 @@ class HoldAfterFirstChat:
 
 
 # -- OUTPUT that is not a regular file -----------------------------------------------------------
+
+
+TOO_LARGE = f"is larger than {MAX_INPUT_BYTES >> 20} MiB"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_input_is_a_usage_error_at_its_bound(emu: Emulator) -> None:
+    """INPUT (and a prompt on stdin) is read whole, to check every line first: one that never
+    ends (``/dev/zero``, ``yes |``) was read until memory ran out. Now it stops at the bound."""
+    batch = run("batch", "/dev/zero", "--base-url", emu.url)
+    with open("/dev/zero", "rb") as zeros:
+        piped = run_bytes("batch", "-", "--base-url", emu.url, stdin=zeros)
+    with open("/dev/zero", "rb") as zeros:
+        prompt = run_bytes("chat", "--base-url", emu.url, stdin=zeros)
+    assert batch.returncode == piped.returncode == prompt.returncode == 2
+    assert one_error_line(batch.stderr) == (
+        f"aichatonline: error: INPUT '/dev/zero' {TOO_LARGE}: it is read whole, so that every "
+        "line is checked before anything is sent; split it into smaller files. Nothing was sent"
+    )
+    assert f"INPUT on stdin {TOO_LARGE}" in one_error_line(piped.stderr.decode())
+    assert one_error_line(prompt.stderr.decode()) == (
+        f"aichatonline: error: the prompt on stdin {TOO_LARGE}. Nothing was sent"
+    )
+    assert emu.chat_requests == []
+
+
+def test_a_regular_input_over_the_bound_is_refused_before_it_is_read(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as file:
+        file.truncate(MAX_INPUT_BYTES + 1)  # sparse: nothing to write, nothing read
+    result = run("batch", str(big), "--base-url", emu.url)
+    assert result.returncode == 2
+    assert f"INPUT {str(big)!r} {TOO_LARGE}" in one_error_line(result.stderr)
+    assert emu.chat_requests == []
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
