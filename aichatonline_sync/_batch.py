@@ -296,28 +296,37 @@ def _prompt_error(index: int, prompt: Any) -> Optional[InvalidRequestError]:
     return None
 
 
-def iter_batch(
+@dataclass(frozen=True)
+class _Plan:
+    """A batch's arguments, checked by :func:`_check_batch`: what its run needs to know."""
+
+    session: Optional[Session]
+    session_options: dict[str, Any]
+    chat_options: dict[str, Any]  #: a copy, without ``cancel``
+    cancel: Optional[Cancellation]  #: the ``cancel`` given in the chat options, if any
+    shared: Optional[Callable[..., Session]]
+    max_workers: int
+    executor: Optional[concurrent.futures.Executor]
+    rate_limit: Optional[float]
+    remote: bool  #: the executor runs the work in other processes
+    checked: bool  #: the prompts are a sequence, every one of them checked already
+
+
+def _check_batch(
     prompts: Iterable[Any],
     *,
     session: Optional[Session],
     session_options: dict[str, Any],
     chat_options: dict[str, Any],
-    shared: Optional[Callable[..., Session]] = None,
-    max_workers: int = 8,
-    progress: bool = False,
-    executor: Optional[concurrent.futures.Executor] = None,
-    rate_limit: Optional[float] = None,
-) -> Generator[BatchResult, None, None]:
-    """The engine of :func:`aichatonline_sync.batch_iter` (which documents it): options split
-    already; ``shared(**session_options)`` finds a process's shared session when no ``session``
-    is given (it travels by reference to executors in other processes).
+    shared: Optional[Callable[..., Session]],
+    max_workers: int,
+    executor: Optional[concurrent.futures.Executor],
+    rate_limit: Optional[float],
+) -> _Plan:
+    """Check everything about a batch that can be checked before any I/O (the arguments of
+    :func:`iter_batch`), and take ``cancel`` out of a copy of ``chat_options``.
 
-    Prompts are pulled from ``prompts`` as work frees up: at most :func:`in_flight_limit` of them
-    are submitted and not yet handed out, so an endless generator works, with flat memory. A
-    sequence (a list, a tuple) is checked whole before anything is sent; a prompt from any other
-    iterable is checked when it is pulled, and a bad one becomes its result's error. Once a
-    ``cancel`` given in ``chat_options`` is cancelled, every prompt of a sequence not yet done
-    fails at once (each is accounted for), and an iterator is pulled no further.
+    :raises InvalidRequestError: a bad prompt (of a sequence) or option.
     """
     check_prompts(prompts)
     _check(max_workers, rate_limit)
@@ -344,14 +353,62 @@ def iter_batch(
     if session is None and shared is None:
         raise InvalidRequestError("a batch needs a session")
     chat_options = dict(chat_options)
-    given_cancel = _batch_cancel(chat_options, remote)
+    cancel = _batch_cancel(chat_options, remote)
+    return _Plan(
+        session=session,
+        session_options=session_options,
+        chat_options=chat_options,
+        cancel=cancel,
+        shared=shared,
+        max_workers=max_workers,
+        executor=executor,
+        rate_limit=rate_limit,
+        remote=remote,
+        checked=checked,
+    )
+
+
+def iter_batch(
+    prompts: Iterable[Any],
+    *,
+    session: Optional[Session],
+    session_options: dict[str, Any],
+    chat_options: dict[str, Any],
+    shared: Optional[Callable[..., Session]] = None,
+    max_workers: int = 8,
+    progress: bool = False,
+    executor: Optional[concurrent.futures.Executor] = None,
+    rate_limit: Optional[float] = None,
+) -> Generator[BatchResult, None, None]:
+    """The engine of :func:`aichatonline_sync.batch_iter` (which documents it): options split
+    already; ``shared(**session_options)`` finds a process's shared session when no ``session``
+    is given (it travels by reference to executors in other processes).
+
+    Prompts are pulled from ``prompts`` as work frees up: at most :func:`in_flight_limit` of them
+    are submitted and not yet handed out, so an endless generator works, with flat memory. A
+    sequence (a list, a tuple) is checked whole before anything is sent; a prompt from any other
+    iterable is checked when it is pulled, and a bad one becomes its result's error. Once a
+    ``cancel`` given in ``chat_options`` is cancelled, every prompt of a sequence not yet done
+    fails at once (each is accounted for), and an iterator is pulled no further.
+    """
+    plan = _check_batch(
+        prompts,
+        session=session,
+        session_options=session_options,
+        chat_options=chat_options,
+        shared=shared,
+        max_workers=max_workers,
+        executor=executor,
+        rate_limit=rate_limit,
+    )
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
-    cancel = None if remote else (given_cancel or Cancellation())
+    cancel = None if plan.remote else (plan.cancel or Cancellation())
     limiter = (
         RateLimiter(rate_limit, sleep=cancel.wait)
         if rate_limit is not None and cancel is not None
         else None
     )
+    remote, checked, chat_options = plan.remote, plan.checked, plan.chat_options
     client = session
     if not remote and client is None:
         assert shared is not None
