@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Generator, Iterable, Mapping, Sequence, Sized
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -402,85 +402,127 @@ def iter_batch(
         rate_limit=rate_limit,
     )
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
-    cancel = None if plan.remote else (plan.cancel or Cancellation())
-    limiter = (
-        RateLimiter(rate_limit, sleep=cancel.wait)
-        if rate_limit is not None and cancel is not None
-        else None
-    )
-    remote, checked, chat_options = plan.remote, plan.checked, plan.chat_options
-    client = session
-    if not remote and client is None:
-        assert shared is not None
-        client = shared(**session_options)
-    if client is not None:
-        client.ensure_pool(max_workers)  # one connection per thread
-    in_flight = None if client is None else _InFlight(client)
-    own_executor = executor is None
-    pool = executor or concurrent.futures.ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix=_THREAD_PREFIX
-    )
+    yield from _Run(plan, bar).results(prompts)
 
-    def submit(index: int, prompt: Any) -> concurrent.futures.Future[Any]:
-        if remote:
-            assert shared is not None  # (a Session given is refused above)
-            return pool.submit(_run_remote, shared, session_options, index, prompt, chat_options)
-        assert client is not None
-        return pool.submit(
-            _run_one, client, index, prompt, chat_options, limiter, cancel, in_flight
+
+class _Run:
+    """One batch under way: its pool, the prompts submitted and not yet handed out, and how it
+    stops and cleans up.
+
+    :param plan: the batch's checked arguments.
+    :param bar: its progress bar, or ``None``.
+    """
+
+    def __init__(self, plan: _Plan, bar: Any) -> None:
+        self._plan = plan
+        self._bar = bar
+        self._cancel = None if plan.remote else (plan.cancel or Cancellation())
+        self._limiter = (
+            RateLimiter(plan.rate_limit, sleep=self._cancel.wait)
+            if plan.rate_limit is not None and self._cancel is not None
+            else None
+        )
+        client = plan.session
+        if not plan.remote and client is None:
+            assert plan.shared is not None
+            client = plan.shared(**plan.session_options)
+        if client is not None:
+            client.ensure_pool(plan.max_workers)  # one connection per thread
+        self._client = client
+        self._in_flight = None if client is None else _InFlight(client)
+        self._pool = plan.executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=plan.max_workers, thread_name_prefix=_THREAD_PREFIX
+        )
+        self._limit = in_flight_limit(plan.max_workers)
+        self._done: queue.SimpleQueue[concurrent.futures.Future[Any]] = queue.SimpleQueue()
+        self._pending: dict[concurrent.futures.Future[Any], tuple[int, Any]] = {}
+        self._refused: collections.deque[BatchResult] = collections.deque()  # of an iterator
+        self._failed = 0
+
+    def results(self, prompts: Iterable[Any]) -> Generator[BatchResult, None, None]:
+        """Pull, submit and hand out the results as they finish; stop early when left early."""
+        source = enumerate(prompts)
+        finished = False
+        try:
+            more = True
+            while True:
+                more = more and self._fill(source)
+                result = self._next_result()
+                if result is None:
+                    break
+                self._count(result)
+                yield result
+            finished = True
+        finally:
+            self._close(finished)
+
+    def _fill(self, source: Iterator[tuple[int, Any]]) -> bool:
+        """Pull and submit prompts until :func:`in_flight_limit` of them are out (a bad prompt of
+        an iterator becomes a result); ``False`` once the source is done or the batch cancelled."""
+        checked = self._plan.checked
+        while len(self._pending) + len(self._refused) < self._limit:
+            if not checked and self._cancel is not None and self._cancel.cancelled:
+                return False  # cancelled: an iterator (maybe endless) is pulled no further
+            item = next(source, None)
+            if item is None:
+                return False
+            index, prompt = item
+            error = None if checked else _prompt_error(index, prompt)
+            if error is not None:
+                self._refused.append(BatchResult(index, prompt, None, error, 0.0))
+                continue
+            future = self._submit(index, prompt)
+            self._pending[future] = item
+            future.add_done_callback(self._done.put)
+        return True
+
+    def _submit(self, index: int, prompt: Any) -> concurrent.futures.Future[Any]:
+        plan = self._plan
+        if plan.remote:
+            assert plan.shared is not None  # (a Session given is refused by _check_batch)
+            return self._pool.submit(
+                _run_remote, plan.shared, plan.session_options, index, prompt, plan.chat_options
+            )
+        assert self._client is not None
+        return self._pool.submit(
+            _run_one,
+            self._client,
+            index,
+            prompt,
+            plan.chat_options,
+            self._limiter,
+            self._cancel,
+            self._in_flight,
         )
 
-    done: queue.SimpleQueue[concurrent.futures.Future[Any]] = queue.SimpleQueue()
-    pending: dict[concurrent.futures.Future[Any], tuple[int, Any]] = {}
-    refused: collections.deque[BatchResult] = collections.deque()  # bad prompts of an iterator
-    source = enumerate(prompts)
-    limit = in_flight_limit(max_workers)
-    failed = 0
-    finished = False
-    try:
-        more = True
-        while True:
-            while more and len(pending) + len(refused) < limit:
-                if not checked and cancel is not None and cancel.cancelled:
-                    more = False  # cancelled: an iterator (maybe endless) is pulled no further
-                    break
-                item = next(source, None)
-                if item is None:
-                    more = False
-                    break
-                index, prompt = item
-                error = None if checked else _prompt_error(index, prompt)
-                if error is not None:
-                    refused.append(BatchResult(index, prompt, None, error, 0.0))
-                    continue
-                future = submit(index, prompt)
-                pending[future] = item
-                future.add_done_callback(done.put)
-            if refused:
-                result = refused.popleft()
-            elif pending:
-                future = _next_done(done)
-                index, prompt = pending.pop(future)
-                result = _result_of(future, index, prompt, remote)
-            else:
-                break
-            if result.error is not None:
-                failed += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(failed=failed, refresh=False)
-            yield result
-        finished = True
-    finally:
+    def _next_result(self) -> Optional[BatchResult]:
+        """The next result to hand out (refused prompts first), or ``None`` when all were."""
+        if self._refused:
+            return self._refused.popleft()
+        if not self._pending:
+            return None
+        future = _next_done(self._done)
+        index, prompt = self._pending.pop(future)
+        return _result_of(future, index, prompt, self._plan.remote)
+
+    def _count(self, result: BatchResult) -> None:
+        if result.error is not None:
+            self._failed += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(failed=self._failed, refresh=False)
+
+    def _close(self, finished: bool) -> None:
+        """Shut the batch's own pool down and close the bar; on an early exit (the generator
+        closed, Ctrl-C, an exception in the consumer) first :func:`_stop` what is pending."""
         try:
             if not finished:
-                _stop(pending, cancel)
+                _stop(self._pending, self._cancel)
         finally:  # also when a second Ctrl-C cuts the grace wait short
-            if own_executor:
-                pool.shutdown(wait=finished, cancel_futures=True)
-            if bar is not None:
-                bar.close()
-
+            if self._plan.executor is None:  # the pool is the batch's own
+                self._pool.shutdown(wait=finished, cancel_futures=True)
+            if self._bar is not None:
+                self._bar.close()
 
 def _batch_cancel(chat_options: dict[str, Any], remote: bool) -> Optional[Cancellation]:
     """Take ``cancel`` out of ``chat_options`` (the batch passes its own to each chat); refuse
