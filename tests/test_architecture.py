@@ -37,6 +37,7 @@ CORE_MODULES = (
     "_parser",
     "_framing",
     "_protocol",
+    "_batch",
 )
 MAX_SESSION_LINES = 260
 MAX_FUNCTION_LINES = 65
