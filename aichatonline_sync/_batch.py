@@ -401,6 +401,7 @@ def iter_batch(
         executor=executor,
         rate_limit=rate_limit,
     )
+    # The bar is made here, not in _Run: the stacklevel of its warning counts the frames up.
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
     yield from _Run(plan, bar).results(prompts)
 
