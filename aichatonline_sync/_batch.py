@@ -403,7 +403,13 @@ def iter_batch(
     )
     # The bar is made here, not in _Run: the stacklevel of its warning counts the frames up.
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
-    yield from _Run(plan, bar).results(prompts)
+    try:
+        run = _Run(plan, bar)
+    except BaseException:  # (the shared session, or the pool, could not be had)
+        if bar is not None:
+            bar.close()
+        raise
+    yield from run.results(prompts)
 
 
 class _Run:
@@ -442,9 +448,9 @@ class _Run:
 
     def results(self, prompts: Iterable[Any]) -> Generator[BatchResult, None, None]:
         """Pull, submit and hand out the results as they finish; stop early when left early."""
-        source = enumerate(prompts)
         finished = False
         try:
+            source = enumerate(prompts)  # (iter() may raise: the pool and bar are closed then too)
             more = True
             while True:
                 more = more and self._fill(source)
@@ -524,6 +530,7 @@ class _Run:
                 self._pool.shutdown(wait=finished, cancel_futures=True)
             if self._bar is not None:
                 self._bar.close()
+
 
 def _batch_cancel(chat_options: dict[str, Any], remote: bool) -> Optional[Cancellation]:
     """Take ``cancel`` out of ``chat_options`` (the batch passes its own to each chat); refuse
