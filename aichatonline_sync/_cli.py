@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -694,6 +695,12 @@ class _Tally:
     succeeded: int = 0
     failed: int = 0
 
+    def count(self, *, ok: bool) -> None:
+        if ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+
     def line(self, interrupt: Optional[KeyboardInterrupt] = None) -> str:
         text = (
             f"{self.succeeded} succeeded, {self.failed + self.malformed} failed, "
@@ -800,16 +807,16 @@ def _run_chats(
         item, _, digest = todo[result.index]
         record: dict[str, Any] = {"id": item.id}
         if result.error is None:
-            tally.succeeded += 1
             record["text"] = result.text
         else:
-            tally.failed += 1
             record["error"] = {"type": type(result.error).__name__, "message": str(result.error)}
             logger.info("id %r (INPUT line %d) failed: %s", item.id, item.line, result.error)
         record["elapsed"] = round(result.elapsed, 3)
         record["line"] = item.line
         record["prompt_sha256"] = digest
-        writer.write(record)
+        # Counted once written (a SIGTERM between the two made the summary count a record that
+        # OUTPUT did not have).
+        writer.write(record, then=functools.partial(tally.count, ok=result.error is None))
 
 
 def _run_batch(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any, BinaryIO, Optional, Union
+from typing import IO, Any, BinaryIO, Callable, Optional, Union
 
 from ._errors import InvalidRequestError
 from ._prompt import build_prompt
@@ -472,9 +472,13 @@ class RecordWriter:
             with contextlib.suppress(OSError):
                 self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
 
-    def write(self, record: Mapping[str, Any]) -> None:
+    def write(
+        self, record: Mapping[str, Any], *, then: Optional[Callable[[], object]] = None
+    ) -> None:
         """Write one record.
 
+        :param then: called once the record is written whole, before a Ctrl-C or SIGTERM that
+            came meanwhile is raised: what it counts is exactly what was written.
         :raises OutputError: the write failed; a regular file is cut back to where it was.
         """
         data = _encode(record, self.ascii_only)
@@ -493,7 +497,9 @@ class RecordWriter:
                 raise OutputError(
                     f"cannot write to {self.name}: {what}", broken_pipe=broken, stdout=self.stdout
                 ) from exc
-        self.written += 1
+            self.written += 1
+            if then is not None:
+                then()
 
     def _write_fd(self, fd: int, data: bytes) -> None:
         start = os.lseek(fd, 0, os.SEEK_END) if self._regular else None
