@@ -80,8 +80,9 @@ def batch_iter(
     :class:`InvalidRequestError`), and the others go on. Prompts are pulled in the thread that
     iterates the results, between two results, as the standard library's
     ``Executor.map(buffersize=...)`` (Python 3.14) pulls its inputs: a source tied to its thread
-    (a generator over a ``sqlite3`` cursor) works, but a source that blocks (``iter(queue.get, None)``) holds back
-    the results that finish while it waits, and one that waits for a result deadlocks.
+    (a generator over a ``sqlite3`` cursor) works, but a source that blocks
+    (``iter(queue.get, None)``) holds back the results that finish while it waits, and one that
+    waits for a result deadlocks.
 
     Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
     not yet started and cancels the chats running in this process (retry waits end, streams are

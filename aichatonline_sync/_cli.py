@@ -125,14 +125,17 @@ def _error(message: str) -> None:
 
 
 def _say(line: str) -> None:
-    """Write one line to stderr. When stderr cannot take it (``2>/dev/full``, a closed pipe),
+    """Write one line to stderr. When stderr cannot take it (``2>/dev/full``, a closed pipe, none),
     there is nobody left to tell: the exit status still says what happened, and stderr is pointed
     at devnull so that the flush at exit does not fail again (Python would exit with 120)."""
+    stderr = sys.stderr
+    if stderr is None:  # (started with stderr closed: ``2>&-``)
+        return
     try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        stderr.write(line + "\n")
+        stderr.flush()
     except (OSError, ValueError):
-        _silence(sys.stderr)
+        _silence(stderr)
 
 
 def _status_of(interrupt: KeyboardInterrupt) -> int:
@@ -1016,7 +1019,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if getattr(args, "func", None) is None:
-        parser.print_usage(sys.stderr)
+        _say(parser.format_usage().rstrip("\n"))
         _error(f"give a command: chat, batch, serve or gateway (see '{PROG} --help')")
         return EXIT_USAGE
     undo_logging = _setup_logging(bool(args.verbose))

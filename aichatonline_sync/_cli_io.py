@@ -113,9 +113,11 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 
 _WHY_WHOLE = (
-    ": it is read whole, so that every line is checked before anything is sent; split it into "
-    "smaller files"
+    ": it is read whole, so that every line is checked before anything is sent; split it (for an "
+    "endless source of prompts, use batch_iter() in Python)"
 )
+#: INPUT is read in blocks of this size: ``read(limit + 1)`` would take all of ``limit`` at once.
+_READ_BLOCK = 1 << 20
 
 
 def read_stdin(what: str, limit: int = MAX_INPUT_BYTES, why: str = "") -> bytes:
@@ -161,14 +163,22 @@ def _bounded_read(file: BinaryIO, where: str, limit: int, why: str) -> bytes:
         status = None
     if status is not None and stat.S_ISREG(status.st_mode):
         _check_size(status.st_size, where, limit, why)  # said before anything is read
-    data = file.read(limit + 1)
-    _check_size(len(data), where, limit, why)
-    return data
+    blocks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        block = file.read(min(_READ_BLOCK, limit + 1 - size))
+        if not block:
+            break
+        blocks.append(block)
+        size += len(block)
+    _check_size(size, where, limit, why)
+    return b"".join(blocks)
 
 
 def _check_size(size: int, where: str, limit: int, why: str) -> None:
     if size > limit:
-        raise UsageError(f"{where} is larger than {limit >> 20} MiB{why}. Nothing was sent")
+        most = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+        raise UsageError(f"{where} is larger than {most}{why}. Nothing was sent")
 
 
 # -- INPUT lines --------------------------------------------------------------------------------
