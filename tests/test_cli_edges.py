@@ -243,24 +243,35 @@ def test_chat_to_a_full_disk_is_one_error_line(emu: Emulator) -> None:
     assert line == "aichatonline: error: cannot write to stdout: No space left on device"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_stderr_that_takes_nothing_changes_no_exit_status(emu: Emulator, tmp_path: Path) -> None:
-    """``2>/dev/full``: the summary and the error lines cannot be written, and there is nobody to
-    tell; the results are still written and the exit status is still the one of the run (before,
-    the failed write of the summary was a traceback nobody saw, and exit status 1)."""
+def _close_stderr() -> None:
+    os.close(2)  # in the child, before it starts: Python's sys.stderr is then None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not POSIX, reason="needs /dev/full")
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_stderr_that_takes_nothing_changes_no_exit_status(
+    emu: Emulator, tmp_path: Path, stderr: str
+) -> None:
+    """``2>/dev/full`` or ``2>&-``: the summary and the error lines cannot be written, and there is
+    nobody to tell; the results are still written and the exit status is still the one of the run
+    (before, the failed write of the summary was a traceback nobody saw, and exit status 1)."""
     prompts = prompts_file(tmp_path, "one", "two")
     out = tmp_path / "results.jsonl"
     with open("/dev/full", "wb") as full:
-        done = run_bytes("batch", str(prompts), "-o", str(out), "--base-url", emu.url, stderr=full)
-        usage = run_bytes("chat", "--no-such-option", "Hi", stderr=full)
+        how: dict[str, Any] = (
+            {"stderr": full} if stderr == "full" else {"stderr": None, "preexec_fn": _close_stderr}
+        )
+        done = run_bytes("batch", str(prompts), "-o", str(out), "--base-url", emu.url, **how)
+        usage = run_bytes("chat", "--no-such-option", "Hi", **how)
+        no_command = run_bytes(**how)
         emu.fail("chat", 500)
-        failed = run_bytes("chat", "--base-url", emu.url, "--max-retries", "0", "Hi", stderr=full)
+        failed = run_bytes("chat", "--base-url", emu.url, "--max-retries", "0", "Hi", **how)
     assert done.returncode == 0
     assert {r["id"]: r["text"] for r in records(out.read_text())} == {
         1: reply_of(emu, "one"),
         2: reply_of(emu, "two"),
     }
-    assert usage.returncode == 2
+    assert usage.returncode == no_command.returncode == 2
     assert failed.returncode == 1
     assert failed.stdout == b""
 
