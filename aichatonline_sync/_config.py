@@ -32,15 +32,33 @@ __all__ = [
 ]
 
 
+#: The longest wait that can be given (a year): the socket layer cannot take an infinite or much
+#: larger timeout (``OverflowError: timestamp out of range``, at the first request).
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Optional[float]:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(f"{name} must be a number of seconds, not {value!r}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
     if math.isnan(seconds) or seconds <= 0:
         raise InvalidRequestError(f"{name} must be a positive number of seconds, not {value!r}")
+    if seconds > MAX_SECONDS:
+        hint = " (None means no limit)" if allow_none else ""
+        raise InvalidRequestError(
+            f"{name} must be at most {MAX_SECONDS:.0f} seconds (a year){hint}, not {_shown(value)}"
+        )
     return seconds
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,11 @@ class RetryPolicy:
         for name in ("initial_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InvalidRequestError(f"{name} must be a number >= 0, not {value!r}")
+                raise InvalidRequestError(f"{name} must be a number >= 0, not {_shown(value)}")
+            if value > MAX_SECONDS:  # (time.sleep cannot take an infinite wait)
+                raise InvalidRequestError(
+                    f"{name} must be at most {MAX_SECONDS:.0f} seconds (a year), not {_shown(value)}"
+                )
             object.__setattr__(self, name, float(value))
         if self.max_delay < self.initial_delay:
             raise InvalidRequestError(

@@ -10,7 +10,7 @@ import responses
 
 import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, RetryPolicy, Session, Timeout
-from aichatonline_sync._config import redact_url, validate_base_url, validate_proxy
+from aichatonline_sync._config import MAX_SECONDS, redact_url, validate_base_url, validate_proxy
 
 DEFAULT_BASE_URL = "https://aichatonlineorg.erweima.ai"
 ENV = "AICHATONLINE_BASE_URL"
@@ -95,6 +95,29 @@ def test_timeout_coerce_rejects(value: Any) -> None:
 def test_timeout_constructor_rejects(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequestError):
         Timeout(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "value", [float("inf"), (None, float("inf")), (5, 1e12), 1e300, 10**400, MAX_SECONDS + 1]
+)
+def test_a_timeout_too_long_for_the_socket_layer_is_refused(value: Any) -> None:
+    # Accepted before, and then every chat failed with "timestamp out of range for platform time_t".
+    with pytest.raises(InvalidRequestError, match=r"must be at most 31536000 seconds \(a year\)"):
+        Session("http://127.0.0.1:9", timeout=value)
+
+
+@pytest.mark.parametrize("name", ["initial_delay", "max_delay", "max_retry_after"])
+@pytest.mark.parametrize("value", [float("inf"), 1e300, 10**400])
+def test_a_retry_wait_too_long_to_sleep_is_refused(name: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError, match=rf"^{name} must be at most 31536000 seconds"):
+        RetryPolicy(**{name: value})
+
+
+def test_the_longest_timeout_works_on_a_real_socket(emulator: Any) -> None:
+    emu = emulator(reply=["Hi"])
+    longest = Timeout(connect=MAX_SECONDS, read=MAX_SECONDS, total=MAX_SECONDS)
+    with Session(emu.url, timeout=longest, retry=RetryPolicy(max_delay=MAX_SECONDS)) as session:
+        assert session.complete("hello") == "Hi"
 
 
 def test_timeout_repr_and_eq() -> None:
