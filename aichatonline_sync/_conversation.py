@@ -180,13 +180,26 @@ class Conversation:
     def copy(self) -> Conversation:
         """A new conversation with the same system message, history, session and options.
 
-        Replies still streaming belong to this conversation, not to the copy.
+        Replies still streaming belong to this conversation, not to the copy. ``copy.copy()`` and
+        ``copy.deepcopy()`` do the same (the session is shared, not copied).
         """
         with self._lock:
             history = copy.deepcopy(self._history)
         clone = Conversation(self._system, session=self._session, **self._options)
         clone._history = history
         return clone
+
+    def __copy__(self) -> Conversation:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Conversation:
+        return self.copy()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Conversation cannot be pickled (it may hold a session and replies in flight): "
+            "save it with to_dict() or save(), and make it again with from_dict() or load()"
+        )
 
     # -- asking ---------------------------------------------------------------------------------
 
@@ -332,7 +345,7 @@ class Conversation:
                 f"a saved conversation is a JSON object, not {type(data).__name__}"
             )
         version = data.get("version")
-        if version != FILE_VERSION:
+        if isinstance(version, bool) or version != FILE_VERSION:  # (True == 1)
             raise InvalidRequestError(
                 f"unknown saved conversation version {version!r} (this library reads version "
                 f"{FILE_VERSION}; is the file from a newer aichatonline-sync?)"
@@ -370,6 +383,10 @@ class Conversation:
             ) from None
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise InvalidRequestError(
+                f"{os.fspath(path)} is not a saved conversation: its JSON is nested too deeply"
+            ) from None
         except ValueError as exc:
             raise InvalidRequestError(
                 f"{os.fspath(path)} is not a saved conversation: it is not JSON ({exc})"

@@ -3,7 +3,9 @@ copies, files, options; against the real emulator."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -225,6 +227,24 @@ def test_copy_is_independent(emu: Emulator, session: Session) -> None:
     assert last_prompt(emu) == f"System: S\nUser: Hi\nAssistant: {REPLY}\nUser: Trunk\nAssistant:"
 
 
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
+def test_the_copy_module_copies_like_copy(emu: Emulator, session: Session, how: Any) -> None:
+    # copy.copy shared the history (a turn of the copy grew the original); deepcopy raised
+    # TypeError (a lock).
+    conv = Conversation(system="S", session=session)
+    conv.say("Hi")
+    branch = how(conv)
+    branch.say("Branch")
+    assert (len(conv), len(branch)) == (2, 4)
+    assert branch.session is session  # shared, not copied
+
+
+def test_a_conversation_is_not_pickled_but_saved(session: Session) -> None:
+    conv = Conversation(system="S", session=session)
+    with pytest.raises(TypeError, match=r"save it with to_dict\(\) or save\(\)"):
+        pickle.dumps(conv)
+
+
 def test_len_and_repr(session: Session) -> None:
     conv = Conversation(system="Be brief. " * 10, session=session)
     assert len(conv) == 0
@@ -342,6 +362,8 @@ def test_load_with_options(tmp_path: Path, emu: Emulator) -> None:
         ("[]", "is a JSON object"),
         ('{"system": "S", "messages": []}', "version None"),
         ('{"version": 2, "messages": []}', "version 2"),
+        ('{"version": true, "messages": []}', "version True"),  # (True == 1)
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # a RecursionError before
         ('{"version": 1, "system": 3, "messages": []}', "'system' must be"),
         ('{"version": 1, "messages": {}}', "'messages' must be a list"),
         ('{"version": 1, "messages": [{"content": "x"}]}', "role"),
