@@ -15,6 +15,7 @@ import logging
 from typing import Any, Callable, NamedTuple, Optional
 
 from ._errors import ProtocolError
+from ._framing import BodyTruncated
 from ._protocol import OK_CODES
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
@@ -81,6 +82,27 @@ def _decode_lines(complete: bytes, warn: bool = True) -> tuple[list[str], bool]:
             logger.log(level, "a reply line (%d bytes) is not UTF-8; its bad bytes became U+FFFD", len(raw))
             lines.append(raw.decode("utf-8", "replace"))
     return lines, True
+
+
+def _cut_short(raw: bytes) -> bool:
+    """Is ``raw`` (a last line, without its newline) a JSON object that stops before its end?"""
+    line = raw.decode("utf-8", "replace").strip(_JSON_SPACE).lstrip("\ufeff")
+    if line.startswith("data:"):
+        line = line[5:].strip(_JSON_SPACE)
+    if not line.startswith("{"):
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as exc:
+        rest = line[exc.pos :]
+        return (
+            exc.pos >= len(line)
+            or exc.msg.startswith("Unterminated string")
+            or any(word.startswith(rest) for word in ("true", "false", "null"))
+        )
+    except (ValueError, RecursionError):
+        return False
+    return False
 
 
 class LineParser:
@@ -200,13 +222,19 @@ class LineParser:
     def close(self) -> list[str]:
         """Parse the last line (one without a newline) and return its piece, if any.
 
+        A last line that begins a JSON object but stops before its end (the connection closed in
+        the middle of it) is a truncated body, not a line to skip.
+
         :raises ProtocolError: a line longer than ``max_line`` was found by the last :meth:`feed`.
+        :raises BodyTruncated: the last line is the start of a JSON object cut short.
         """
         if self._overflow is not None:
             raise self._overflow
         if self.error is not None or not self._buf:
             return []
         line, self._buf = self._buf, b""
+        if _cut_short(line):
+            raise BodyTruncated(f"the body ended in the middle of a line ({len(line)} bytes of it)")
         return self._parse_lines(line + b"\n")
 
     def _too_long(self) -> ProtocolError:
