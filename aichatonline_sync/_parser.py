@@ -15,7 +15,6 @@ import logging
 from typing import Any, Callable, NamedTuple, Optional
 
 from ._errors import ProtocolError
-from ._framing import BodyTruncated
 from ._protocol import OK_CODES
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
@@ -119,7 +118,7 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "cut_short", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -131,6 +130,9 @@ class LineParser:
         self.error: Optional[ErrorLine] = None
         self._overflow: Optional[ProtocolError] = None
         self._not_utf8 = False  # a line was no UTF-8 (warned once per reply)
+        #: Set by :meth:`close` (to the length of the line, in bytes) when the last line is the
+        #: start of a JSON object cut short: the body ended in the middle of a line.
+        self.cut_short = 0
 
     @property
     def stopped(self) -> bool:
@@ -223,10 +225,9 @@ class LineParser:
         """Parse the last line (one without a newline) and return its piece, if any.
 
         A last line that begins a JSON object but stops before its end (the connection closed in
-        the middle of it) is a truncated body, not a line to skip.
+        the middle of it) is no line to skip: it sets :attr:`cut_short` (the body was cut short).
 
         :raises ProtocolError: a line longer than ``max_line`` was found by the last :meth:`feed`.
-        :raises BodyTruncated: the last line is the start of a JSON object cut short.
         """
         if self._overflow is not None:
             raise self._overflow
@@ -234,7 +235,8 @@ class LineParser:
             return []
         line, self._buf = self._buf, b""
         if _cut_short(line):
-            raise BodyTruncated(f"the body ended in the middle of a line ({len(line)} bytes of it)")
+            self.cut_short = len(line)
+            return []
         return self._parse_lines(line + b"\n")
 
     def _too_long(self) -> ProtocolError:

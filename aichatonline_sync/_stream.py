@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._parser import LineParser
 from ._transport import (
+    BodyTruncated,
     DeadlineExceeded,
     abort,
     break_reason,
@@ -217,6 +218,10 @@ class Reply:
                 data = next(self._body, None)
                 if data is None:
                     tail = parser.close()
+                    if parser.cut_short:
+                        raise BodyTruncated(
+                            f"the body ended in the middle of a line ({parser.cut_short} bytes of it)"
+                        )
                     break
                 pieces = parser.feed(data)
                 if pieces:
