@@ -230,7 +230,10 @@ class Reply:
             raise
         except Exception as exc:
             raise self._failure(exc, started) from exc
-        return tail or self._end()
+        if tail:
+            return tail
+        self._end()
+        return None
 
     def _end(self) -> None:
         """The checks at the normal end of the body (outside :meth:`_failure`: their errors are

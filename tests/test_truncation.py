@@ -95,9 +95,8 @@ def test_compressed_body_cut_before_the_first_piece_is_retried(
 def test_identity_body_closed_in_the_middle_of_a_line_is_incomplete(emulator: MakeEmulator) -> None:
     emu = emulator()
     emu.raw_reply("chat", close_delimited(lines(PIECES[:2]) + line(PIECES[2])[:25]))
-    with aco.Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.IncompleteStreamError) as caught:
-            session.complete("hi")
+    with aco.Session(emu.url, max_retries=0) as session, pytest.raises(aco.IncompleteStreamError) as caught:
+        session.complete("hi")
     assert caught.value.partial == "Hello "
     assert "middle of a line" in str(caught.value)
 
@@ -151,9 +150,8 @@ def test_a_token_rejected_after_an_empty_piece_gets_a_fresh_one(
 ) -> None:
     emu = emulator(reply=["", *PIECES])
     emu.error_line(401, "token expired", after=1)
-    with aco.Session(emu.url, retry=no_sleep.policy(max_retries=0)) as session:
-        with session.chat("hi") as stream:
-            assert list(stream) == ["", *PIECES]  # the empty piece is still handed out, once
+    with aco.Session(emu.url, retry=no_sleep.policy(max_retries=0)) as session, session.chat("hi") as stream:
+        assert list(stream) == ["", *PIECES]  # the empty piece is still handed out, once
     assert emu.tokens_issued == 2
     assert len(emu.chat_requests) == 2
 
@@ -161,9 +159,8 @@ def test_a_token_rejected_after_an_empty_piece_gets_a_fresh_one(
 def test_not_a_chat_stream_says_it_once(emulator: MakeEmulator) -> None:
     emu = emulator()
     emu.raw_reply("chat", close_delimited(b'{"foo": "bar"}\n'))
-    with aco.Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.ProtocolError) as caught:
-            session.complete("hi")
+    with aco.Session(emu.url, max_retries=0) as session, pytest.raises(aco.ProtocolError) as caught:
+        session.complete("hi")
     message = str(caught.value)
     assert message.count("the reply from") == 1
     assert "unreadable" not in message
@@ -177,9 +174,8 @@ def test_not_a_chat_stream_never_shows_the_token(emulator: MakeEmulator, before:
     emu.token_reply({"code": 200, "msg": "success", "data": TOKEN})
     body = b"x" * before + b'{"error": null, "token": "%s"}\n' % TOKEN.encode()
     emu.raw_reply("chat", close_delimited(body))
-    with aco.Session(emu.url, max_retries=0) as session:
-        with pytest.raises(aco.ProtocolError) as caught:
-            session.complete("hi")
+    with aco.Session(emu.url, max_retries=0) as session, pytest.raises(aco.ProtocolError) as caught:
+        session.complete("hi")
     for shown in (str(caught.value), repr(caught.value), caught.value.body or ""):
         assert TOKEN[:12] not in shown
     assert "***" in str(caught.value)
