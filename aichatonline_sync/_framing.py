@@ -37,8 +37,11 @@ class _Decoder:
         self._gzip = encoding in ("gzip", "x-gzip")
         self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
         self._first = not self._gzip
+        self._fed = False  # some data was fed
 
     def decode(self, data: bytes) -> Iterator[bytes]:
+        if data:
+            self._fed = True
         try:
             if self._first:
                 self._first = False
@@ -75,10 +78,19 @@ class _Decoder:
             ) from exc
 
     def flush(self) -> bytes:
+        """The last decoded bytes, at the end of the body.
+
+        :raises BodyTruncated: the compressed data stopped before its end (a gzip member without
+            its trailer, a deflate stream without its last block): the body was cut short, even
+            if its framing ended normally.
+        """
         try:
-            return bytes(self._obj.flush())
+            tail = bytes(self._obj.flush())
         except zlib.error:
-            return b""
+            tail = b""
+        if self._fed and not self._obj.eof:
+            raise BodyTruncated(f"the {self.encoding} data of the body stopped before its end")
+        return tail
 
 
 def _salvage(obj: Any, data: bytes) -> bytes:

@@ -83,6 +83,27 @@ def _decode_lines(complete: bytes, warn: bool = True) -> tuple[list[str], bool]:
     return lines, True
 
 
+def _cut_short(raw: bytes) -> bool:
+    """Is ``raw`` (a last line, without its newline) a JSON object that stops before its end?"""
+    line = raw.decode("utf-8", "replace").strip(_JSON_SPACE).lstrip("\ufeff")
+    if line.startswith("data:"):
+        line = line[5:].strip(_JSON_SPACE)
+    if not line.startswith("{"):
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as exc:
+        rest = line[exc.pos :]
+        return (
+            exc.pos >= len(line)
+            or exc.msg.startswith("Unterminated string")
+            or any(word.startswith(rest) for word in ("true", "false", "null"))
+        )
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
 class LineParser:
     """Incremental parser: :meth:`feed` bytes as they come, :meth:`close` at the end of the body.
 
@@ -97,7 +118,7 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "error", "max_line", "pieces")
+    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "cut_short", "error", "max_line", "pieces")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -109,6 +130,9 @@ class LineParser:
         self.error: Optional[ErrorLine] = None
         self._overflow: Optional[ProtocolError] = None
         self._not_utf8 = False  # a line was no UTF-8 (warned once per reply)
+        #: Set by :meth:`close` (to the length of the line, in bytes) when the last line is the
+        #: start of a JSON object cut short: the body ended in the middle of a line.
+        self.cut_short = 0
 
     @property
     def stopped(self) -> bool:
@@ -200,6 +224,9 @@ class LineParser:
     def close(self) -> list[str]:
         """Parse the last line (one without a newline) and return its piece, if any.
 
+        A last line that begins a JSON object but stops before its end (the connection closed in
+        the middle of it) is no line to skip: it sets :attr:`cut_short` (the body was cut short).
+
         :raises ProtocolError: a line longer than ``max_line`` was found by the last :meth:`feed`.
         """
         if self._overflow is not None:
@@ -207,6 +234,9 @@ class LineParser:
         if self.error is not None or not self._buf:
             return []
         line, self._buf = self._buf, b""
+        if _cut_short(line):
+            self.cut_short = len(line)
+            return []
         return self._parse_lines(line + b"\n")
 
     def _too_long(self) -> ProtocolError:

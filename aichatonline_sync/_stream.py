@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._parser import LineParser
 from ._transport import (
+    BodyTruncated,
     DeadlineExceeded,
     abort,
     break_reason,
@@ -41,6 +42,19 @@ _READER_LOCK = threading.Lock()
 _CLOSED = "the stream was closed"
 
 _SECOND = operator.itemgetter(1)
+
+
+def _scrub_quote(text: str, secrets: tuple[Optional[str], ...]) -> str:
+    """``text`` (the start of a body, cut at some length) without the secrets, nor the beginning
+    of one where it was cut."""
+    text = scrub(text, secrets)
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            for size in range(min(len(secret) - 1, len(text)), 2, -1):
+                if text.endswith(secret[:size]):
+                    text = text[:-size] + "***"
+                    break
+    return text
 
 
 class _KeptText:
@@ -133,16 +147,26 @@ class Reply:
         return done + "".join(batch[:handed])
 
     def prime(self) -> None:
-        """Read until the first pieces have arrived (the session does this inside its retries).
+        """Read until the first piece of text has arrived (the session does this inside its
+        retries). Empty pieces before it (a stream may begin with ``""``) are kept for the user
+        but read past, so that an error line after them is still one before any text: retried,
+        and a rejected token still gets its fresh one.
 
-        :raises AiChatOnlineError: anything before the first piece (the reply is then released).
+        :raises AiChatOnlineError: anything before the first text (the reply is then released).
         """
+        first: list[str] = []
         try:
-            batch = self._next_batch(started=False)
+            while True:
+                batch = self._next_batch(started=False)
+                if batch is None:
+                    break
+                first.extend(batch)
+                if any(batch):
+                    break
         except BaseException:
             self.release()
             raise
-        self._first = batch or []
+        self._first = first
 
     def pieces(self) -> Generator[str, None, None]:
         """The pieces, in order: those :meth:`prime` read first, then the rest as they arrive."""
@@ -193,7 +217,12 @@ class Reply:
                     raise self._upstream_error()
                 data = next(self._body, None)
                 if data is None:
-                    return self._end()
+                    tail = parser.close()
+                    if parser.cut_short:
+                        raise BodyTruncated(
+                            f"the body ended in the middle of a line ({parser.cut_short} bytes of it)"
+                        )
+                    break
                 pieces = parser.feed(data)
                 if pieces:
                     return pieces
@@ -201,21 +230,24 @@ class Reply:
             raise
         except Exception as exc:
             raise self._failure(exc, started) from exc
-
-    def _end(self) -> Optional[list[str]]:
-        parser = self._parser
-        tail = parser.close()
         if tail:
             return tail
+        self._end()
+        return None
+
+    def _end(self) -> None:
+        """The checks at the normal end of the body (outside :meth:`_failure`: their errors are
+        complete as they are)."""
+        parser = self._parser
         if parser.error is not None:
             raise self._upstream_error()
         if parser.pieces == 0:
+            head = _scrub_quote(parser.head, self._secrets)  # the upstream may echo the token
             raise ProtocolError(
                 f"the reply from {self._url} is not a chat stream (no line carries "
-                f"data.message); it begins: {parser.head[:200]!r}",
-                body=parser.head,
+                f"data.message); it begins: {head[:200]!r}",
+                body=head,
             )
-        return None
 
     def _upstream_error(self) -> UpstreamError:
         error = self._parser.error
