@@ -67,7 +67,10 @@ class Timeout:
 
     :param connect: the longest wait to open a connection.
     :param read: the longest wait between two bytes of a reply, also while it streams.
-    :param total: a deadline for a whole chat (token, retries and the stream), or ``None``.
+    :param total: a deadline for a whole chat (token, retries and the stream), or ``None``. It
+        bounds every read of a reply body (the token's, an error's, the chat's) and shortens each
+        request's timeouts to what is left; it is checked between reads, so it cannot cut short
+        the wait for a reply's headers beyond the read timeout between their bytes.
 
     >>> Timeout(connect=5, read=30)
     Timeout(connect=5.0, read=30.0, total=None)

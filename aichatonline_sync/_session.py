@@ -304,10 +304,14 @@ class Session:
         )
         if not 200 <= response.status_code < 300:
             raise self._transport.status_error(
-                response, url=self._shown_chat_url, what="the chat request", token_sent=True
+                response, url=self._shown_chat_url, what="the chat request", token_sent=True,
+                secrets=secrets, deadline=chat.deadline, read_timeout=chat.timeout.read,
             )
         if response.headers.get("Content-Type", "").lower().startswith("text/html"):
-            raise _html_error(response, self._shown_chat_url)
+            page = read_start(
+                response, secrets=secrets, deadline=chat.deadline, read_timeout=chat.timeout.read
+            )
+            raise _html_error(page, self._shown_chat_url)
         reply = Reply(
             response,
             url=self._shown_chat_url,
@@ -400,8 +404,8 @@ def _merge_headers(base: dict[str, str], extra: Mapping[str, str]) -> dict[str, 
     return headers
 
 
-def _html_error(response: requests.Response, url: str) -> ProtocolError:
-    page = read_start(response)
+def _html_error(page: str, url: str) -> ProtocolError:
+    """The error for a chat answered with an HTML page (``page``: its start, secrets scrubbed)."""
     return ProtocolError(
         f"the chat reply from {url} is an HTML page, not a chat stream "
         f"(a captcha or an outage page?); it begins: {page[:200]!r}",

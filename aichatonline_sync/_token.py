@@ -231,9 +231,10 @@ class TokenStore:
             )
             if not 200 <= response.status_code < 300:
                 raise self._transport.status_error(
-                    response, url=self._shown_url, what="the token request", token_sent=False
+                    response, url=self._shown_url, what="the token request", token_sent=False,
+                    secrets=(self._token,), deadline=deadline, read_timeout=timeout.read,
                 )
-            return parse_token(self._read(response), self._shown_url)
+            return parse_token(self._read(response, deadline, timeout.read), self._shown_url)
 
         token = run_with_retries(
             attempt,
@@ -246,10 +247,13 @@ class TokenStore:
         logger.debug("got a token from %s", self._shown_url)
         return token
 
-    def _read(self, response: requests.Response) -> bytes:
+    def _read(
+        self, response: requests.Response, deadline: Optional[float], read_timeout: Optional[float]
+    ) -> bytes:
+        """The body of a token reply, read no longer than ``deadline`` (as a chat's is)."""
         body = b""
         try:
-            for chunk in iter_body(response):
+            for chunk in iter_body(response, deadline=deadline, read_timeout=read_timeout):
                 body += chunk
                 if len(body) > _TOKEN_BODY_LIMIT:
                     raise TokenError(
@@ -261,7 +265,9 @@ class TokenStore:
         except AiChatOnlineError:
             raise
         except Exception as exc:
-            raise translate_exception(exc, url=self._shown_url) from exc
+            raise translate_exception(
+                exc, url=self._shown_url, proxy=self._transport.proxy
+            ) from exc
         finally:
             response.close()
         return body

@@ -72,6 +72,9 @@ logger = logging.getLogger("aichatonline_sync")
 
 #: Bytes of a non-2xx reply kept in the error (``APIStatusError.body``).
 STATUS_BODY_LIMIT = 2048
+#: Bytes read past that limit, so that a secret across the cut is scrubbed whole (tokens are at
+#: most 256 characters).
+_SECRET_SLACK = 512
 
 TimeoutPair = tuple[Optional[float], Optional[float]]
 
@@ -140,16 +143,30 @@ class Transport:
             ) from exc
 
     def status_error(
-        self, response: requests.Response, *, url: str, what: str, token_sent: bool
+        self,
+        response: requests.Response,
+        *,
+        url: str,
+        what: str,
+        token_sent: bool,
+        secrets: Iterable[Optional[str]] = (),
+        deadline: Optional[float] = None,
+        read_timeout: Optional[float] = None,
     ) -> AiChatOnlineError:
-        """The error for a non-2xx ``response`` (its first 2 KiB read; the response closed)."""
+        """The error for a non-2xx ``response`` (its first 2 KiB read; the response closed).
+
+        The upstream may echo what it was sent: ``secrets`` (the token) and the proxy's password
+        are scrubbed from the reason phrase, every header value and the body. The body is read
+        no longer than ``deadline`` (what arrived by then is kept).
+        """
         from ._retry import parse_retry_after
 
+        hidden = (*secrets, *_password_of(self.proxy))
         return status_error(
             status=response.status_code,
-            reason=response.reason or "",
-            headers=dict(response.headers),
-            body=read_start(response),
+            reason=scrub(response.reason or "", hidden),
+            headers={key: scrub(value, hidden) for key, value in response.headers.items()},
+            body=read_start(response, secrets=hidden, deadline=deadline, read_timeout=read_timeout),
             url=url,
             what=what,
             retry_after=parse_retry_after(response.headers),
@@ -441,19 +458,31 @@ def _decoded(source: Iterable[bytes], decoder: Any) -> Iterator[bytes]:
         yield tail
 
 
-def read_start(response: requests.Response, limit: int = STATUS_BODY_LIMIT) -> str:
-    """The first ``limit`` bytes of a reply, as text (for errors); the response is closed."""
+def read_start(
+    response: requests.Response,
+    limit: int = STATUS_BODY_LIMIT,
+    *,
+    secrets: Iterable[Optional[str]] = (),
+    deadline: Optional[float] = None,
+    read_timeout: Optional[float] = None,
+) -> str:
+    """The first ``limit`` bytes of a reply, as text (for errors), without ``secrets``; the
+    response is closed. The read stops at ``deadline``, as a chat's does; what arrived is kept.
+
+    A little more than ``limit`` is read, so that a secret across the cut is scrubbed whole.
+    """
+    wanted = limit + _SECRET_SLACK
     body = b""
     try:
-        for chunk in iter_body(response):
+        for chunk in iter_body(response, deadline=deadline, read_timeout=read_timeout):
             body += chunk
-            if len(body) >= limit:
+            if len(body) >= wanted:
                 break
     except Exception:
         logger.debug("could not read the body of an HTTP %s reply", response.status_code)
     finally:
         response.close()
-    return body[:limit].decode("utf-8", "replace")
+    return scrub(body[:wanted].decode("utf-8", "replace"), secrets)[:limit]
 
 
 def abort(response: requests.Response) -> None:
