@@ -182,6 +182,9 @@ class Session:
         state = ", closed" if self._closed else ""
         return f"<Session base_url={redact_url(self.base_url)!r}{proxy}{state}>"
 
+    def __reduce__(self) -> Any:
+        raise TypeError("a Session cannot be pickled: make one from its options where it is used")
+
     # -- the token --------------------------------------------------------------------------------
 
     def grab_token(self, refresh: bool = False) -> str:

@@ -7,7 +7,7 @@ import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import requests
 
@@ -489,3 +489,8 @@ class ChatStream:
         reply = self._reply
         state = "done" if reply.finished else ("closed" if reply.released else "open")
         return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
+
+    def __reduce__(self) -> Any:
+        # pickle would read the whole body through requests (waiting for the server, then a
+        # requests exception): say at once what can be kept instead.
+        raise TypeError("a ChatStream cannot be pickled (it is a live connection): keep its .text")

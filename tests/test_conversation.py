@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -243,6 +244,26 @@ def test_a_conversation_is_not_pickled_but_saved(session: Session) -> None:
     conv = Conversation(system="S", session=session)
     with pytest.raises(TypeError, match=r"save it with to_dict\(\) or save\(\)"):
         pickle.dumps(conv)
+
+
+def test_a_session_and_an_open_stream_say_at_once_that_they_are_not_pickled(
+    emulator: Callable[..., Emulator],
+) -> None:
+    # Pickling an open ChatStream read its whole body through requests: it waited for the
+    # server (60 s here, forever for an endless reply), then raised a requests exception.
+    emu = emulator(reply=["a", "b"], before_piece=lambda index: index == 1 and gate.wait(20))
+    gate = threading.Event()
+    try:
+        with Session(emu.url, max_retries=0) as session:
+            with pytest.raises(TypeError, match="make one from its options"):
+                pickle.dumps(session)
+            with session.chat("hi") as stream:
+                with pytest.raises(TypeError, match=r"keep its \.text"):
+                    pickle.dumps(stream)
+                gate.set()
+                assert "".join(stream) == "ab"
+    finally:
+        gate.set()
 
 
 def test_len_and_repr(session: Session) -> None:
