@@ -116,6 +116,7 @@ class Reply:
         self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout)
         self._parser = LineParser(max_line)
         self._kept = _KeptText() if keep_text else None
+        self._handed = 0  # characters handed out without keep_text (batches handed out whole)
         self._batch: Optional[list[str]] = None  # the pieces being handed out...
         self._position: Optional[Iterator[str]] = None  # ... and the iterator over them
         self._gate: Optional[list[None]] = None  # ... which hands out no more once it is cleared
@@ -183,6 +184,7 @@ class Reply:
                     if self.abort_reason is not None:
                         raise self.aborted_error()
                     yield from batch
+                    self._handed += sum(map(len, batch))  # (for the messages of errors)
                 else:
                     # :attr:`text` counts what was handed out of the batch by the position of its
                     # iterator, which the gate (consulted first) stops without moving.
@@ -286,9 +288,15 @@ class Reply:
                 reason = break_reason(exc, secrets=self._secrets)
         partial = self.text
         return IncompleteStreamError(
-            f"the reply from {self._url} stopped after {len(partial)} characters: {reason}",
+            f"the reply from {self._url} stopped after {self._handed_count()}: {reason}",
             partial=partial,
         )
+
+    def _handed_count(self) -> str:
+        """How many characters were handed out, for a message (also without ``keep_text``)."""
+        if self._kept is None:
+            return f"{self._handed} characters (not kept)"
+        return f"{len(self.text)} characters"
 
     def abort(self, reason: Optional[str] = None) -> None:
         """Stop the reply from any thread: a read blocked on it fails at once (see :meth:`ChatStream.abort`)."""
@@ -312,11 +320,10 @@ class Reply:
 
     def aborted_error(self) -> IncompleteStreamError:
         """The error of a reply aborted with a reason, for every later attempt to read it."""
-        partial = self.text
         return IncompleteStreamError(
-            f"the reply from {self._url} was closed after {len(partial)} characters: "
+            f"the reply from {self._url} was closed after {self._handed_count()}: "
             f"{self.abort_reason}",
-            partial=partial,
+            partial=self.text,
         )
 
     def release(self) -> None:

@@ -35,6 +35,27 @@ def test_keep_text_false_keeps_nothing(emulator: Callable[..., Emulator]) -> Non
         assert stream.text == ""
 
 
+@pytest.mark.parametrize("keep_text", [True, False])
+def test_a_broken_stream_says_how_much_was_handed_out(
+    emulator: Callable[..., Emulator], keep_text: bool
+) -> None:
+    # Without keep_text it said "stopped after 0 characters" (the gateway's every mid-stream error).
+    emu = emulator(reply=PIECES)
+    emu.drop("chat", after=4)
+    seen: list[str] = []
+    with (  # noqa: PT012 - the loop is under test
+        aco.Session(emu.url, max_retries=0) as session,
+        pytest.raises(aco.IncompleteStreamError) as info,
+    ):
+        for piece in session.chat("hi", keep_text=keep_text):
+            seen.append(piece)
+    assert seen == PIECES[:4]
+    count = len("".join(PIECES[:4]))
+    expected = f"stopped after {count} characters" + ("" if keep_text else " (not kept)") + ":"
+    assert expected in str(info.value)
+    assert info.value.partial == ("".join(seen) if keep_text else "")
+
+
 def test_partial_of_an_error_after_a_batch(emulator: Callable[..., Emulator]) -> None:
     """The error line arrives in the same read as the pieces before it: they are all handed
     out first, and .partial is exactly their text."""
