@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._cancel import Cancellation
+from ._config import MAX_SECONDS
 from ._errors import BatchError, InvalidRequestError
 from ._prompt import build_prompt
 
@@ -86,7 +87,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
-        self.interval = 1.0 / rate
+        self.interval = 1 / rate  # (not 1.0 / rate: a huge int is no float)
         self._next = 0.0
         self._lock = threading.Lock()
         self._clock = clock
@@ -196,6 +197,11 @@ def _check(max_workers: object, rate_limit: object) -> None:
     ):
         raise InvalidRequestError(
             f"rate_limit must be a positive number of requests per second, not {rate_limit!r}"
+        )
+    if rate_limit is not None and 1 / rate_limit > MAX_SECONDS:  # (no wait can be that long)
+        raise InvalidRequestError(
+            f"rate_limit must allow one request a year at least ({1 / MAX_SECONDS:.3g} per "
+            f"second), not {rate_limit!r}"
         )
 
 

@@ -404,10 +404,15 @@ def test_rate_limit_is_a_lower_bound_on_real_time(emulator: MakeEmulator) -> Non
 
 def test_rate_limit_is_validated(emulator: MakeEmulator) -> None:
     emu = emulator(reply=echo)
-    for bad in (0, -1, True, "2"):
+    for bad in (0, -1, True, "2", float("nan")):
         with pytest.raises(InvalidRequestError, match="rate_limit"):
             aco.batch(["a"], base_url=emu.url, rate_limit=bad)
+    # A rate so small that its wait cannot be slept (OverflowError in each prompt after the first).
+    for bad in (1e-10, 1e-300):
+        with pytest.raises(InvalidRequestError, match="one request a year at least"):
+            aco.batch(["a", "b"], base_url=emu.url, rate_limit=bad)
     assert emu.requests == []
+    assert aco.batch(["a", "b"], base_url=emu.url, rate_limit=10**400) == [echo("a"), echo("b")]
 
 
 # -- progress ---------------------------------------------------------------------------------
