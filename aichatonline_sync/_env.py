@@ -169,9 +169,17 @@ def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dic
 
 
 def gateway_key_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """The gateway's key, ``$AICHATONLINE_GATEWAY_KEY`` (``None`` when unset or blank).
+    """The gateway's key, ``$AICHATONLINE_GATEWAY_KEY`` (``None`` when unset).
 
-    :raises InvalidRequestError: a bad key, as ``"$AICHATONLINE_GATEWAY_KEY: must be ..."``.
+    Set but blank is an error, not "no key": ``AICHATONLINE_GATEWAY_KEY="$KEY"`` with ``$KEY``
+    unset or mistyped must not serve an open gateway without a word.
+
+    :raises InvalidRequestError: a bad or blank key, as ``"$AICHATONLINE_GATEWAY_KEY: must be ..."``.
     """
+    variables = os.environ if environ is None else environ
+    if GATEWAY_KEY_ENV in variables and not variables[GATEWAY_KEY_ENV].strip():
+        raise InvalidRequestError(
+            f"${GATEWAY_KEY_ENV} is set but empty: give it a key, or unset it to serve without one"
+        )
     key: Optional[str] = setting_from_env("gateway_key", environ)
     return key

@@ -82,6 +82,10 @@ def test_the_base_url_and_the_gateway_key() -> None:
     assert gateway_key_from_env(environ) == "k3y"
     assert setting_from_env("base_url", {"AICHATONLINE_BASE_URL": " "}) is None
     assert gateway_key_from_env({}) is None
+    # Set but blank (``AICHATONLINE_GATEWAY_KEY="$KEY"`` with $KEY unset) served an open gateway.
+    for blank in ("", "  "):
+        with pytest.raises(InvalidRequestError, match=r"GATEWAY_KEY is set but empty: give it a key"):
+            gateway_key_from_env({"AICHATONLINE_GATEWAY_KEY": blank})
     # Neither is a session option of the llm plugin's or the command line's.
     assert session_options_from_env(environ) == {}
 
