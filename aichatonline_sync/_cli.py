@@ -244,7 +244,8 @@ examples:
 
 exit status: 0 done, 1 upstream or network failure (or a failed write), 2 usage error,
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed early (e.g. piped
-into head). Run '{PROG} COMMAND --help' for the options of a command.
+into head); serve and gateway stop on Ctrl-C or SIGTERM with 0. Run '{PROG} COMMAND --help'
+for the options of a command.
 """
 
 _CHAT_EPILOG = f"""\

@@ -211,8 +211,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             size = int(length) if length is not None else 0
         except ValueError:
             size = -1
-        framed = "Transfer-Encoding" in self.headers  # a chunked request body is not read
-        body = _Body(self.rfile, max(size, 0) if not framed else 0)
+        if "Transfer-Encoding" in self.headers:  # a chunked request body is not read here
+            self.close_connection = True
+            self.send_error(
+                411, "Length Required", "a chunked request body is not supported: send a Content-Length"
+            )
+            return
+        body = _Body(self.rfile, max(size, 0))
         response = _Response(self)
         result: Iterable[bytes] = ()
         try:
@@ -236,7 +241,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if close is not None:
                 close()
         try:
-            kept = not framed and size >= 0 and body.discard()
+            kept = size >= 0 and body.discard()
         except OSError:
             kept = False
         if not kept:

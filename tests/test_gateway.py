@@ -788,6 +788,27 @@ def test_head_and_keep_alive_on_the_standard_library_server(stdlib_gateway: Gate
                 assert json.loads(reader.read(length))["data"][0]["id"] == MODEL
 
 
+def test_a_chunked_request_body_is_a_411_on_the_standard_library_server(
+    stdlib_gateway: Gateway,
+) -> None:
+    # It was answered 400 "the request has no body" (the chunked body was not read); gunicorn
+    # reads it. The connection is closed: the unread body is never taken for a request.
+    body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
+    port = int(stdlib_gateway.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {KEY}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        )
+        with sock.makefile("rb") as reader:
+            answer = reader.read()  # to the end: the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 411 ")
+    assert b"send a Content-Length" in answer
+    assert stdlib_gateway.emu.chat_requests == []
+
+
 def test_closing_the_server_ends_its_kept_alive_connections(emulator: Callable[..., Emulator]) -> None:
     # Before, an idle kept-alive connection outlived server_close() by its 75 s idle timeout,
     # with its thread, and a later server on the same port number inherited its client socket.
