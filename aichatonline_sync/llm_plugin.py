@@ -77,6 +77,8 @@ class AiChatOnlineModel(llm.Model):  # type: ignore[misc,unused-ignore]  # (Any 
         response: llm.Response,
         conversation: Optional[llm.Conversation],
     ) -> Iterator[str]:
+        if not (prompt.prompt or "").strip():  # (llm 0.32+ then hands over no message at all)
+            raise llm.ModelError("the prompt is empty (or only white space)")
         messages = prompt_messages(prompt, conversation)
         try:
             with chat(messages, model=DEFAULT_MODEL, **session_options_from_env()) as reply:

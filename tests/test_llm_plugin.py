@@ -280,6 +280,15 @@ def test_python_api_conversation(model: Any, emu: Emulator) -> None:
     ]
 
 
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_says_so(emu: Emulator, env: dict[str, str], prompt: str) -> None:
+    # "" said "messages is an empty list: give at least one message" (a list the user never gave).
+    result = run_llm(["-m", "aichatonline", prompt], env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: the prompt is empty (or only white space)"
+    assert emu.chat_requests == []
+
+
 def test_python_api_errors_are_model_errors(model: Any, emu: Emulator) -> None:
     import aichatonline_sync as aco
 
