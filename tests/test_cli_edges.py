@@ -638,7 +638,10 @@ def test_a_second_signal_does_not_wait_for_a_stuck_write(tmp_path: Path) -> None
             proc.kill()
             pytest.fail("the command did not end")
         finish(proc)
-    assert proc.returncode == 143
+    # The second signal handled stops it: SIGTERM, unless the kernel handed SIGINT to a worker
+    # thread, so that the main thread ran SIGTERM's handler first (then SIGINT's raises: 130).
+    # That happened twice under heavy load; what is under test is that the command ends.
+    assert proc.returncode in (143, 130)
 
 
 @pytest.mark.skipif(not POSIX, reason="needs SIGTERM")
