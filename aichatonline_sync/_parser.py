@@ -93,12 +93,10 @@ def _cut_short(raw: bytes) -> bool:
     try:
         json.loads(line)
     except json.JSONDecodeError as exc:
-        rest = line[exc.pos :]
-        return (
-            exc.pos >= len(line)
-            or exc.msg.startswith("Unterminated string")
-            or any(word.startswith(rest) for word in ("true", "false", "null"))
-        )
+        # A line that begins a JSON object and is no JSON is taken as one cut short, wherever
+        # the cut fell (in a string, a ``\u`` escape, a number, a word, between two members);
+        # only a whole object followed by more is something else.
+        return not exc.msg.startswith("Extra data")
     except (ValueError, RecursionError):
         return False
     return False

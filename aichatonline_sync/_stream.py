@@ -28,6 +28,7 @@ from ._transport import (
     break_reason,
     iter_body,
     scrub,
+    scrub_quote,
     translate_exception,
 )
 
@@ -42,19 +43,6 @@ _READER_LOCK = threading.Lock()
 _CLOSED = "the stream was closed"
 
 _SECOND = operator.itemgetter(1)
-
-
-def _scrub_quote(text: str, secrets: tuple[Optional[str], ...]) -> str:
-    """``text`` (the start of a body, cut at some length) without the secrets, nor the beginning
-    of one where it was cut."""
-    text = scrub(text, secrets)
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            for size in range(min(len(secret) - 1, len(text)), 2, -1):
-                if text.endswith(secret[:size]):
-                    text = text[:-size] + "***"
-                    break
-    return text
 
 
 class _KeptText:
@@ -244,7 +232,7 @@ class Reply:
         if parser.error is not None:
             raise self._upstream_error()
         if parser.pieces == 0:
-            head = _scrub_quote(parser.head, self._secrets)  # the upstream may echo the token
+            head = scrub_quote(parser.head, self._secrets)  # the upstream may echo the token
             raise ProtocolError(
                 f"the reply from {self._url} is not a chat stream (no line carries "
                 f"data.message); it begins: {head[:200]!r}",
@@ -271,8 +259,9 @@ class Reply:
             if not started:  # the socket was shut down on purpose: no retry, no warning
                 return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
         elif isinstance(exc, ProtocolError):
-            if not started:
-                return ProtocolError(f"the reply from {self._url} is unreadable: {exc}", body=exc.body)
+            if not started:  # (its body quotes the reply, which may echo the token)
+                body = None if exc.body is None else scrub_quote(exc.body, self._secrets)
+                return ProtocolError(f"the reply from {self._url} is unreadable: {exc}", body=body)
             reason = str(exc)
         else:
             translated = translate_exception(

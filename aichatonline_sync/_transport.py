@@ -65,6 +65,7 @@ __all__ = [
     "iter_body",
     "read_start",
     "scrub",
+    "scrub_quote",
     "translate_exception",
 ]
 
@@ -72,9 +73,6 @@ logger = logging.getLogger("aichatonline_sync")
 
 #: Bytes of a non-2xx reply kept in the error (``APIStatusError.body``).
 STATUS_BODY_LIMIT = 2048
-#: Bytes read past that limit, so that a secret across the cut is scrubbed whole (tokens are at
-#: most 256 characters).
-_SECRET_SLACK = 512
 
 TimeoutPair = tuple[Optional[float], Optional[float]]
 
@@ -469,9 +467,9 @@ def read_start(
     """The first ``limit`` bytes of a reply, as text (for errors), without ``secrets``; the
     response is closed. The read stops at ``deadline``, as a chat's does; what arrived is kept.
 
-    A little more than ``limit`` is read, so that a secret across the cut is scrubbed whole.
+    A secret cut in two at the limit is masked too (:func:`scrub_quote`).
     """
-    wanted = limit + _SECRET_SLACK
+    wanted = limit
     body = b""
     try:
         for chunk in iter_body(response, deadline=deadline, read_timeout=read_timeout):
@@ -482,7 +480,9 @@ def read_start(
         logger.debug("could not read the body of an HTTP %s reply", response.status_code)
     finally:
         response.close()
-    return scrub(body[:wanted].decode("utf-8", "replace"), secrets)[:limit]
+    # Cut first, then scrub (a scrubbed secret is shorter: cutting after would let the half of a
+    # secret that was past the cut move in), the half of one at the cut end included.
+    return scrub_quote(body[:limit].decode("utf-8", "replace"), secrets)
 
 
 def abort(response: requests.Response) -> None:
@@ -508,6 +508,20 @@ def scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
     for secret in secrets:
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
+    return text
+
+
+def scrub_quote(text: str, secrets: Iterable[Optional[str]]) -> str:
+    """``text`` (the start of a body, cut at some length) without the secrets, nor the beginning
+    of one where it was cut."""
+    secrets = tuple(secrets)
+    text = scrub(text, secrets)
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            for size in range(min(len(secret) - 1, len(text)), 2, -1):
+                if text.endswith(secret[:size]):
+                    text = text[:-size] + "***"
+                    break
     return text
 
 

@@ -97,8 +97,33 @@ def test_a_token_across_the_body_limit_is_scrubbed_whole(emulator: MakeEmulator)
     body = b"x" * 2040 + TOKEN.encode() + b"y" * 100  # the token straddles the 2048-byte cut
     error = chat_error(emulator, reply("HTTP/1.1 400 Bad Request", [], body))
     assert isinstance(error, APIStatusError)
-    assert error.body == "x" * 2040 + "***" + "y" * 5  # still 2048 characters
+    assert error.body == "x" * 2040 + "***"  # cut at 2048 characters, then its half masked
     assert_hidden(error, TOKEN[:8])
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"), [("400 Bad Request", "text/plain"), ("200 OK", "text/html")]
+)
+def test_a_token_echoed_many_times_is_scrubbed_up_to_the_limit(
+    emulator: MakeEmulator, status: str, content_type: str
+) -> None:
+    # Scrubbed before the cut, each echo shrank to ***, and the half token at the old cut moved
+    # inside the 2048 characters kept.
+    body = b"".join(b"echo " + TOKEN.encode() + b"\n" for _ in range(30))
+    error = chat_error(emulator, reply(f"HTTP/1.1 {status}", [f"Content-Type: {content_type}"], body))
+    assert_hidden(error, TOKEN[:8])
+
+
+def test_a_token_echoed_in_an_over_long_first_line_is_scrubbed(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    emu.token_reply({"code": 200, "msg": "success", "data": TOKEN})
+    line = json.dumps({"echo": TOKEN, "pad": "x" * 5000}).encode() + b"\n"
+    emu.raw_reply("chat", reply("HTTP/1.1 200 OK", ["Content-Type: text/event-stream"], line))
+    with Session(emu.url, max_retries=0, max_line_bytes=1024) as session, pytest.raises(
+        ProtocolError, match="longer than 1024 bytes"
+    ) as info:
+        session.complete("hi")
+    assert_hidden(info.value, TOKEN[:8])
 
 
 def test_a_token_echoed_in_a_redirect_is_scrubbed(emulator: MakeEmulator) -> None:

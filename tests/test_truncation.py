@@ -92,9 +92,23 @@ def test_compressed_body_cut_before_the_first_piece_is_retried(
     assert len(emu.chat_requests) == 2
 
 
-def test_identity_body_closed_in_the_middle_of_a_line_is_incomplete(emulator: MakeEmulator) -> None:
+@pytest.mark.parametrize(
+    "cut",
+    [
+        b'{"code": 200, "data": {"message": "wo',  # in a string
+        b'{"code": 200, "data": {"message": "\\u4f',  # in a \u escape (non-ASCII text)
+        b'{"code": 200, "n": 1.',  # in numbers
+        b'{"code": 200, "n": -',
+        b'{"code": 200, "n": 1e',
+        b'{"code": 200, "data": {"message": tr',  # in a word
+        b'{"code": 200, "data": {',  # between two members
+    ],
+)
+def test_identity_body_closed_in_the_middle_of_a_line_is_incomplete(
+    emulator: MakeEmulator, cut: bytes
+) -> None:
     emu = emulator()
-    emu.raw_reply("chat", close_delimited(lines(PIECES[:2]) + line(PIECES[2])[:25]))
+    emu.raw_reply("chat", close_delimited(lines(PIECES[:2]) + cut))
     with aco.Session(emu.url, max_retries=0) as session, pytest.raises(aco.IncompleteStreamError) as caught:
         session.complete("hi")
     assert caught.value.partial == "Hello "
