@@ -21,6 +21,8 @@ __all__ = [
     "Timeout",
     "TimeoutTypes",
     "UNSET",
+    "check_bool",
+    "check_int",
     "redact_url",
     "reject_options",
     "validate_base_url",
@@ -54,6 +56,30 @@ def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Opti
             f"{name} must be at most {MAX_SECONDS:.0f} seconds (a year){hint}, not {_shown(value)}"
         )
     return seconds
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a real ``bool``; ``"no"``, ``1`` or ``None`` are refused (they would be
+    taken as true or false by accident).
+
+    :raises InvalidRequestError: anything else, naming the option.
+    """
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be True or False, not {_shown(value)}")
+    return value
+
+
+def check_int(name: str, value: object, *, low: int = 0, high: Optional[int] = None) -> int:
+    """``value`` if it is a whole number (not a ``bool``) with ``low <= value <= high``.
+
+    :raises InvalidRequestError: anything else, naming the option and its bounds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+        high is not None and value > high
+    ):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise InvalidRequestError(f"{name} must be a whole number {bounds}, not {_shown(value)}")
+    return value
 
 
 def _shown(value: object) -> str:
