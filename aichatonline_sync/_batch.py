@@ -18,19 +18,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import logging
 import pickle
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from . import _redact
 from ._cancel import Cancellation
-from ._config import MAX_SECONDS
-from ._errors import BatchError, InvalidRequestError
+from ._config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int
+from ._errors import AiChatOnlineError, BatchError, InvalidRequestError
 from ._prompt import build_prompt
 
 if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
@@ -38,7 +37,7 @@ if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch
 
 __all__ = ["BatchResult", "RateLimiter", "check_prompts", "in_flight_limit", "iter_batch", "run_batch"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: How often the consuming thread wakes while it waits for results, so that a pending
 #: KeyboardInterrupt (even one from ``_thread.interrupt_main()``, which sends no real signal) is
@@ -188,8 +187,7 @@ def _run_remote(
 
 
 def _check(max_workers: object, rate_limit: object) -> None:
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-        raise InvalidRequestError(f"max_workers must be a whole number >= 1, not {max_workers!r}")
+    check_int("max_workers", max_workers, low=1, high=MAX_CONNECTIONS)
     if rate_limit is not None and (
         isinstance(rate_limit, bool)
         or not isinstance(rate_limit, (int, float))
@@ -219,12 +217,11 @@ def _progress_bar(total: Optional[int]) -> Any:
     except ImportError:
         if not _NoTqdm.warned:
             _NoTqdm.warned = True
-            warnings.warn(
+            _redact.warn(
                 "progress=True needs tqdm, which is not installed: the batch runs without a "
                 'progress bar. Install it with: pip install "aichatonline-sync[progress]" '
                 '(in Jupyter: "aichatonline-sync[notebook]")',
                 RuntimeWarning,
-                stacklevel=4,
             )
         logger.debug("no progress bar: tqdm is not installed")
         return None
@@ -336,6 +333,10 @@ def _check_batch(
     """
     check_prompts(prompts)
     _check(max_workers, rate_limit)
+    if session is not None and session.closed:  # every prompt would fail the same way
+        raise AiChatOnlineError(
+            "batch() on a closed Session: create a new Session (or leave session= out)"
+        )
     checked = isinstance(prompts, Sequence)
     if checked:
         for index, prompt in enumerate(prompts):
@@ -397,6 +398,7 @@ def iter_batch(
     ``cancel`` given in ``chat_options`` is cancelled, every prompt of a sequence not yet done
     fails at once (each is accounted for), and an iterator is pulled no further.
     """
+    check_bool("progress", progress)
     plan = _check_batch(
         prompts,
         session=session,
@@ -407,7 +409,6 @@ def iter_batch(
         executor=executor,
         rate_limit=rate_limit,
     )
-    # The bar is made here, not in _Run: the stacklevel of its warning counts the frames up.
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
     try:
         run = _Run(plan, bar)
@@ -570,6 +571,7 @@ def run_batch(
 ) -> list[Any]:
     """The engine of :func:`aichatonline_sync.batch` (which documents it); ``engine`` are the
     arguments of :func:`iter_batch`."""
+    check_bool("return_exceptions", return_exceptions)
     if on_result is not None and not callable(on_result):
         raise InvalidRequestError(f"on_result must be callable, not {on_result!r}")
     check_prompts(prompts)

@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, Union
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import _redact
 from ._api import batch_iter
 from ._cli_io import (
     BadLine,
@@ -92,7 +93,7 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 PROG = "aichatonline"
 

@@ -17,6 +17,7 @@ from ._protocol import BASE_URL_ENV, DEFAULT_BASE_URL, RETRY_STATUSES
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "MAX_CONNECTIONS",
     "RetryPolicy",
     "Timeout",
     "TimeoutTypes",
@@ -27,7 +28,6 @@ __all__ = [
     "reject_options",
     "validate_base_url",
     "validate_headers",
-    "validate_positive_int",
     "validate_proxy",
     "validate_retry",
     "validate_verify",
@@ -282,6 +282,15 @@ def validate_headers(headers: Any) -> dict[str, str]:
             raise InvalidRequestError(f"invalid header name {key!r}")
         if any(ch in value for ch in "\r\n\0"):
             raise InvalidRequestError(f"the value of header {key!r} contains a line break")
+        if value[:1] in (" ", "\t"):  # requests refuses it at every send
+            raise InvalidRequestError(f"the value of header {key!r} begins with white space")
+        try:
+            value.encode("latin-1")  # what http.client sends header values as
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                f"the value of header {key!r} has characters HTTP headers cannot carry "
+                "(only Latin-1): encode it first, e.g. with urllib.parse.quote"
+            ) from None
         checked[key] = value
     return checked
 
@@ -298,14 +307,24 @@ def validate_verify(verify: Any) -> Union[bool, str]:
             f"verify={path!r}: no CA bundle there (no such file or folder); give the path of a "
             "PEM file of trusted certificates, or True for the system's"
         )
+    if os.path.isdir(path):  # a folder of hashed certificates is read lazily, at each handshake
+        return path
+    import ssl  # loaded once here, so that a wrong file fails now, not at every chat's handshake
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise InvalidRequestError(
+            f"verify={path!r} is not a readable CA bundle ({reason}); give the path of a PEM "
+            "file of trusted certificates, or True for the system's"
+        ) from None
     return path
 
 
-def validate_positive_int(name: str, value: object) -> int:
-    """Check a whole number >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequestError(f"{name} must be a whole number >= 1, not {value!r}")
-    return value
+#: The most connections per host, and threads of a batch: urllib3 fills a pool's queue with
+#: one slot per connection when it makes the pool, so a huge size never finishes its first chat.
+MAX_CONNECTIONS = 1024
 
 
 def redact_url(url: str) -> str:
@@ -358,7 +377,26 @@ def validate_base_url(base_url: Optional[str]) -> str:
         raise InvalidRequestError(
             f"{source} must not have a query or fragment: {redact_url(base_url)!r}"
         )
-    return base_url.strip().rstrip("/")
+    url = base_url.strip().rstrip("/")
+    _check_url_text(source, url)
+    return url
+
+
+def _check_url_text(source: str, url: str) -> None:
+    """Refuse, before anything is sent, a URL that requests would refuse (or send mangled) when
+    the first request is prepared: white space or control characters, a host it cannot encode."""
+    bad = next((ch for ch in url if ch.isspace() or ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"{source} contains {'white space' if bad.isspace() else 'a control character'} "
+            f"({bad!r}): {redact_url(url)!r}"
+        )
+    import requests  # (the transport's own check, so that both agree)
+
+    try:
+        requests.PreparedRequest().prepare_url(url + "/", None)
+    except Exception as exc:
+        raise InvalidRequestError(f"{source} is not a valid URL ({exc}): {redact_url(url)!r}") from exc
 
 
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import reprlib
 import tempfile
@@ -13,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from . import _redact
 from ._errors import AiChatOnlineError, InvalidRequestError
 from ._prompt import content_to_text, validate_content, validate_messages
 from ._registry import split_options, using_shared_session
@@ -21,7 +21,7 @@ from ._stream import ChatStream
 
 __all__ = ["FILE_VERSION", "Conversation"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: The ``version`` written by :meth:`Conversation.save` and understood by :meth:`Conversation.load`.
 FILE_VERSION = 1

@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ._redact import scrub
+
 __all__ = [
     "AiChatOnlineError",
     "APIConnectionError",
@@ -50,12 +52,30 @@ def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, A
     return exc
 
 
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict) and any(isinstance(v, str) for v in value.values()):
+        return {k: scrub(v) if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
 class AiChatOnlineError(Exception):
     """Base class of every error raised by this library.
+
+    Its message and every text attribute (``.body``, ``.headers``, ``.partial``, ...) are masked of
+    the secrets the library knows (tokens, proxy passwords; see :mod:`._redact`) when they are set,
+    whoever sets them.
 
     Errors pickle with their attributes (``.partial``, ``.status_code``, ...), so a batch run in
     other processes hands them back whole.
     """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*map(_masked, args))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, _masked(value))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
@@ -119,7 +139,17 @@ class RateLimitError(APIStatusError):
 
 
 class TokenError(AiChatOnlineError):
-    """The token endpoint answered 2xx without a usable token."""
+    """The token endpoint answered 2xx without a usable token.
+
+    :ivar code: the ``code`` of the upstream's reply, when it carried one (an ``int`` when it is
+        numeric), else ``None``.
+    :ivar message: the ``message`` of the upstream's reply, when it carried one, else ``None``.
+    """
+
+    def __init__(self, message: str, *, code: Any = None, upstream_message: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = upstream_message
 
 
 class ProtocolError(AiChatOnlineError):
@@ -195,6 +225,15 @@ def status_error(
         upstream rejected it; a proxy that answers 401 instead of 407 is not the upstream).
     """
     reason = f" {reason}" if reason else ""
+    if 100 <= status < 200:
+        # http.client reads past 100 Continue only; any other interim reply (103 Early Hints)
+        # comes out as if it were the answer, with the real one still unread behind it.
+        return ProtocolError(
+            f"{what} to {url} got an interim reply, HTTP {status}{reason}, where its answer "
+            "should be: the HTTP layer skips only 100 Continue. A proxy or CDN in between that "
+            "sends early hints must be told not to.",
+            body=body,
+        )
     if status == 407:  # only a proxy answers this: it is no reply of the service
         return APIConnectionError(
             f"the proxy refused {what} to {url}: HTTP 407{reason}. "

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
+from . import _redact
 from ._errors import InvalidRequestError
 from ._registry import split_options, using_shared_session
 from ._session import Session
 
 __all__ = ["DEFAULT_MIN_INTERVAL", "display_stream"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: The shortest time between two updates of the output, in seconds.
 DEFAULT_MIN_INTERVAL = 0.05
@@ -81,6 +81,20 @@ def display_stream(
         bad messages or options; raised before anything is sent.
     :raises StreamError: the stream broke (``.partial`` has the text that arrived, also shown).
     """
+    try:
+        return _display(stream_or_messages, session, min_interval, options)
+    finally:
+        # A stream given here is ours to close, also when it is refused before any display
+        # (its request was sent already: leaving it open would hold its connection).
+        if not isinstance(stream_or_messages, (str, Sequence)):
+            close = getattr(stream_or_messages, "close", None)
+            if callable(close):
+                close()
+
+
+def _display(
+    stream_or_messages: Any, session: Optional[Session], min_interval: float, options: dict[str, Any]
+) -> str:
     if (
         isinstance(min_interval, bool)
         or not isinstance(min_interval, (int, float))
@@ -119,7 +133,7 @@ def display_stream(
             with using_shared_session(**session_options) as shared:
                 pieces = shared.chat(stream_or_messages, **chat_options)
     else:
-        pieces = stream_or_messages  # type: ignore[assignment]
+        pieces = stream_or_messages
 
     parts: list[str] = []
     handle: Any = None

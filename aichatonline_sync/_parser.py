@@ -14,12 +14,13 @@ import json
 import logging
 from typing import Any, Callable, NamedTuple, Optional
 
+from . import _redact
 from ._errors import ProtocolError
 from ._protocol import OK_CODES
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: The longest line accepted, in bytes; a longer one is a :class:`ProtocolError`.
 DEFAULT_MAX_LINE = 1 << 20

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import requests
 
+from . import _redact
 from ._cancel import Cancellation
 from ._config import validate_base_url
 from ._prompt import Messages, build_prompt
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["G4F_PROXY_ENV", "AiChatOnline"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: gpt4free's proxy variable, used when no ``proxy`` is given (as ``g4f.ChatCompletion`` does).
 G4F_PROXY_ENV = "G4F_PROXY"

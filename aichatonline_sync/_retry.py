@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import email.utils
-import logging
 import math
 import random
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
+from . import _redact
 from ._cancel import Cancellation
 from ._config import RetryPolicy
 from ._errors import (
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # tenacity is imported at the first request, not at ``import 
 
 __all__ = ["backoff", "build_retrying", "parse_retry_after", "retry_reason", "run_with_retries"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 T = TypeVar("T")
 

@@ -8,7 +8,6 @@ The session only orchestrates: options are checked by :mod:`._config`, requests 
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
@@ -16,17 +15,20 @@ from urllib.parse import urlsplit
 
 import requests
 
+from . import _redact
 from ._cancel import Cancellation
 from ._config import (
+    MAX_CONNECTIONS,
     UNSET,
     RetryPolicy,
     Timeout,
     TimeoutTypes,
+    check_bool,
+    check_int,
     redact_url,
     reject_options,
     validate_base_url,
     validate_headers,
-    validate_positive_int,
     validate_proxy,
     validate_retry,
     validate_verify,
@@ -55,8 +57,10 @@ if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need i
 
 __all__ = ["CHAT_OPTIONS", "DEFAULT_MODEL", "MODELS", "SESSION_OPTIONS", "Session", "split_options"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
+#: The longest reply line that can be allowed (the parser holds a line whole until it ends).
+MAX_LINE_LIMIT = 1 << 30
 #: Connections kept per host: enough for the threads of most batches and gateways (a free slot
 #: costs nothing until a connection fills it); a batch grows it to its number of workers.
 _DEFAULT_POOL = 32
@@ -112,17 +116,16 @@ class Session:
     ) -> None:
         self.base_url = validate_base_url(base_url)
         self.proxy = validate_proxy(proxy)
+        _redact.remember(_password(self.base_url), _password(self.proxy))
         self.timeout = Timeout.coerce(timeout)
         self.retry = validate_retry(max_retries, retry)
         self.headers = validate_headers(headers)
         self.verify = validate_verify(verify)
-        if not isinstance(reuse_token, bool):
-            raise InvalidRequestError(f"reuse_token must be True or False, not {reuse_token!r}")
-        self.reuse_token = reuse_token
+        self.reuse_token = check_bool("reuse_token", reuse_token)
         if http is not None and not isinstance(http, requests.Session):
             raise InvalidRequestError(f"http must be a requests.Session, not {type(http).__name__}")
-        self.max_line_bytes = validate_positive_int("max_line_bytes", max_line_bytes)
-        pool_maxsize = validate_positive_int("pool_maxsize", pool_maxsize)
+        self.max_line_bytes = check_int("max_line_bytes", max_line_bytes, low=1, high=MAX_LINE_LIMIT)
+        pool_maxsize = check_int("pool_maxsize", pool_maxsize, low=1, high=MAX_CONNECTIONS)
         self._closed = False
         self._transport = Transport(
             self.base_url, http=http, proxy=self.proxy, verify=self.verify, pool_maxsize=pool_maxsize
@@ -353,8 +356,7 @@ def _prepare(
     if conversation_id is None:
         conversation_id = get_random_string()
     validate_conversation_id(conversation_id)
-    if not isinstance(keep_text, bool):
-        raise InvalidRequestError(f"keep_text must be True or False, not {keep_text!r}")
+    check_bool("keep_text", keep_text)
     if cancel is not None and not isinstance(cancel, Cancellation):
         raise InvalidRequestError(f"cancel must be a Cancellation, not {type(cancel).__name__}")
     total = chat_timeout.total
@@ -414,6 +416,13 @@ def _html_error(page: str, url: str) -> ProtocolError:
         f"(a captcha or an outage page?); it begins: {page[:200]!r}",
         body=page,
     )
+
+
+def _password(url: Optional[str]) -> Optional[str]:
+    try:
+        return urlsplit(url).password if url else None
+    except ValueError:
+        return None
 
 
 def _is_rejection(exc: BaseException) -> bool:

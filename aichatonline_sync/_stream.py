@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
@@ -11,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import requests
 
+from . import _redact
 from ._cancel import Cancellation
 from ._errors import (
     AiChatOnlineError,
@@ -34,7 +34,7 @@ from ._transport import (
 
 __all__ = ["ChatStream", "Reply"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: Guards the first claim of a stream by its reading thread.
 _READER_LOCK = threading.Lock()

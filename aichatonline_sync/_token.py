@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -12,6 +11,7 @@ from typing import Optional
 
 import requests
 
+from . import _redact
 from ._cancel import Cancellation
 from ._config import RetryPolicy, Timeout
 from ._errors import AiChatOnlineError, APITimeoutError, ProtocolError, TokenError
@@ -21,7 +21,7 @@ from ._transport import Transport, iter_body, translate_exception
 
 __all__ = ["TokenStore", "parse_token"]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,256}")
 _TOKEN_BODY_LIMIT = 65536
@@ -46,8 +46,30 @@ def parse_token(body: bytes, url: str) -> str:
             if token is None
             else f"a {type(token).__name__} that is not a short printable string"
         )
-        raise TokenError(f"the token reply from {url} has no usable token: its 'data' is {shape}")
+        code, said = _upstream_words(data)
+        words = ""
+        if code is not None or said is not None:
+            words = f"; the upstream says: code {code!r}" + (f", {said!r}" if said else "")
+        raise TokenError(
+            f"the token reply from {url} has no usable token: its 'data' is {shape}{words}",
+            code=code,
+            upstream_message=said,
+        )
+    _redact.remember(token)  # before anything can echo it
     return token
+
+
+def _upstream_words(data: object) -> tuple[object, Optional[str]]:
+    """The ``code`` and ``message`` of a token reply that carries them (an error reply)."""
+    if not isinstance(data, dict):
+        return None, None
+    code = data.get("code")
+    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
+        code = int(code)
+    elif not isinstance(code, (int, str)) or isinstance(code, bool):
+        code = None
+    said = data.get("message", data.get("msg"))
+    return code, (said[:500] if isinstance(said, str) else None)
 
 
 class _Flight:

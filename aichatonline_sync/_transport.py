@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import http.client
-import logging
 import re
 import socket
 import ssl
@@ -44,15 +43,18 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from . import _redact
 from ._config import redact_url
 from ._errors import (
     AiChatOnlineError,
     APIConnectionError,
     APITimeoutError,
     InvalidRequestError,
+    ProtocolError,
     status_error,
 )
 from ._framing import READ_SIZE, BodyTruncated, dechunk, make_decoder
+from ._redact import scrub, scrub_quote
 
 __all__ = [
     "BodyTruncated",
@@ -69,7 +71,7 @@ __all__ = [
     "translate_exception",
 ]
 
-logger = logging.getLogger("aichatonline_sync")
+logger = _redact.logger("aichatonline_sync")
 
 #: Bytes of a non-2xx reply kept in the error (``APIStatusError.body``).
 STATUS_BODY_LIMIT = 2048
@@ -241,8 +243,8 @@ class Endpoint:
         :param query: appended to the URL (``"?canvas=-..."``).
         :raises AiChatOnlineError: the request failed before any reply.
         """
-        prepared = self._prepared()
         try:
+            prepared = self._prepared()
             if query:
                 prepared.prepare_url(self._url + query, self._transport.http.params)
             if headers:
@@ -252,7 +254,9 @@ class Endpoint:
             if cookies:  # (an empty jar adds nothing, at some cost)
                 prepared.prepare_cookies(cookies)
         except Exception as exc:
-            raise translate_exception(exc, url=self.shown_url, secrets=secrets) from exc
+            raise translate_exception(
+                exc, url=self.shown_url, secrets=secrets, preparing=True
+            ) from exc
         return self._transport.send(
             prepared, timeout=timeout, shown_url=self.shown_url, secrets=secrets
         )
@@ -503,28 +507,6 @@ def abort(response: requests.Response) -> None:
 # --- errors -------------------------------------------------------------------------------------
 
 
-def scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
-    """Remove every secret (token, proxy password) from ``text``."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
-
-
-def scrub_quote(text: str, secrets: Iterable[Optional[str]]) -> str:
-    """``text`` (the start of a body, cut at some length) without the secrets, nor the beginning
-    of one where it was cut."""
-    secrets = tuple(secrets)
-    text = scrub(text, secrets)
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            for size in range(min(len(secret) - 1, len(text)), 2, -1):
-                if text.endswith(secret[:size]):
-                    text = text[:-size] + "***"
-                    break
-    return text
-
-
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and every exception inside it: ``reason`` (urllib3), exceptions among ``args``
     (requests wraps urllib3's so), ``__cause__`` and ``__context__``; outermost first."""
@@ -601,6 +583,12 @@ def _hostname_mismatch_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+#: urllib3's own "invalid" errors (a header or URL it refuses; 2.x has InvalidHeader).
+_URLLIB3_INVALID: tuple[type[BaseException], ...] = tuple(
+    error
+    for error in (getattr(urllib3.exceptions, "InvalidHeader", None), urllib3.exceptions.LocationParseError)
+    if isinstance(error, type)
+)
 _NAME_RESOLUTION = getattr(urllib3.exceptions, "NameResolutionError", socket.gaierror)  # urllib3 2
 
 #: The mapping, in order: the first rule that matches any exception of the chain gives the kind
@@ -615,7 +603,10 @@ _RULES: tuple[tuple[str, Callable[[BaseException], bool]], ...] = (
     ("unresolved", _is(socket.gaierror, _NAME_RESOLUTION)),
     ("connect-timeout", _connect_timeout),
     ("timeout", _timeout),
-    ("invalid", _is(requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeEncodeError)),
+    ("invalid", _is(
+        requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeEncodeError,
+        *_URLLIB3_INVALID,
+    )),
     ("truncated", _is(BodyTruncated, http.client.IncompleteRead)),
     ("reset", _is(ConnectionResetError, BrokenPipeError, ConnectionAbortedError)),
 )
@@ -645,12 +636,14 @@ def translate_exception(
     secrets: Iterable[Optional[str]] = (),
     timeout: Union[TimeoutPair, float, None] = None,
     proxy: Optional[str] = None,
+    preparing: bool = False,
 ) -> AiChatOnlineError:
     """Turn a ``requests``, ``urllib3``, PySocks or socket exception into ours: the one place that
     does. Classified by the types in the exception and its causes (never by message text).
 
     The caller raises the result ``from exc``. Messages are sentences naming the URL without
-    credentials, and never contain a token or proxy password.
+    credentials. ``preparing``: nothing was sent, so an invalid URL or header is the caller's
+    (:class:`InvalidRequestError`); once sent, it is the reply's (:class:`ProtocolError`).
     """
     if isinstance(exc, AiChatOnlineError):
         return exc
@@ -689,7 +682,8 @@ def translate_exception(
         what = "connecting to" if kind == "connect-timeout" else "waiting for"
         return APITimeoutError(f"timed out {what} {shown}{after}", url=shown)
     if kind == "invalid":
-        return InvalidRequestError(f"invalid request to {shown}: {detail}")
+        cls = InvalidRequestError if preparing else ProtocolError
+        return cls(f"{'invalid request to' if preparing else 'malformed reply from'} {shown}: {detail}")
     messages = {
         "truncated": f"the connection to {shown} closed before the reply was complete ({detail})",
         "refused": f"could not connect to {shown}: connection refused. Is the service (or the "

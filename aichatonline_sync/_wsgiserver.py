@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
-import logging
 import socket
 import socketserver
 import sys
@@ -24,11 +23,12 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Optional
 
+from . import _redact
 from ._version import __version__
 
 __all__ = ["GatewayServer"]
 
-logger = logging.getLogger("aichatonline_sync.gateway")
+logger = _redact.logger("aichatonline_sync.gateway")
 
 #: A body the application did not read is read and dropped up to this size (the connection is
 #: kept); a larger one closes the connection.

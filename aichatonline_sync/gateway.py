@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import math
 import os
 import threading
@@ -49,7 +48,7 @@ import weakref
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
-from . import _env
+from . import _env, _redact
 from ._env import BASE_URL_ENV, GATEWAY_KEY_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
 from ._errors import (
     AiChatOnlineError,
@@ -84,7 +83,7 @@ __all__ = [
     "session_options_from_env",
 ]
 
-logger = logging.getLogger("aichatonline_sync.gateway")
+logger = _redact.logger("aichatonline_sync.gateway")
 
 #: What a WSGI server hands the application (PEP 3333).
 WSGIEnvironment = dict[str, Any]

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import http
 import json
-import logging
 import math
 import re
 import secrets
@@ -60,6 +59,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Callable, Union
 from urllib.parse import parse_qsl, urlsplit
 
+from . import _redact
 from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
 
 try:
@@ -82,7 +82,7 @@ __all__ = [
     "split_pieces",
 ]
 
-logger = logging.getLogger("aichatonline_sync.testing")
+logger = _redact.logger("aichatonline_sync.testing")
 
 #: Content type of a chat reply unless ``content_type=`` says otherwise.
 DEFAULT_CONTENT_TYPE = "text/event-stream;charset=UTF-8"

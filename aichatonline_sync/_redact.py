@@ -1,0 +1,138 @@
+"""The one redaction point: the secrets this process's sessions know, kept out of every output.
+
+A session remembers its proxy password when it is made and every token it is issued
+(:func:`remember`). From then on they are masked (``***``) in everything that leaves the library:
+
+- every log record of the package's loggers (:class:`RedactingFilter`, on each of them: a filter
+  on a parent logger does not see the records of its children), its arguments, exception text and
+  stack included;
+- the message and every text attribute of an :class:`~._errors.AiChatOnlineError` (its
+  constructor and ``__setattr__`` call :func:`scrub`);
+- every warning the library issues (:func:`warn`).
+
+The registry is process-wide, not per session: a secret echoed into an error of one session is
+still a secret when another session logs it. It keeps the newest :data:`MAX_SECRETS`, so that a
+long-running process issuing a token per chat does not grow without end; it is guarded by a lock,
+and :func:`scrub` reads an immutable snapshot, so no reader ever sees it half-updated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Optional
+
+__all__ = [
+    "MAX_SECRETS",
+    "RedactingFilter",
+    "logger",
+    "remember",
+    "scrub",
+    "scrub_quote",
+    "warn",
+]
+
+#: How many secrets are remembered (the newest ones).
+MAX_SECRETS = 1024
+#: Secrets shorter than this are not masked in free text: masking one or two characters would
+#: garble every message (a password that short is still masked in URLs, by ``redact_url``).
+_MIN_LENGTH = 8
+_MASK = "***"
+
+_lock = threading.Lock()
+_known: dict[str, None] = {}  # insertion-ordered; written under _lock
+_snapshot: tuple[str, ...] = ()  # what scrub() reads: replaced whole, never changed in place
+
+
+def remember(*secrets: Optional[str]) -> None:
+    """Mask these secrets in every later output of the library (``None`` and short ones ignored)."""
+    global _snapshot
+    fresh = [s for s in secrets if isinstance(s, str) and len(s) >= _MIN_LENGTH and s not in _known]
+    if not fresh:
+        return
+    with _lock:
+        for secret in fresh:
+            _known.pop(secret, None)
+            _known[secret] = None
+        while len(_known) > MAX_SECRETS:
+            del _known[next(iter(_known))]
+        # Longest first: a secret that contains another is masked whole.
+        _snapshot = tuple(sorted(_known, key=len, reverse=True))
+
+
+def _all(extra: Iterable[Optional[str]]) -> tuple[str, ...]:
+    given = tuple(s for s in extra if isinstance(s, str) and len(s) >= _MIN_LENGTH)
+    return (*given, *_snapshot) if given else _snapshot
+
+
+def scrub(text: str, extra: Iterable[Optional[str]] = ()) -> str:
+    """``text`` with every remembered secret (and every one of ``extra``) masked."""
+    for secret in _all(extra):
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    return text
+
+
+def scrub_quote(text: str, extra: Iterable[Optional[str]] = ()) -> str:
+    """:func:`scrub` for the start of a body cut at some length: the beginning of a secret left
+    at the cut end is masked too."""
+    secrets = _all(extra)
+    text = scrub(text, secrets)
+    for secret in secrets:
+        for size in range(min(len(secret) - 1, len(text)), _MIN_LENGTH - 1, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + _MASK
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Masks the remembered secrets in a record: its message (arguments merged in), its exception
+    text and its stack. Formatters reuse ``exc_text`` when it is set, so the traceback they print
+    is the masked one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _snapshot:
+            return True
+        message = record.getMessage()
+        masked = scrub(message)
+        if masked != message:  # (a record without secrets keeps its arguments for handlers)
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def logger(name: str = "aichatonline_sync") -> logging.Logger:
+    """The package's logger ``name``, with the redacting filter on it (every module gets its
+    logger here, so that no logger of ours is without it)."""
+    log = logging.getLogger(name)
+    if _FILTER not in log.filters:
+        log.addFilter(_FILTER)
+    return log
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Issue a warning, masked, attributed to the first caller outside this package (the user's
+    line, as ``skip_file_prefixes`` does on Python 3.12)."""
+    level = 2  # 1 is this function; 2 its caller
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    del frame
+    warnings.warn(scrub(message), category, stacklevel=level)
