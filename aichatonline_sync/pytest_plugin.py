@@ -1,7 +1,9 @@
 """pytest fixtures for code that uses :mod:`aichatonline_sync` (loaded through the ``pytest11`` entry
 point in every project that has the package installed).
 
-Fixtures (none is autouse):
+Fixtures (none is autouse). Each one that points chats at a double closes the sessions that
+module-level calls share (:func:`aichatonline_sync.close_shared_sessions`) when it is set up and
+when it is torn down, so no token or pooled connection of one test reaches the next:
 
 ``aichatonline_emulator``
     A started :class:`aichatonline_sync.testing.Emulator` (function scope), stopped after the test.
@@ -16,11 +18,13 @@ Fixtures (none is autouse):
     at :attr:`AiChatOnlineMock.base_url` (``https://aichatonline.test``). Requests to loopback
     addresses (``127.x.x.x``, ``localhost``, ``[::1]``: an :class:`~aichatonline_sync.testing.Emulator`,
     any local server) pass through to the real server, so the mock and a real emulator work in
-    one test; requests to any other URL fail with a :class:`requests.ConnectionError`, and the
-    chat mock only matches a request whose ``UniqueId`` header is :attr:`AiChatOnlineMock.token`
-    and whose JSON body has ``conversationId`` and ``prompt``. The mock has the emulator's faults
-    (:meth:`~AiChatOnlineMock.fail`, :meth:`~AiChatOnlineMock.error_line`,
-    :meth:`~AiChatOnlineMock.html`, :meth:`~AiChatOnlineMock.drop`), queued per endpoint.
+    one test; requests to any other URL fail with a :class:`requests.ConnectionError`. The mock
+    judges a chat as the emulator does (one model, :mod:`aichatonline_sync._faults`): a
+    ``UniqueId`` other than :attr:`AiChatOnlineMock.token` is answered with HTTP 401 (so the
+    library's fresh-token retry runs), a body that is not a JSON object with a str ``prompt``
+    with HTTP 400. It has the emulator's faults (:meth:`~AiChatOnlineMock.fail`,
+    :meth:`~AiChatOnlineMock.error_line`, :meth:`~AiChatOnlineMock.html`,
+    :meth:`~AiChatOnlineMock.drop`), built and checked by the same code, queued per endpoint.
 
 Strictness of ``aichatonline_mock``: the mock is created with ``assert_all_requests_are_fired=True``,
 so every response *the test registers itself* on ``mock.rsps`` must be requested. The two built-in
@@ -35,20 +39,21 @@ needs it.
 
 from __future__ import annotations
 
-import collections
 import errno
-import http
 import io
 import json
 import re
 import secrets
-import threading
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import pytest
 
-from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
+from . import _faults
+from ._config import check_bool
+from ._faults import DEFAULT_CONTENT_TYPE, Drop, ErrorLine, FaultQueue, Reply
+from ._protocol import CHAT_PATH, TOKEN_HEADER, TOKEN_PATH, piece_line, token_reply
+from ._registry import close_shared_sessions
 
 if TYPE_CHECKING:
     import responses
@@ -66,9 +71,6 @@ LOOPBACK_URLS = re.compile(
     r"https?://(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\])(:\d+)?([/?#]|\Z)",
     re.IGNORECASE,
 )
-
-_ENDPOINTS = ("token", "chat")
-_STREAM_TYPE = "text/event-stream;charset=UTF-8"
 
 #: A mocked reply: ``(status, headers, body)``, or an exception to raise instead.
 _Reply = Union[tuple[int, dict[str, str], Any], Exception]
@@ -105,9 +107,11 @@ def aichatonline_emulator_factory() -> Iterator[Callable[..., Emulator]]:
         made.append(emulator)
         return emulator
 
+    close_shared_sessions()
     try:
         yield make
     finally:
+        close_shared_sessions()
         for emulator in reversed(made):
             emulator.stop()
 
@@ -150,21 +154,18 @@ class AiChatOnlineMock:
         *,
         passthrough_loopback: bool = True,
     ) -> None:
-        from responses import matchers  # lazy: responses is optional
-
+        if token is not None:
+            _faults.check_headers({TOKEN_HEADER: token})
         #: The base URL answered for (no trailing slash).
         self.base_url = base_url.rstrip("/")
         #: The :class:`responses.RequestsMock`; register more responses on it as usual.
         self.rsps = rsps
-        #: The token handed out by the token mock, and required by the chat mock.
+        #: The token handed out by the token mock; a chat carrying any other gets HTTP 401.
         self.token = token if token is not None else secrets.token_hex(16)
-        self._pieces: list[str] = _split(_DEFAULT_MOCK_REPLY)
+        self._pieces: list[str] = _faults.split_pieces(_DEFAULT_MOCK_REPLY)
         self._required: set[str] = set()
-        self._faults_lock = threading.Lock()  # responses runs callbacks in the callers' threads
-        self._faults: dict[str, collections.deque[list[Any]]] = {
-            name: collections.deque() for name in _ENDPOINTS
-        }
-        if passthrough_loopback:
+        self._faults = FaultQueue()  # (thread-safe: responses runs callbacks in callers' threads)
+        if check_bool("passthrough_loopback", passthrough_loopback):
             rsps.add_passthru(LOOPBACK_URLS)
         self.token_url = re.compile(
             re.escape(f"{self.base_url}{TOKEN_PATH}") + r"(\?.*)?\Z"
@@ -180,7 +181,6 @@ class AiChatOnlineMock:
             self.chat_url,
             callback=self._chat_callback,
             content_type=None,
-            match=[matchers.header_matcher({"UniqueId": self.token}), _chat_body_matcher],
         )
 
     @property
@@ -203,13 +203,9 @@ class AiChatOnlineMock:
 
         :param reply: a str (split into word pieces like the emulator does) or the pieces themselves.
         :returns: the pieces; ``"".join()`` of them is the reply text.
+        :raises InvalidRequestError: (a ``ValueError``) for anything else, as the emulator's.
         """
-        if isinstance(reply, str):
-            pieces = _split(reply)
-        else:
-            pieces = list(reply)
-            if not all(isinstance(p, str) for p in pieces):
-                raise TypeError("every reply piece must be a str")
+        pieces = _faults.reply_pieces(reply)
         self._pieces = pieces
         self._required.add("chat")
         return list(pieces)
@@ -220,12 +216,17 @@ class AiChatOnlineMock:
         :param token: require at least one token request.
         :param chat: require at least one chat request.
         """
-        if token:
+        if check_bool("token", token):
             self._required.add("token")
-        if chat:
+        if check_bool("chat", chat):
             self._required.add("chat")
 
-    # -- faults, as the emulator's -----------------------------------------------------------
+    def revoke_tokens(self) -> None:
+        """Invalidate the token handed out so far, as the emulator's :meth:`revoke_tokens`: the
+        next chat carrying it gets HTTP 401, and token requests hand out a new :attr:`token`."""
+        self.token = secrets.token_hex(16)
+
+    # -- faults, built by the model the emulator uses (._faults) ---------------------------------
 
     def fail(
         self,
@@ -239,28 +240,13 @@ class AiChatOnlineMock:
         """Answer the next request(s) to ``endpoint`` with an HTTP error status.
 
         :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200 to 599).
+        :param status: the HTTP status (200 to 599, but not 204 or 304, which carry no body).
         :param headers: extra reply headers, e.g. ``{"Retry-After": "2"}``.
         :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
             dict or list is sent as JSON; a str or bytes as is (``text/plain``).
         :param times: how many requests get this reply.
         """
-        _check_status(status)
-        content_type = "application/json"
-        if body is None:
-            data = error_json(status, _phrase(status))
-        elif isinstance(body, (bytes, bytearray)):
-            data, content_type = bytes(body), "text/plain; charset=utf-8"
-        elif isinstance(body, str):
-            data, content_type = body.encode(), "text/plain; charset=utf-8"
-        elif isinstance(body, (dict, list)):
-            data = json.dumps(body).encode()
-        else:
-            raise ValueError(f"body must be None, str, bytes, dict or list, not {body!r}")
-        extra = dict(_check_headers(headers))
-        if not any(name.lower() == "content-type" for name in extra):
-            extra["Content-Type"] = content_type
-        self._queue(endpoint, (status, extra, data), times)
+        self._faults.add(endpoint, _faults.fail(status, headers=headers, body=body), times)
 
     def error_line(
         self,
@@ -280,13 +266,8 @@ class AiChatOnlineMock:
         :param key: the key of the message (``"message"`` or ``"msg"``).
         :param times: how many chats get this reply.
         """
-        if isinstance(code, bool) or not isinstance(code, int):
-            raise ValueError(f"code must be an int, not {code!r}")
-        if not isinstance(message, str) or not isinstance(key, str):
-            raise ValueError("message and key must be str")
-        _check_count("after", after, 0)
-        line = json.dumps({"code": code, key: message, "data": None}, ensure_ascii=False)
-        self._queue("chat", ("error_line", after, line.encode() + b"\n"), times)
+        fault = _faults.error_line(code, message, after=after, key=key)
+        self._faults.add("chat", fault, times)
 
     def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
         """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
@@ -295,9 +276,7 @@ class AiChatOnlineMock:
         :param status: the HTTP status (200, or e.g. 403 or 503).
         :param times: how many requests get the page.
         """
-        _check_status(status)
-        headers = {"Content-Type": "text/html; charset=UTF-8"}
-        self._queue(endpoint, (status, headers, BLOCK_PAGE.encode()), times)
+        self._faults.add(endpoint, _faults.html(status), times)
 
     def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
         """Break the connection of the next request(s) to ``endpoint``, as far as a mock can.
@@ -310,55 +289,40 @@ class AiChatOnlineMock:
         :param after: how many pieces a chat gets before the break (must be 0 for the token).
         :param times: how many requests get this treatment.
         """
-        _check_count("after", after, 0)
-        if endpoint == "token" and after:
-            raise ValueError("after must be 0 for the token endpoint")
-        self._queue(endpoint, ("drop", after, b""), times)
+        self._faults.add(endpoint, _faults.drop(endpoint, after=after), times)
 
     def pending_faults(self, endpoint: str | None = None) -> int:
         """How many fault replies are still queued (for ``"token"``, ``"chat"``, or both)."""
-        names = _ENDPOINTS if endpoint is None else (_check_endpoint(endpoint),)
-        with self._faults_lock:
-            return sum(fault[1] for name in names for fault in self._faults[name])
-
-    def _queue(self, endpoint: str, fault: tuple[Any, ...], times: int) -> None:
-        _check_endpoint(endpoint)
-        _check_count("times", times, 1)
-        with self._faults_lock:
-            self._faults[endpoint].append([fault, times])
-
-    def _take_fault(self, endpoint: str) -> Optional[tuple[Any, ...]]:
-        with self._faults_lock:
-            queue = self._faults[endpoint]
-            if not queue:
-                return None
-            entry = queue[0]
-            entry[1] -= 1
-            if entry[1] <= 0:
-                queue.popleft()
-            fault: tuple[Any, ...] = entry[0]
-            return fault
+        return self._faults.pending(endpoint)
 
     def _token_callback(self, request: PreparedRequest) -> _Reply:
-        fault = self._take_fault("token")
-        if fault is None:
-            return 200, {"Content-Type": "application/json"}, json.dumps(token_reply(self.token))
-        if fault[0] == "drop":
+        fault = self._faults.take("token")
+        if isinstance(fault, Reply):
+            return _response(fault)
+        if isinstance(fault, Drop):
             return _dropped()
-        return fault[0], fault[1], fault[2]
+        reply = json.dumps(token_reply(self.token))
+        return 200, {"Content-Type": "application/json"}, reply
 
     def _chat_callback(self, request: PreparedRequest) -> _Reply:
-        fault = self._take_fault("chat")
-        lines = [piece_line(piece) for piece in self._pieces]
-        headers = {"Content-Type": _STREAM_TYPE}
+        # As the emulator: a queued fault answers whatever the request carries; otherwise the
+        # service's own checks come first (401 for a token it did not issue, 400 for a bad body).
+        fault = self._faults.take("chat")
+        if isinstance(fault, Reply):
+            return _response(fault)
         if fault is None:
-            return 200, headers, b"".join(lines)
-        kind = fault[0]
-        if kind == "error_line":
-            return 200, headers, b"".join(lines[: fault[1]]) + fault[2]
-        if kind == "drop":
-            return 200, headers, _BrokenBody(b"".join(lines[: fault[1]]))
-        return fault[0], fault[1], fault[2]
+            sent = request.headers.get(TOKEN_HEADER)
+            known = isinstance(sent, str) and sent.strip() == self.token
+            rejection = _faults.chat_rejection(known, _json_body(request))
+            if rejection is not None:
+                return _response(rejection)
+        lines = [piece_line(piece) for piece in self._pieces]
+        headers = {"Content-Type": DEFAULT_CONTENT_TYPE}
+        if isinstance(fault, ErrorLine):
+            return 200, headers, b"".join(lines[: fault.after]) + fault.line
+        if isinstance(fault, Drop):
+            return 200, headers, _BrokenBody(b"".join(lines[: fault.after]))
+        return 200, headers, b"".join(lines)
 
     def _unused_faults(self) -> int:
         return self.pending_faults()
@@ -398,37 +362,8 @@ def _dropped() -> Exception:
     return requests.ConnectionError(reset)
 
 
-def _phrase(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def _check_endpoint(endpoint: str) -> str:
-    if endpoint not in _ENDPOINTS:
-        raise ValueError(f"endpoint must be 'token' or 'chat', not {endpoint!r}")
-    return endpoint
-
-
-def _check_count(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, not {value!r}")
-
-
-def _check_status(status: object) -> None:
-    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
-        raise ValueError(f"status must be an int from 200 to 599, not {status!r}")
-
-
-def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    if headers is None:
-        return {}
-    if not isinstance(headers, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ValueError(f"headers must map str to str, not {headers!r}")
-    return dict(headers)
+def _response(reply: Reply) -> _Reply:
+    return reply.status, reply.header_dict(), reply.body
 
 
 def _add_callback(
@@ -441,26 +376,15 @@ def _add_callback(
     return rsps.add(responses.CallbackResponse(method, url, **kwargs))
 
 
-def _split(text: str) -> list[str]:
-    from aichatonline_sync.testing import split_pieces  # lazy: keeps the plugin cheap
-
-    return split_pieces(text)
-
-
-def _chat_body_matcher(request: PreparedRequest) -> tuple[bool, str]:
+def _json_body(request: PreparedRequest) -> Any:
+    """The request body parsed as JSON, or None if it is empty or not JSON (as the emulator)."""
     body = request.body
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
+    if not body:
+        return None
     try:
-        data = json.loads(body) if body else None
+        return json.loads(body)
     except ValueError:
-        return False, "the chat body is not JSON"
-    if not isinstance(data, dict):
-        return False, "the chat body is not a JSON object"
-    missing = [key for key in ("conversationId", "prompt") if key not in data]
-    if missing:
-        return False, f"the chat body lacks {', '.join(missing)}"
-    return True, ""
+        return None
 
 
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -497,6 +421,7 @@ def aichatonline_mock(request: pytest.FixtureRequest) -> Iterator[AiChatOnlineMo
         )
     rsps = responses.RequestsMock(assert_all_requests_are_fired=True)
     mock = AiChatOnlineMock(rsps)
+    close_shared_sessions()
     rsps.start()
     try:
         yield mock
@@ -511,5 +436,6 @@ def aichatonline_mock(request: pytest.FixtureRequest) -> Iterator[AiChatOnlineMo
             mock._drop_unrequired()
             rsps.stop(allow_assert=True)
     finally:
+        close_shared_sessions()
         rsps.stop(allow_assert=False)
         rsps.reset()

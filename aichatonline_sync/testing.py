@@ -43,10 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import http
 import json
-import math
-import re
 import secrets
 import selectors
 import socket
@@ -59,8 +56,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, Callable, Union
 from urllib.parse import parse_qsl, urlsplit
 
-from . import _redact
-from ._protocol import BLOCK_PAGE, CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
+from . import _faults, _redact
+from ._config import check_bool, check_int
+from ._errors import InvalidRequestError
+from ._faults import (
+    DEFAULT_CONTENT_TYPE,
+    FRAMINGS,
+    Drop,
+    ErrorLine,
+    Fault,
+    FaultQueue,
+    Raw,
+    Reply,
+    Stall,
+    check_content_type,
+    check_headers,
+    check_seconds,
+    phrase,
+    split_pieces,
+)
+from ._protocol import CHAT_PATH, TOKEN_PATH, error_json, piece_line, token_reply
 
 try:
     import fcntl
@@ -84,9 +99,6 @@ __all__ = [
 
 logger = _redact.logger("aichatonline_sync.testing")
 
-#: Content type of a chat reply unless ``content_type=`` says otherwise.
-DEFAULT_CONTENT_TYPE = "text/event-stream;charset=UTF-8"
-
 #: How many requests an emulator keeps in :attr:`Emulator.requests` unless ``max_records=`` says
 #: otherwise (the oldest are dropped first).
 DEFAULT_MAX_RECORDS = 1_000
@@ -98,8 +110,6 @@ MAX_TOKENS = 10_000
 #: What ``reply=`` accepts.
 ReplySpec = Union[None, str, Callable[[str], str], Iterable[str]]
 
-_FRAMINGS = ("chunked", "length", "close")
-_ENDPOINTS = ("token", "chat")
 _MAX_LINE = 65536
 _MAX_HEADERS = 200
 _MAX_BODY = 64 * 1024 * 1024
@@ -107,20 +117,7 @@ _BATCH_BYTES = 64 * 1024
 _STOP_JOIN_SECONDS = 1.0
 _DRAIN_SECONDS = 2.0
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
-_PIECE_RE = re.compile(r"\S+\s*|\s+")
 
-
-
-def split_pieces(text: str) -> list[str]:
-    """Split a reply text into the word pieces the emulator streams.
-
-    Each piece is a run of non-space characters with the white space that follows it (a leading run
-    of white space is a piece of its own), so ``"".join(split_pieces(text)) == text``.
-
-    :param text: the reply text.
-    :returns: the pieces, in order (an empty list for an empty text).
-    """
-    return _PIECE_RE.findall(text)
 
 
 def default_reply(prompt: str) -> str:
@@ -133,63 +130,6 @@ def default_reply(prompt: str) -> str:
         f'Hello! This is the AiChatOnline emulator. You said: "{prompt}". '
         "This reply is streamed word by word, one line per piece."
     )
-
-
-def _reason(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def _check_times(times: int) -> None:
-    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
-        raise ValueError(f"times must be an int >= 1, not {times!r}")
-
-
-def _check_after(after: int) -> None:
-    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise ValueError(f"after must be an int >= 0, not {after!r}")
-
-
-def _check_endpoint(endpoint: str, allowed: Sequence[str] = _ENDPOINTS) -> None:
-    if endpoint not in allowed:
-        raise ValueError(
-            f"endpoint must be one of {', '.join(map(repr, allowed))}, not {endpoint!r}"
-        )
-
-
-def _check_status(status: int) -> None:
-    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
-        raise ValueError(f"status must be an int from 200 to 599, not {status!r}")
-    if status in (204, 304):
-        raise ValueError(f"status {status} cannot carry a body; pick another status")
-
-
-def _check_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-    if headers is None:
-        return ()
-    out = []
-    for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise ValueError(f"header names and values must be str: {name!r}: {value!r}")
-        if any(c in name + value for c in "\r\n") or not name or ":" in name:
-            raise ValueError(f"invalid header {name!r}: {value!r}")
-        try:
-            (name + value).encode("latin-1")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"header {name!r} is not latin-1 encodable") from exc
-        out.append((name, value))
-    return tuple(out)
-
-
-def _check_seconds(seconds: float | None, what: str) -> None:
-    if seconds is None:
-        return
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise ValueError(f"{what} must be a number of seconds, not {seconds!r}")
-    if math.isnan(seconds) or seconds < 0 or math.isinf(seconds):
-        raise ValueError(f"{what} must be a finite number >= 0, not {seconds!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,20 +176,6 @@ class RecordedRequest:
     def unique_id(self) -> str | None:
         """The ``UniqueId`` header (the token), or None."""
         return self.headers.get("uniqueid")
-
-
-@dataclasses.dataclass
-class _Fault:
-    kind: str
-    remaining: int
-    status: int = 200
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
-    content_type: str = "application/json"
-    after: int = 0
-    seconds: float | None = None
-    line: bytes = b""
-    close: bool = True
 
 
 @dataclasses.dataclass
@@ -323,27 +249,26 @@ class Emulator:
         record: bool = True,
         max_records: int | None = DEFAULT_MAX_RECORDS,
     ) -> None:
-        if not isinstance(record, bool):
-            raise ValueError(f"record must be True or False, not {record!r}")
-        if max_records is not None and (
-            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
-        ):
-            raise ValueError(f"max_records must be a whole number >= 1 or None, not {max_records!r}")
-        if framing not in _FRAMINGS:
-            raise ValueError(
-                f"framing must be one of {', '.join(map(repr, _FRAMINGS))}, not {framing!r}"
+        check_bool("record", record)
+        if max_records is not None:
+            check_int("max_records", max_records, low=1)
+        if framing not in FRAMINGS:
+            raise InvalidRequestError(
+                f"framing must be one of {', '.join(map(repr, FRAMINGS))}, not {framing!r}"
             )
-        _check_seconds(chunk_delay, "chunk_delay")
+        delay = check_seconds(chunk_delay, "chunk_delay")
         if not isinstance(host, str):
-            raise ValueError(f"host must be a str, not {host!r}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
-        if not isinstance(content_type, str) or any(c in content_type for c in "\r\n"):
-            raise ValueError(f"content_type must be a single-line str, not {content_type!r}")
+            raise InvalidRequestError(f"host must be a str, not {host!r}")
+        check_int("port", port, low=0, high=65535)
+        check_content_type(content_type)
         if before_piece is not None and not callable(before_piece):
-            raise ValueError(f"before_piece must be callable or None, not {before_piece!r}")
+            raise InvalidRequestError(
+                f"before_piece must be callable or None, not {before_piece!r}"
+            )
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise ValueError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
+            raise InvalidRequestError(
+                f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}"
+            )
 
         self._lock = threading.Lock()
         self._reply_kind = "default"
@@ -353,15 +278,15 @@ class Emulator:
         self._static_gzip: list[bytes] | None = None
         self.set_reply(reply)
 
-        self._chunk_delay = float(chunk_delay)
+        self._chunk_delay = delay or 0.0
         self._framing = framing
-        self._gzip = bool(gzip)
+        self._gzip = check_bool("gzip", gzip)
         self._bind_host = host
         self._bind_port = port
         self._content_type = content_type
-        self._reply_headers = _check_headers(reply_headers)
+        self._reply_headers = check_headers(reply_headers)
         #: Whether chats need a valid ``UniqueId`` (may be changed at any time).
-        self.require_token = bool(require_token)
+        self.require_token = check_bool("require_token", require_token)
         #: Called with each piece index before the piece is written (may be changed at any time).
         self.before_piece: Callable[[int], None] | None = before_piece
         self._ssl_context = ssl_context
@@ -371,9 +296,7 @@ class Emulator:
             maxlen=max_records if record else 0
         )
         self._request_count = 0
-        self._faults: dict[str, collections.deque[_Fault]] = {
-            name: collections.deque() for name in _ENDPOINTS
-        }
+        self._faults = FaultQueue()
         self._connections = 0
         self._tokens_issued = 0
         self._valid_tokens: dict[str, None] = {}  # (in the order issued: the oldest expire first)
@@ -396,34 +319,18 @@ class Emulator:
 
         :param reply: None, a str, a callable taking the prompt and returning a str, or an iterable
             of str pieces.
-        :raises ValueError: for any other value.
+        :raises InvalidRequestError: (a ``ValueError``) for any other value.
         """
         func: Callable[[str], str] | None = None
         pieces: tuple[str, ...] = ()
         if reply is None:
             kind = "default"
-        elif isinstance(reply, str):
-            kind = "static"
-            pieces = tuple(split_pieces(reply))
-        elif isinstance(reply, (bytes, bytearray, memoryview, Mapping)):
-            raise ValueError(
-                "reply must be None, a str, a callable(prompt) -> str or an iterable of str "
-                f"pieces, not {type(reply).__name__}"
-            )
-        elif callable(reply):
+        elif callable(reply) and not isinstance(reply, (str, bytes, bytearray, Mapping)):
             kind = "callable"
             func = reply
-        elif isinstance(reply, Iterable):
-            kind = "static"
-            pieces = tuple(reply)
-            bad = [p for p in pieces if not isinstance(p, str)]
-            if bad:
-                raise ValueError(f"every reply piece must be a str, not {bad[0]!r}")
         else:
-            raise ValueError(
-                "reply must be None, a str, a callable(prompt) -> str or an iterable of str "
-                f"pieces, not {type(reply).__name__}"
-            )
+            kind = "static"
+            pieces = tuple(_faults.reply_pieces(reply))
         with self._lock:
             self._reply_kind = kind
             self._reply_func = func
@@ -662,8 +569,7 @@ class Emulator:
         """
         with self._lock:
             self._requests.clear()
-            for queue in self._faults.values():
-                queue.clear()
+            self._faults.clear()
             self._connections = 0
             self._tokens_issued = 0
             self._request_count = 0
@@ -675,17 +581,11 @@ class Emulator:
         :param endpoint: ``"token"``, ``"chat"``, or None for both.
         :returns: the number of replies (a fault with ``times=3`` counts 3).
         """
-        if endpoint is not None:
-            _check_endpoint(endpoint)
-        with self._lock:
-            names = _ENDPOINTS if endpoint is None else (endpoint,)
-            return sum(f.remaining for name in names for f in self._faults[name])
+        return self._faults.pending(endpoint)
 
     # ----------------------------------------------------------------- faults
-
-    def _queue(self, endpoint: str, fault: _Fault) -> None:
-        with self._lock:
-            self._faults[endpoint].append(fault)
+    # Every fault is built and checked by the model shared with the mock (:mod:`._faults`); a
+    # bad argument raises InvalidRequestError (a ValueError) and queues nothing.
 
     def fail(
         self,
@@ -699,41 +599,14 @@ class Emulator:
         """Answer the next request(s) to ``endpoint`` with an HTTP error status.
 
         :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200 to 599).
+        :param status: the HTTP status (200 to 599, but not 204 or 304, which carry no body).
         :param headers: extra response headers, e.g. ``{"Retry-After": "2"}`` or
             ``{"retry-after-ms": "150"}``; a ``Content-Type`` here replaces the default one.
         :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
             dict or list is sent as JSON; a str or bytes as is (``text/plain``).
         :param times: how many requests get this reply.
         """
-        _check_endpoint(endpoint)
-        _check_status(status)
-        _check_times(times)
-        checked = _check_headers(headers)
-        content_type = "application/json"
-        if body is None:
-            data = error_json(status, _reason(status))
-        elif isinstance(body, (bytes, bytearray)):
-            data = bytes(body)
-            content_type = "text/plain; charset=utf-8"
-        elif isinstance(body, str):
-            data = body.encode()
-            content_type = "text/plain; charset=utf-8"
-        elif isinstance(body, (dict, list)):
-            data = json.dumps(body).encode()
-        else:
-            raise ValueError(f"body must be None, str, bytes, dict or list, not {body!r}")
-        self._queue(
-            endpoint,
-            _Fault(
-                "fail",
-                times,
-                status=status,
-                headers=checked,
-                body=data,
-                content_type=content_type,
-            ),
-        )
+        self._faults.add(endpoint, _faults.fail(status, headers=headers, body=body), times)
 
     def error_line(
         self,
@@ -755,14 +628,8 @@ class Emulator:
         :param key: the key of the message (``"message"`` or ``"msg"``).
         :param times: how many chats get this reply.
         """
-        if isinstance(code, bool) or not isinstance(code, int):
-            raise ValueError(f"code must be an int, not {code!r}")
-        if not isinstance(message, str) or not isinstance(key, str):
-            raise ValueError("message and key must be str")
-        _check_after(after)
-        _check_times(times)
-        line = json.dumps({"code": code, key: message, "data": None}, ensure_ascii=False)
-        self._queue("chat", _Fault("error_line", times, after=after, line=line.encode() + b"\n"))
+        fault = _faults.error_line(code, message, after=after, key=key)
+        self._faults.add("chat", fault, times)
 
     def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
         """Break the connection of the next request(s) to ``endpoint``.
@@ -775,12 +642,7 @@ class Emulator:
         :param after: how many pieces a chat gets before the break (must be 0 for the token).
         :param times: how many requests get this treatment.
         """
-        _check_endpoint(endpoint)
-        _check_after(after)
-        _check_times(times)
-        if endpoint == "token" and after:
-            raise ValueError("after must be 0 for the token endpoint")
-        self._queue(endpoint, _Fault("drop", times, after=after))
+        self._faults.add(endpoint, _faults.drop(endpoint, after=after), times)
 
     def stall(
         self,
@@ -801,18 +663,8 @@ class Emulator:
         :param seconds: how long the stall lasts, or None for "until stop()".
         :param times: how many requests stall.
         """
-        _check_endpoint(endpoint)
-        _check_after(after)
-        _check_seconds(seconds, "seconds")
-        _check_times(times)
-        if endpoint == "token" and after:
-            raise ValueError("after must be 0 for the token endpoint")
-        self._queue(
-            endpoint,
-            _Fault(
-                "stall", times, after=after, seconds=None if seconds is None else float(seconds)
-            ),
-        )
+        fault = _faults.stall(endpoint, after=after, seconds=seconds)
+        self._faults.add(endpoint, fault, times)
 
     def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
         """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
@@ -821,19 +673,7 @@ class Emulator:
         :param status: the HTTP status (200, or e.g. 403 or 503).
         :param times: how many requests get the page.
         """
-        _check_endpoint(endpoint)
-        _check_status(status)
-        _check_times(times)
-        self._queue(
-            endpoint,
-            _Fault(
-                "fail",
-                times,
-                status=status,
-                body=BLOCK_PAGE.encode(),
-                content_type="text/html; charset=UTF-8",
-            ),
-        )
+        self._faults.add(endpoint, _faults.html(status), times)
 
     def token_reply(
         self,
@@ -850,22 +690,8 @@ class Emulator:
         :param content_type: the ``Content-Type`` header.
         :param times: how many token requests get this reply.
         """
-        _check_status(status)
-        _check_times(times)
-        if not isinstance(content_type, str) or any(c in content_type for c in "\r\n"):
-            raise ValueError(f"content_type must be a single-line str, not {content_type!r}")
-        if isinstance(body, (bytes, bytearray)):
-            data = bytes(body)
-        elif isinstance(body, str):
-            data = body.encode()
-        else:
-            try:
-                data = json.dumps(body).encode()
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"body is not JSON serialisable: {exc}") from exc
-        self._queue(
-            "token", _Fault("fail", times, status=status, body=data, content_type=content_type)
-        )
+        fault = _faults.token_reply(body, status=status, content_type=content_type)
+        self._faults.add("token", fault, times)
 
     def raw_reply(self, endpoint: str, data: bytes, *, close: bool = True, times: int = 1) -> None:
         """Answer the next request(s) to ``endpoint`` with exactly these bytes (status line too).
@@ -875,22 +701,7 @@ class Emulator:
         :param close: close the connection (FIN) after the bytes; False keeps reading requests.
         :param times: how many requests get these bytes.
         """
-        _check_endpoint(endpoint)
-        _check_times(times)
-        if not isinstance(data, (bytes, bytearray)):
-            raise ValueError(f"data must be bytes, not {type(data).__name__}")
-        self._queue(endpoint, _Fault("raw", times, body=bytes(data), close=bool(close)))
-
-    def _take_fault(self, endpoint: str) -> _Fault | None:
-        with self._lock:
-            queue = self._faults[endpoint]
-            if not queue:
-                return None
-            fault = queue[0]
-            fault.remaining -= 1
-            if fault.remaining <= 0:
-                queue.popleft()
-            return fault
+        self._faults.add(endpoint, _faults.raw(data, close=close), times)
 
     # ----------------------------------------------------------------- internals
 
@@ -1164,7 +975,7 @@ class _Connection:
         content_type: str = "application/json",
         headers: Sequence[tuple[str, str]] = (),
     ) -> str:
-        lines = [f"HTTP/1.1 {status} {_reason(status)}", "Server: AiChatOnlineEmulator"]
+        lines = [f"HTTP/1.1 {status} {phrase(status)}", "Server: AiChatOnlineEmulator"]
         if not any(name.lower() == "content-type" for name, _ in headers):
             lines.append(f"Content-Type: {content_type}")
         lines.extend(f"{name}: {value}" for name, value in headers)
@@ -1173,6 +984,15 @@ class _Connection:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self._send(head + body)
         return _KEEP if keep_alive else _CLOSE
+
+    def _send_reply(self, reply: Reply, *, keep_alive: bool) -> str:
+        return self._send_simple(
+            reply.status,
+            reply.body,
+            keep_alive=keep_alive,
+            content_type=reply.content_type,
+            headers=reply.headers,
+        )
 
     def _dispatch(self, req: _Request) -> str:
         split = urlsplit(req.target)
@@ -1208,26 +1028,19 @@ class _Connection:
                 404, error_json(404, f"no such path: {path}"), keep_alive=req.keep_alive
             )
 
-        fault = self.emu._take_fault(endpoint)
+        fault = self.emu._faults.take(endpoint)
         if fault is not None:
-            logger.debug("answering %s with fault %s", endpoint, fault.kind)
-            if fault.kind == "fail":
-                return self._send_simple(
-                    fault.status,
-                    fault.body,
-                    keep_alive=req.keep_alive,
-                    content_type=fault.content_type,
-                    headers=fault.headers,
-                )
-            if fault.kind == "raw":
-                self._send(fault.body)
-                return _CLOSE if fault.close or not req.keep_alive else _KEEP
-            if endpoint == "token":
-                if fault.kind == "drop":
-                    raise _Gone("dropped the token request (fault)")
-                if fault.kind == "stall" and self._wait(fault.seconds):
-                    return _ABORT
+            logger.debug("answering %s with fault %s", endpoint, type(fault).__name__)
+        if isinstance(fault, Reply):
+            return self._send_reply(fault, keep_alive=req.keep_alive)
+        if isinstance(fault, Raw):
+            self._send(fault.data)
+            return _CLOSE if fault.close or not req.keep_alive else _KEEP
         if endpoint == "token":
+            if isinstance(fault, Drop):
+                raise _Gone("dropped the token request (fault)")
+            if isinstance(fault, Stall) and self._wait(fault.seconds):
+                return _ABORT
             body = json.dumps(token_reply(self.emu._issue_token()))
             return self._send_simple(200, body.encode(), keep_alive=req.keep_alive)
         return self._chat(req, parsed, fault)
@@ -1236,23 +1049,15 @@ class _Connection:
         """Wait ``seconds`` (None: forever); True if the emulator was stopped meanwhile."""
         return self.emu._stop.wait(seconds)
 
-    def _chat(self, req: _Request, parsed: Any, fault: _Fault | None) -> str:
+    def _chat(self, req: _Request, parsed: Any, fault: Fault | None) -> str:
         prompt = parsed.get("prompt") if isinstance(parsed, dict) else None
         if fault is None:
-            if self.emu.require_token and not self.emu._token_valid(req.headers.get("uniqueid")):
-                return self._send_simple(
-                    401, error_json(401, "invalid UniqueId"), keep_alive=req.keep_alive
-                )
-            if not isinstance(parsed, dict):
-                return self._send_simple(
-                    400,
-                    error_json(400, "the body is not a JSON object"),
-                    keep_alive=req.keep_alive,
-                )
-            if not isinstance(prompt, str):
-                return self._send_simple(
-                    400, error_json(400, "prompt must be a string"), keep_alive=req.keep_alive
-                )
+            known = not self.emu.require_token or self.emu._token_valid(
+                req.headers.get("uniqueid")
+            )
+            rejection = _faults.chat_rejection(known, parsed)
+            if rejection is not None:
+                return self._send_reply(rejection, keep_alive=req.keep_alive)
         try:
             pieces, lines = self.emu._lines_for(prompt if isinstance(prompt, str) else "")
         except Exception as exc:
@@ -1263,13 +1068,12 @@ class _Connection:
         return self._stream(req, len(pieces), lines, fault)
 
     def _stream(
-        self, req: _Request, n_pieces: int, lines: list[bytes], fault: _Fault | None
+        self, req: _Request, n_pieces: int, lines: list[bytes], fault: Fault | None
     ) -> str:
         emu = self.emu
-        kind = fault.kind if fault is not None else None
-        after = fault.after if fault is not None else 0
-        if kind == "error_line":
-            assert fault is not None
+        after = fault.after if isinstance(fault, (ErrorLine, Drop, Stall)) else 0
+        stall_seconds = fault.seconds if isinstance(fault, Stall) else None
+        if isinstance(fault, ErrorLine):
             n_pieces = min(after, n_pieces)
             lines = [*lines[:n_pieces], fault.line]
 
@@ -1304,8 +1108,8 @@ class _Connection:
             terminator = b""
 
         count = len(framed)
-        drop_at = min(after, count) if kind == "drop" else None
-        stall_at = min(after, count) if kind == "stall" else None
+        drop_at = min(after, count) if isinstance(fault, Drop) else None
+        stall_at = min(after, count) if isinstance(fault, Stall) else None
         send_count = drop_at if drop_at is not None else count
         before_piece = emu.before_piece
         delay = emu._chunk_delay
@@ -1326,7 +1130,7 @@ class _Connection:
         else:
             self._send(head_bytes)
             for index in range(send_count):
-                if index == stall_at and self._wait(fault.seconds if fault else None):
+                if index == stall_at and self._wait(stall_seconds):
                     return _ABORT
                 if index > 0 and delay > 0 and self._wait(delay):
                     return _ABORT
@@ -1339,7 +1143,7 @@ class _Connection:
                     chunk += terminator
                 self._send(chunk)
             if drop_at is None and (stall_at == count):
-                if self._wait(fault.seconds if fault else None):
+                if self._wait(stall_seconds):
                     return _ABORT
                 if terminator:
                     self._send(terminator)

@@ -962,12 +962,14 @@ def test_plugin_fixtures(pytester: pytest.Pytester) -> None:
             r = requests.post(base + CHAT, json={"conversationId": "c", "prompt": "p"},
                               headers={"UniqueId": token})
             assert [json.loads(l)["data"]["message"] for l in r.text.splitlines()] == pieces
-            with pytest.raises(requests.ConnectionError):  # wrong token: no match
-                requests.post(base + CHAT, json={"conversationId": "c", "prompt": "p"},
+            r = requests.post(base + CHAT, json={"conversationId": "c", "prompt": "p"},
                               headers={"UniqueId": "nope"})
-            with pytest.raises(requests.ConnectionError):  # body lacks conversationId
-                requests.post(base + CHAT, json={"prompt": "p"}, headers={"UniqueId": token})
-            assert aichatonline_mock.chat_calls == 1
+            assert (r.status_code, r.json()) == (
+                401, {"code": 401, "message": "invalid UniqueId", "data": None}
+            )
+            r = requests.post(base + CHAT, json={"conversationId": "c"}, headers={"UniqueId": token})
+            assert (r.status_code, r.json()["message"]) == (400, "prompt must be a string")
+            assert aichatonline_mock.chat_calls == 3
 
         def test_mock_token_only(aichatonline_mock):
             requests.get(aichatonline_mock.base_url + TOKEN)

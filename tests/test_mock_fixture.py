@@ -205,3 +205,107 @@ def test_faults_are_taken_once_each_by_a_threaded_batch(pytester: pytest.Pyteste
         """,
     )
     result.assert_outcomes(passed=1)
+
+
+_TWO_TESTS = """
+import aichatonline_sync as aco
+
+
+def test_one(aichatonline_mock, monkeypatch):
+    aichatonline_mock.set_reply("first")
+    assert aco.complete("Hi", **where(aichatonline_mock, monkeypatch)) == "first"
+
+
+def test_two(aichatonline_mock, monkeypatch):
+    aichatonline_mock.set_reply("second")
+    assert aco.complete("Hi", **where(aichatonline_mock, monkeypatch)) == "second"
+"""
+
+_BY_ARGUMENT = """
+def where(mock, monkeypatch):
+    return {"base_url": mock.base_url}
+"""
+
+_BY_ENVIRONMENT = """
+def where(mock, monkeypatch):
+    monkeypatch.setenv("AICHATONLINE_BASE_URL", mock.base_url)
+    return {}
+"""
+
+
+@pytest.mark.parametrize("how", [_BY_ARGUMENT, _BY_ENVIRONMENT], ids=["base_url", "environment"])
+@pytest.mark.parametrize("order", ["one-two", "two-one"])
+def test_module_level_calls_in_two_tests_each_meet_their_own_mock(
+    pytester: pytest.Pytester, how: str, order: str
+) -> None:
+    pytester.makeconftest(_PLUGIN_CONFTEST)
+    pytester.makepyfile(how + _TWO_TESTS)
+    first, second = order.split("-")
+    module = pytester.path / "test_module_level_calls_in_two_tests_each_meet_their_own_mock.py"
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-v", f"{module}::test_{first}", f"{module}::test_{second}"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"*::test_{first} PASSED*", f"*::test_{second} PASSED*"])
+
+
+def test_a_session_kept_across_tests_gets_a_401_and_one_fresh_token(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(
+        pytester,
+        """
+        import aichatonline_sync as aco
+        from aichatonline_sync.pytest_plugin import MOCK_BASE_URL
+
+        KEPT = aco.Session(MOCK_BASE_URL, max_retries=0)   # outlives each test's mock
+
+
+        def test_one(aichatonline_mock):
+            aichatonline_mock.set_reply("first")
+            assert KEPT.complete("Hi") == "first"
+
+
+        def test_two(aichatonline_mock):
+            aichatonline_mock.set_reply("second")
+            assert KEPT.complete("Hi") == "second"   # its token is the first mock's: 401, refresh
+            assert (aichatonline_mock.token_calls, aichatonline_mock.chat_calls) == (1, 2)
+        """,
+    )
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "base_url"),
+    [
+        ("aichatonline_mock", "aichatonline_mock.base_url"),
+        ("aichatonline_emulator", "aichatonline_emulator.url"),
+        ("aichatonline_emulator_factory", "aichatonline_emulator_factory().url"),
+    ],
+)
+def test_every_fixture_of_a_double_closes_the_shared_sessions(
+    pytester: pytest.Pytester, fixture: str, base_url: str
+) -> None:
+    result = run(
+        pytester,
+        f"""
+        import aichatonline_sync as aco
+        from aichatonline_sync._registry import shared_session, shared_session_count
+
+
+        def test_setup_closes_them():
+            kept = shared_session(base_url="http://127.0.0.1:9")   # no request is made
+            assert shared_session_count() == 1
+
+
+        def test_uses_a_double({fixture}):
+            assert shared_session_count() == 0
+            assert aco.complete("Hi", base_url={base_url}, max_retries=0)
+            assert shared_session_count() == 1
+
+
+        def test_teardown_closed_them():
+            assert shared_session_count() == 0
+        """,
+    )
+    result.assert_outcomes(passed=3)
