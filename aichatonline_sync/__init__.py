@@ -9,6 +9,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import _redact
 from ._api import batch, batch_iter, chat, close_shared_sessions, complete
 from ._cancel import Cancellation
 from ._config import RetryPolicy, Timeout
@@ -93,4 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-logging.getLogger("aichatonline_sync").addHandler(logging.NullHandler())
+_redact.logger().addHandler(logging.NullHandler())

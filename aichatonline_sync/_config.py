@@ -396,7 +396,12 @@ def _check_url_text(source: str, url: str) -> None:
     try:
         requests.PreparedRequest().prepare_url(url + "/", None)
     except Exception as exc:
-        raise InvalidRequestError(f"{source} is not a valid URL ({exc}): {redact_url(url)!r}") from exc
+        detail, password = str(exc), urlsplit(url).password
+        if password:  # requests quotes the URL's user part in its message
+            detail = detail.replace(password, "***")
+        raise InvalidRequestError(
+            f"{source} is not a valid URL ({detail}): {redact_url(url)!r}"
+        ) from None
 
 
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
@@ -432,6 +437,7 @@ def validate_proxy(proxy: Any) -> Optional[str]:
             f"not {shown!r}"
         )
     del port
+    _check_url_text("proxy", proxy)
     if parts.scheme.startswith("socks"):
         try:
             import socks  # noqa: F401

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Optional
 
 __all__ = [
+    "LOGGERS",
     "MAX_SECRETS",
     "RedactingFilter",
     "logger",
@@ -111,15 +112,24 @@ class RedactingFilter(logging.Filter):
 
 
 _FILTER = RedactingFilter()
+#: Every logger of the package. Each gets the filter when this module is first imported (by
+#: the package's ``__init__``), so that a record is masked even when it is logged through a
+#: logger whose module was not imported yet (``logging.getLogger("aichatonline_sync.gateway")``).
+LOGGERS = ("aichatonline_sync", "aichatonline_sync.gateway", "aichatonline_sync.testing")
 
 
 def logger(name: str = "aichatonline_sync") -> logging.Logger:
-    """The package's logger ``name``, with the redacting filter on it (every module gets its
-    logger here, so that no logger of ours is without it)."""
+    """The package's logger ``name`` (one of :data:`LOGGERS`), with the redacting filter on it."""
+    if name not in LOGGERS:
+        raise ValueError(f"{name!r} is not one of the package's loggers: add it to LOGGERS")
     log = logging.getLogger(name)
     if _FILTER not in log.filters:
         log.addFilter(_FILTER)
     return log
+
+
+for _name in LOGGERS:
+    logger(_name)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -452,3 +452,18 @@ def test_core_functions_are_short(module: str) -> None:
         if span(node) > MAX_FUNCTION_LINES
     ]
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_every_logger_of_the_package_is_made_by_the_redaction_module() -> None:
+    """A module logs only through ``_redact.logger(...)``, which puts the redacting filter on it."""
+    found = [
+        where(name, node)
+        for name in MODULES
+        if name != "_redact"
+        for node in ast.walk(parse(name))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "getLogger"
+        and node.args  # (getLogger() with no name is the root logger, which the CLI configures)
+    ]
+    assert found == [], "loggers made without the redacting filter:\n" + "\n".join(found)

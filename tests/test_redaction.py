@@ -1,0 +1,187 @@
+"""The one redaction point: a token or proxy password echoed into any field of a hostile reply
+never reaches a log record (at any level, exception text included), an exception's message or
+attributes, a repr, or a warning.
+
+Over real loopback sockets: the emulator issues the token, then answers with hand-made bytes that
+echo it everywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+import aichatonline_sync as aco
+from aichatonline_sync import AiChatOnlineError, Session, Timeout
+from aichatonline_sync.testing import Emulator
+
+QUICK = Timeout(connect=2, read=1, total=3)
+PASSWORD = "pr0xy-pa55word-xyz"
+
+
+class Everything(logging.Handler):
+    """Every record of the package, formatted as a handler would write it (traceback included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def everything() -> Iterator[Everything]:
+    handler = Everything()
+    package = logging.getLogger("aichatonline_sync")
+    level = package.level
+    package.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        package.setLevel(level)
+
+
+def shown(error: BaseException) -> list[str]:
+    """What a user may print or log of an error: str, repr, the chained traceback, attributes."""
+    chained = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return [str(error), repr(error), chained, *(repr(v) for v in vars(error).values())]
+
+
+def _http(status: str, body: bytes, *headers: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def hostile_chat_replies(token: str) -> dict[str, bytes]:
+    """Replies to a chat that echo the token into every field there is."""
+    t = token.encode()
+    line = b'{"data":{"message":"ok"}}\n'
+    return {
+        "reason phrase": _http(f"500 Broken {token}", b"x"),
+        "header": _http("503 Busy", b"x", f"X-Echo: {token}", f"Retry-After: {token}"),
+        "status body": _http("400 Bad", b'{"error": "bad token ' + t + b'"}'),
+        "redirect": _http("302 Found", b"", f"Location: http://127.0.0.1/?t={token}"),
+        "html page": _http("200 OK", b"<html><title>" + t + b"</title></html>", "Content-Type: text/html"),
+        "no chat stream": _http("200 OK", b"token=" + t + b"\n"),
+        "skipped lines": _http(
+            "200 OK", b"not json " + t + b"\n" + b'{"other": "' + t + b'"}\n' + line
+        ),
+        "bad utf-8": _http("200 OK", b'{"data":{"message":"\xff ' + t + b'"}}\n' + line),
+        "error line": _http("200 OK", line + b'{"code": 500, "message": "bad ' + t + b'"}\n'),
+        "error line first": _http("200 OK", b'{"code": 401, "message": "rejected ' + t + b'"}\n'),
+        "cut line": _http("200 OK", line + b'{"data":{"message":"' + t)[:-3],
+        "gzip garbage": _http("200 OK", gzip.compress(line)[:12] + t, "Content-Encoding: gzip"),
+        "too long": _http("200 OK", b'{"data":{"message":"' + t * 4000 + b'"}}\n'),
+    }
+
+
+def test_an_echoed_token_reaches_no_log_error_repr_or_warning(
+    everything: Everything,
+) -> None:
+    with Emulator() as emu, Session(
+        emu.url, max_retries=0, timeout=QUICK, max_line_bytes=65536
+    ) as session:
+        token = session.grab_token()
+        outputs: list[str] = []
+        for name, data in hostile_chat_replies(token).items():
+            emu.raw_reply("chat", data)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    stream = session.chat("Hi")
+                    outputs.append(repr(stream))
+                    for _ in stream:
+                        pass
+                except AiChatOnlineError as error:
+                    outputs.extend(shown(error))
+                else:
+                    outputs.append(repr(stream))
+            outputs.extend(str(w.message) for w in caught)
+            outputs.append(repr(session))
+            assert not [o for o in outputs if token in o], f"{name}: the token leaked"
+        logged = "\n".join(everything.lines)
+        assert token not in logged
+        assert "***" in logged  # the records were there, masked (not dropped)
+        # The echoes really were read: the skipped lines were logged, masked.
+        assert any("not json" in line or "not JSON" in line for line in everything.lines)
+
+
+def test_the_token_endpoint_echoing_a_token_reaches_no_error(everything: Everything) -> None:
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        token = session.grab_token()
+        emu.token_reply({"code": 500, "message": f"no more tokens like {token}"})
+        with pytest.raises(aco.TokenError) as info:
+            session.grab_token(refresh=True)
+        assert info.value.code == 500
+        assert info.value.message == "no more tokens like ***"
+        assert not [o for o in shown(info.value) if token in o]
+        assert token not in "\n".join(everything.lines)
+
+
+def test_a_proxy_password_is_masked_in_every_logger_of_the_package(everything: Everything) -> None:
+    Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
+    for name in ("aichatonline_sync", "aichatonline_sync.gateway", "aichatonline_sync.testing"):
+        logger = logging.getLogger(name)
+        logger.warning("echoed %s", PASSWORD)
+        try:
+            raise RuntimeError(f"inner {PASSWORD}")
+        except RuntimeError:
+            logger.exception("failed with %r", {"p": PASSWORD})
+    logged = "\n".join(everything.lines)
+    assert PASSWORD not in logged
+    assert logged.count("***") >= 9
+
+
+def test_an_error_made_anywhere_is_masked_whoever_sets_its_fields() -> None:
+    Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
+    error = aco.APIStatusError(
+        f"failed {PASSWORD}", status_code=500, body=PASSWORD, headers={"X": PASSWORD}
+    )
+    error.extra = f"later {PASSWORD}"
+    assert not [o for o in shown(error) if PASSWORD in o]
+
+
+def test_a_record_without_secrets_keeps_its_arguments(everything: Everything) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("aichatonline_sync")
+    logger.addHandler(handler)
+    try:
+        logger.warning("plain %s", 42)
+    finally:
+        logger.removeHandler(handler)
+    assert records[0].args == (42,)
+
+
+def test_the_missing_tqdm_warning_points_at_the_callers_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aichatonline_sync import _batch
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(_batch._NoTqdm, "warned", False)
+    with Emulator() as emu, pytest.warns(RuntimeWarning, match="needs tqdm") as caught:
+        aco.batch(["a"], base_url=emu.url, progress=True)
+    assert caught[0].filename == __file__
+
+
+def test_display_stream_outside_ipython_closes_the_stream_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "IPython", None)
+    with Emulator() as emu:
+        stream = aco.chat("Hi", base_url=emu.url)
+        with pytest.raises(aco.InvalidRequestError):
+            aco.display_stream(stream)
+        assert stream.closed
