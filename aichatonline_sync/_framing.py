@@ -28,8 +28,8 @@ __all__ = [
 READ_SIZE = 65536
 #: The most bytes one decode step produces. The transport checks the total deadline and the
 #: chat's :class:`~aichatonline_sync.Cancellation` between steps, and the parser reads one step
-#: in well under a tenth of a second whatever its lines, so a deadline holds however far the
-#: body expands.
+#: in about a tenth of a second at worst (lines that each differ and each begin a JSON object
+#: that is no JSON), so a deadline holds however far the body expands.
 DECODE_STEP = 1 << 18
 #: How far a compressed body may expand: past :data:`EXPANSION_FLOOR` decoded bytes, no more
 #: than this many times the compressed bytes decoded so far (a :class:`ProtocolError` beyond).

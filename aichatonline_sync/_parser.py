@@ -230,6 +230,12 @@ class LineParser:
             if line[0] == "{":
                 try:
                     obj, end = scan(line, 0)
+                except Exception:  # not JSON (json.loads would fail the same way): skipped
+                    self._log_skipped("a reply line that is not JSON", line)
+                    skipped += 1
+                    self._remember(line)
+                    continue
+                try:
                     message = obj["data"]["message"]
                 except Exception:
                     message = None
@@ -249,13 +255,17 @@ class LineParser:
                 break
             if line.strip(_JSON_SPACE):
                 skipped += 1
-                if len(line) <= _SKIP_MEMORY_LINE and len(known) < _SKIP_MEMORY:
-                    known[line] = None
+                self._remember(line)
         self.skipped += skipped
         self.pieces += len(out)
         if self._held or "\\ud" in text or "\\uD" in text:  # (only escapes make surrogates)
             self._mend(out)
         return out
+
+    def _remember(self, line: str) -> None:
+        """Keep a skipped line, so that it is skipped again without a parse (see _SKIP_MEMORY)."""
+        if len(line) <= _SKIP_MEMORY_LINE and len(self._known) < _SKIP_MEMORY:
+            self._known[line] = None
 
     def _mend(self, pieces: list[str]) -> None:
         """Make every piece encode as UTF-8, in place: join a surrogate pair split between two
