@@ -35,7 +35,7 @@ READ = (
 )
 FALLBACK = (
     "the public fallback (_transport._public_reads: urllib3's read1/stream with "
-    "decode_content=True) runs only when a reply is not urllib3's over http.client: an adapter of "
+    "decode_content=False, decoded by _framing in the same bounded steps) runs only when a reply is not urllib3's over http.client: an adapter of "
     "yours (mocking, caching) mounted on the requests.Session you pass as http="
 )
 NO_REDIRECTS = (

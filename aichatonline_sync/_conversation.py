@@ -35,6 +35,30 @@ _SUPERSEDED = "a newer question was asked on its Conversation (or it was cleared
 _TAKES = "a str, or a list of {'type': 'text', 'text': ...} parts"
 
 
+def _check_unicode(data: Mapping[str, Any]) -> None:
+    """Refuse a saved form (:meth:`Conversation.to_dict`) that UTF-8 cannot hold: a lone UTF-16
+    surrogate (from an escape such as ``\\ud83d``, or text decoded with ``surrogateescape``).
+
+    :raises InvalidRequestError: naming the message (or the system message).
+    """
+    named: list[tuple[str, Any]] = [("the system message", data.get("system"))]
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for index, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, Mapping) else None
+            named.append((f"message {index} (role {role!r})", message))
+    for name, value in named:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{name} is not valid Unicode text: it has a lone surrogate "
+                f"{exc.object[exc.start]!r}, which UTF-8 cannot hold"
+            ) from None
+        except (TypeError, ValueError):
+            continue  # (not JSON at all: said by the caller's own checks)
+
+
 def _check_content(content: Any, what: str) -> Any:
     """Check one question (a str or a list of parts) and return a private copy of it."""
     if isinstance(content, list) and any(
@@ -313,11 +337,14 @@ class Conversation:
         The file is ``{"version": 1, "system": ..., "messages": [...]}``, written to a temporary
         file first and then moved into place, so a crash never leaves half a file.
 
-        :raises InvalidRequestError: a message content that JSON cannot hold.
+        :raises InvalidRequestError: a message content that JSON in UTF-8 cannot hold (the
+            message named), such as a lone surrogate; nothing is written.
         :raises OSError: the file cannot be written.
         """
+        data = self.to_dict()
+        _check_unicode(data)
         try:
-            text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
+            text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"the conversation cannot be saved as JSON: {exc}") from exc
         target = Path(path)
@@ -369,7 +396,8 @@ class Conversation:
         :param session: the :class:`Session` to chat through (nothing of the session is saved).
         :param options: the same options as the constructor.
         :raises InvalidRequestError: the file is not a saved conversation (the message says why:
-            not UTF-8, not JSON, not the format :meth:`save` writes, a message that the
+            not UTF-8, not JSON, not the format :meth:`save` writes, a message with a lone
+            surrogate escaped in it (``"\\ud83d"``), which UTF-8 cannot hold, a message that the
             constructor refuses).
         :raises OSError: the file cannot be read.
         """
@@ -392,6 +420,8 @@ class Conversation:
                 f"{os.fspath(path)} is not a saved conversation: it is not JSON ({exc})"
             ) from None
         try:
+            if isinstance(data, Mapping):
+                _check_unicode(data)
             return cls.from_dict(data, session=session, **options)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{os.fspath(path)}: {exc}") from None

@@ -13,11 +13,33 @@ from typing import Any, Callable, Optional
 
 from ._errors import ProtocolError
 
-__all__ = ["READ_SIZE", "BodyTruncated", "dechunk", "make_decoder"]
+__all__ = [
+    "DECODE_STEP",
+    "EXPANSION_FLOOR",
+    "MAX_EXPANSION",
+    "READ_SIZE",
+    "BodyTruncated",
+    "Decoder",
+    "dechunk",
+    "make_decoder",
+]
 
 #: The most bytes asked of one read.
 READ_SIZE = 65536
-_MAX_DECODED = 1 << 20  # the most bytes one decode step may produce
+#: The most bytes one decode step produces. The transport checks the total deadline and the
+#: chat's :class:`~aichatonline_sync.Cancellation` between steps, and the parser reads one step
+#: in about a tenth of a second at worst (lines that each differ and each begin a JSON object
+#: that is no JSON), so a deadline holds however far the body expands.
+DECODE_STEP = 1 << 18
+#: How far a compressed body may expand: past :data:`EXPANSION_FLOOR` decoded bytes, no more
+#: than this many times the compressed bytes decoded so far (a :class:`ProtocolError` beyond).
+#: Chat lines of ordinary text compressed as one gzip stream shrink under 10 times, a reply
+#: that repeats itself about 100 times; deflate cannot exceed about 1,030 times, which bodies
+#: of blank or identical lines (bombs) reach.
+MAX_EXPANSION = 200
+#: Decoded bytes that any ratio may reach: well above a real reply and above the longest line
+#: the parser accepts by default (1 MiB), so only a body built to expand is stopped.
+EXPANSION_FLOOR = 8 << 20
 _MAX_CHUNK_LINE = 4096
 
 
@@ -25,11 +47,13 @@ class BodyTruncated(Exception):
     """The body ended before its framing said it would (internal; the transport maps it)."""
 
 
-class _Decoder:
+class Decoder:
     """Incremental, bounded Content-Encoding decoder (gzip with several members, deflate).
 
-    Each call hands out at most ``_MAX_DECODED`` bytes at a time, so a small, highly compressed
-    body (a decompression bomb) never expands in one go: the parser's line limit then stops it.
+    :meth:`decode` hands out at most :data:`DECODE_STEP` bytes at a time, so a small, highly
+    compressed body (a decompression bomb) never expands in one go, and stops it with a
+    :class:`ProtocolError` once it expands past :data:`MAX_EXPANSION` (beyond
+    :data:`EXPANSION_FLOOR`).
     """
 
     def __init__(self, encoding: str) -> None:
@@ -38,6 +62,19 @@ class _Decoder:
         self._obj: Any = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
         self._first = not self._gzip
         self._fed = False  # some data was fed
+        self._consumed = 0  # compressed bytes decoded so far
+        self._decoded = 0  # bytes they decoded to
+
+    def _count(self, before: int, obj: Any, out: bytes) -> None:
+        """Count one decompress call (``before``: the bytes it was given) against the limit."""
+        self._consumed += before - len(obj.unconsumed_tail) - len(obj.unused_data)
+        self._decoded += len(out)
+        if self._decoded > EXPANSION_FLOOR and self._decoded > MAX_EXPANSION * self._consumed:
+            raise ProtocolError(
+                f"the reply's {self.encoding} body expands more than {MAX_EXPANSION} times "
+                f"({self._decoded} bytes from {self._consumed}), past the limit for bodies over "
+                f"{EXPANSION_FLOOR >> 20} MiB: a decompression bomb, not a chat stream"
+            )
 
     def decode(self, data: bytes) -> Iterator[bytes]:
         if data:
@@ -46,10 +83,11 @@ class _Decoder:
             if self._first:
                 self._first = False
                 try:
-                    out = self._obj.decompress(data, _MAX_DECODED)
+                    out = self._obj.decompress(data, DECODE_STEP)
                 except zlib.error:  # raw deflate, as some servers send
                     self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
                 else:
+                    self._count(len(data), self._obj, out)
                     if out:
                         yield out
                     data = self._obj.unconsumed_tail
@@ -57,12 +95,13 @@ class _Decoder:
                 obj = self._obj
                 backup = obj.copy()
                 try:
-                    out = obj.decompress(data, _MAX_DECODED)
+                    out = obj.decompress(data, DECODE_STEP)
                 except zlib.error:
                     salvaged = _salvage(backup, data)
                     if salvaged:  # hand out what decoded before the bad bytes, then fail
                         yield salvaged
                     raise
+                self._count(len(data), obj, out)
                 data = obj.unconsumed_tail
                 if obj.eof and obj.unused_data:
                     if not self._gzip:
@@ -99,17 +138,17 @@ def _salvage(obj: Any, data: bytes) -> bytes:
     size = 0
     for i in range(len(data)):
         try:
-            piece = obj.decompress(data[i : i + 1], _MAX_DECODED - size)
+            piece = obj.decompress(data[i : i + 1], DECODE_STEP - size)
         except zlib.error:
             break
         out.append(piece)
         size += len(piece)
-        if size >= _MAX_DECODED:
+        if size >= DECODE_STEP:
             break
     return b"".join(out)
 
 
-def make_decoder(content_encoding: Optional[str]) -> Optional[_Decoder]:
+def make_decoder(content_encoding: Optional[str]) -> Optional[Decoder]:
     """The decoder for a ``Content-Encoding`` header, ``None`` for identity.
 
     :raises ProtocolError: an encoding this client does not decode (it never asks for one).
@@ -118,7 +157,7 @@ def make_decoder(content_encoding: Optional[str]) -> Optional[_Decoder]:
     if encoding in ("", "identity"):
         return None
     if encoding in ("gzip", "x-gzip", "deflate"):
-        return _Decoder(encoding)
+        return Decoder(encoding)
     raise ProtocolError(
         f"the reply uses Content-Encoding: {content_encoding!r}, which this client does not "
         "decode (it only asks for gzip and deflate)"

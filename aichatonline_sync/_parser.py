@@ -5,13 +5,21 @@ of what the real service may send: an optional SSE ``data:`` prefix, ``[DONE]``,
 ``\\r\\n``, a last line without a newline, raw U+2028 inside strings, and multi-byte characters
 split anywhere between two ``feed()`` calls (lines are split on the byte ``\\n``, which never occurs
 inside a UTF-8 sequence, and decoded whole). An error line (``{"code": 401, "message": ...}``, or
-``msg``) stops the parse; nothing is skipped without a debug log.
+``msg``) stops the parse.
+
+Every piece encodes as UTF-8: bytes that are no UTF-8 become U+FFFD, and so do UTF-16 surrogates
+that JSON escapes (``\\ud83d``) leave alone, except a pair split across two lines, which is joined
+(the high half is held back until the next piece). Each kind is warned about once per reply.
+
+Work grows with the bytes, not with the lines: blank lines are dropped in C, a line skipped once
+is skipped again by a lookup, and skipped lines are counted (:attr:`LineParser.skipped`), the
+first one logged at debug level.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import re
 from typing import Any, Callable, NamedTuple, Optional
 
 from . import _redact
@@ -32,6 +40,12 @@ _DECODER = json.JSONDecoder()
 _SCAN: Callable[[str, int], tuple[Any, int]] = (
     getattr(_DECODER, "scan_once", None) or _DECODER.raw_decode
 )
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Skipped lines remembered per reply, and the longest remembered. A bomb repeats its lines
+#: (that is how it compresses), so each is parsed once; more short lines than deflate's 32 KiB
+#: window can repeat no longer compress well, so a body that defeats this pays in wire bytes.
+_SKIP_MEMORY = 16384
+_SKIP_MEMORY_LINE = 64
 
 
 class ErrorLine(NamedTuple):
@@ -57,31 +71,18 @@ def _as_code(value: Any) -> Any:
     return value
 
 
-def _decode_lines(complete: bytes, warn: bool = True) -> tuple[list[str], bool]:
-    """The lines of ``complete`` (which ends with a newline) as text, without their newlines.
+def _decode(complete: bytes) -> tuple[str, bool]:
+    """``complete`` as text, with U+FFFD in place of bytes that are no UTF-8 (as httpx's
+    ``iter_text`` does): a piece with one bad byte keeps the rest of its text, and a line of
+    binary garbage is then skipped as not JSON. ``\\n`` never occurs inside a UTF-8 sequence, so
+    the lines are the same either way.
 
-    The whole block is decoded at once (strict UTF-8). When that fails, each line that is no
-    UTF-8 is decoded with U+FFFD in place of its bad bytes (as httpx's ``iter_text`` does): a
-    piece with one bad byte keeps the rest of its text, and a line of binary garbage is then
-    skipped as not JSON. The first such line is logged as a warning (when ``warn``), the others at
-    debug level. ``\\n`` never occurs inside a UTF-8 sequence, so the lines are the same either way.
-
-    :returns: the lines, and whether a line was no UTF-8.
+    :returns: the text, and whether some of it was no UTF-8.
     """
     try:
-        return complete.decode("utf-8").split("\n")[:-1], False
+        return complete.decode("utf-8"), False
     except UnicodeDecodeError:
-        pass
-    lines = []
-    for raw in complete.split(b"\n")[:-1]:
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            level = logging.WARNING if warn else logging.DEBUG
-            warn = False
-            logger.log(level, "a reply line (%d bytes) is not UTF-8; its bad bytes became U+FFFD", len(raw))
-            lines.append(raw.decode("utf-8", "replace"))
-    return lines, True
+        return complete.decode("utf-8", "replace"), True
 
 
 def _cut_short(raw: bytes) -> bool:
@@ -117,7 +118,21 @@ class LineParser:
     :param max_line: the longest line accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_head", "_not_utf8", "_overflow", "cut_short", "error", "max_line", "pieces")
+    __slots__ = (
+        "_buf",
+        "_head",
+        "_held",
+        "_known",
+        "_logged",
+        "_lone_surrogate",
+        "_not_utf8",
+        "_overflow",
+        "cut_short",
+        "error",
+        "max_line",
+        "pieces",
+        "skipped",
+    )
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
@@ -129,6 +144,12 @@ class LineParser:
         self.error: Optional[ErrorLine] = None
         self._overflow: Optional[ProtocolError] = None
         self._not_utf8 = False  # a line was no UTF-8 (warned once per reply)
+        self._lone_surrogate = False  # a piece had a lone surrogate (warned once per reply)
+        self._held = ""  # the high half of a surrogate pair, held for the next piece
+        self._known: dict[str, None] = {}  # lines skipped so far (the short ones, up to a bound)
+        self._logged = False  # a skipped line was logged (the first of the reply)
+        #: How many lines without a message were skipped (blank lines aside).
+        self.skipped = 0
         #: Set by :meth:`close` (to the length of the line, in bytes) when the last line is the
         #: start of a JSON object cut short: the body ended in the middle of a line.
         self.cut_short = 0
@@ -196,29 +217,82 @@ class LineParser:
         out: list[str] = []
         append = out.append
         scan = _SCAN
-        lines, not_utf8 = _decode_lines(complete, warn=not self._not_utf8)
-        self._not_utf8 = self._not_utf8 or not_utf8
-        for line in lines:
-            try:
-                obj, end = scan(line, 0)
-                message = obj["data"]["message"]
-            except Exception:
-                message = None
-            else:
-                if end != len(line) and line[end:].strip(_JSON_SPACE):
-                    message = None  # more after the object: not a plain line
-            if message.__class__ is str:
-                append(message)
+        known = self._known
+        skipped = 0
+        text, not_utf8 = _decode(complete)
+        if not_utf8 and not self._not_utf8:
+            self._not_utf8 = True
+            logger.warning("the reply is not UTF-8 in places; its bad bytes became U+FFFD")
+        for line in filter(None, text.split("\n")):  # (blank lines are dropped in C)
+            if known and line in known:
+                skipped += 1
                 continue
-            if not line or line == "\r":
+            if line[0] == "{":
+                try:
+                    obj, end = scan(line, 0)
+                except Exception:  # not JSON (json.loads would fail the same way): skipped
+                    self._log_skipped("a reply line that is not JSON", line)
+                    skipped += 1
+                    self._remember(line)
+                    continue
+                try:
+                    message = obj["data"]["message"]
+                except Exception:
+                    message = None
+                else:
+                    if end != len(line) and line[end:].strip(_JSON_SPACE):
+                        message = None  # more after the object: not a plain line
+                if message.__class__ is str:
+                    append(message)
+                    continue
+            elif line == "\r":
                 continue  # a blank line
             piece = self._careful_line(line)
             if piece is not None:
                 append(piece)
-            elif self.error is not None:
+                continue
+            if self.error is not None:
                 break
+            if line.strip(_JSON_SPACE):
+                skipped += 1
+                self._remember(line)
+        self.skipped += skipped
         self.pieces += len(out)
+        if self._held or "\\ud" in text or "\\uD" in text:  # (only escapes make surrogates)
+            self._mend(out)
         return out
+
+    def _remember(self, line: str) -> None:
+        """Keep a skipped line, so that it is skipped again without a parse (see _SKIP_MEMORY)."""
+        if len(line) <= _SKIP_MEMORY_LINE and len(self._known) < _SKIP_MEMORY:
+            self._known[line] = None
+
+    def _mend(self, pieces: list[str]) -> None:
+        """Make every piece encode as UTF-8, in place: join a surrogate pair split between two
+        pieces (the high half at the end of one is held for the next), and turn every other
+        surrogate into U+FFFD (warned once per reply)."""
+        for i, given in enumerate(pieces):
+            text, self._held = self._held + given, ""
+            if _SURROGATE.search(text) is None:
+                pieces[i] = text
+                continue
+            if "\ud800" <= text[-1] <= "\udbff":
+                text, self._held = text[:-1], text[-1]
+            pieces[i] = self._replace_lone(
+                text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+            )
+
+    def _replace_lone(self, text: str) -> str:
+        """``text`` with its surrogates (none of them paired any more) as U+FFFD."""
+        if _SURROGATE.search(text) is None:
+            return text
+        if not self._lone_surrogate:
+            self._lone_surrogate = True
+            logger.warning(
+                "the reply has a lone UTF-16 surrogate (an escape such as \\ud83d without its "
+                "other half); it became U+FFFD"
+            )
+        return _SURROGATE.sub("\ufffd", text)
 
     def close(self) -> list[str]:
         """Parse the last line (one without a newline) and return its piece, if any.
@@ -230,13 +304,17 @@ class LineParser:
         """
         if self._overflow is not None:
             raise self._overflow
-        if self.error is not None or not self._buf:
+        if self.error is not None:
             return []
         line, self._buf = self._buf, b""
-        if _cut_short(line):
+        if line and _cut_short(line):
             self.cut_short = len(line)
             return []
-        return self._parse_lines(line + b"\n")
+        pieces = self._parse_lines(line + b"\n") if line else []
+        if self._held:  # a high half that no piece followed
+            pieces.append(self._replace_lone(self._held))
+            self._held = ""
+        return pieces
 
     def _too_long(self) -> ProtocolError:
         return ProtocolError(
@@ -255,15 +333,17 @@ class LineParser:
             if not line:
                 return None
         if line == "[DONE]":
-            logger.debug("skipped the end marker [DONE]")
+            return None
+        if not line.startswith("{"):
+            self._log_skipped("a reply line that is not a JSON object", line)
             return None
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError):
-            logger.debug("skipped a reply line that is not JSON: %.200r", line)
+            self._log_skipped("a reply line that is not JSON", line)
             return None
         if not isinstance(obj, dict):
-            logger.debug("skipped a reply line that is not a JSON object: %.200r", line)
+            self._log_skipped("a reply line that is not a JSON object", line)
             return None
         data = obj.get("data")
         message = data.get("message") if isinstance(data, dict) else None
@@ -280,9 +360,15 @@ class LineParser:
         if not _is_ok(code) or error:
             self.error = ErrorLine(
                 code=code,
-                message="" if text is None else str(text),
+                message="" if text is None else self._replace_lone(str(text)),
                 raw=line[:_QUOTE],
             )
             return None
-        logger.debug("skipped a reply line without data.message: %.200r", line)
+        self._log_skipped("a reply line without data.message", line)
         return None
+
+    def _log_skipped(self, what: str, line: str) -> None:
+        """Log the first skipped line of a reply (its start); the stream logs the count at its end."""
+        if not self._logged:
+            self._logged = True
+            logger.debug("skipped %s (more are counted, not logged): %.80r", what, line)

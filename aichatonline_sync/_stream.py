@@ -23,6 +23,7 @@ from ._errors import (
 from ._parser import LineParser
 from ._transport import (
     BodyTruncated,
+    Cancelled,
     DeadlineExceeded,
     abort,
     break_reason,
@@ -38,6 +39,9 @@ logger = _redact.logger("aichatonline_sync")
 
 #: Guards the first claim of a stream by its reading thread.
 _READER_LOCK = threading.Lock()
+#: Makes "finished" and the callbacks to call one step: a callback is called once, by the reader
+#: or by the thread that adds it after the end, never both or neither.
+_CALLBACK_LOCK = threading.Lock()
 
 #: Why a stream closed by a thread other than its reader ended, in the words of its error.
 _CLOSED = "the stream was closed"
@@ -101,7 +105,7 @@ class Reply:
         self._url = url
         self._secrets = tuple(secrets)
         self._read_timeout = read_timeout
-        self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout)
+        self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout, cancel=cancel)
         self._parser = LineParser(max_line)
         self._kept = _KeptText() if keep_text else None
         self._handed = 0  # characters handed out without keep_text (batches handed out whole)
@@ -187,14 +191,21 @@ class Reply:
                     self._batch = self._position = self._gate = None
                 batch = self._next_batch(started=True)
             text = kept.finish() if kept is not None else ""
-            self.finished = True
-            for callback in self._callbacks:
+            with _CALLBACK_LOCK:
+                self.finished = True
+                callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
                 callback(text)
         finally:
             self.release()
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
-        self._callbacks.append(callback)
+        """Call ``callback(text)`` when the reply has been read to its end; at once if it was."""
+        with _CALLBACK_LOCK:
+            if not self.finished:
+                self._callbacks.append(callback)
+                return
+        callback(self.text)
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Read until at least one piece is complete; ``None`` at the normal end of the body."""
@@ -254,7 +265,7 @@ class Reply:
     def _failure(self, exc: Exception, started: bool) -> AiChatOnlineError:
         """What a failure of the body is to the user: before the first piece, the error itself (a
         ProtocolError, or the transport's); after it, an IncompleteStreamError with the text so far."""
-        if self.aborted:
+        if self.aborted or isinstance(exc, Cancelled):
             reason = self.abort_reason or "the chat was aborted (cancelled, or its batch was stopped)"
             if not started:  # the socket was shut down on purpose: no retry, no warning
                 return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
@@ -320,6 +331,8 @@ class Reply:
         if self.released:
             return
         self.released = True
+        if self._parser.skipped:
+            logger.debug("skipped %d reply lines that carry no message", self._parser.skipped)
         if self._cancel is not None:
             self._cancel.discard(self)
         if self.finished:
@@ -457,7 +470,8 @@ class ChatStream:
             reply.release()
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(text)`` once the reply has been read to its end (not on error or close).
+        """Call ``callback(text)`` once the reply has been read to its end (not on error or close);
+        at once when it already was (as :meth:`concurrent.futures.Future.add_done_callback` does).
 
         ``text`` is the whole reply (``""`` with ``keep_text=False``).
         """

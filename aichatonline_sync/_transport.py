@@ -11,9 +11,9 @@ are not what this module expects (tests/test_transport.py runs the streaming cas
    line is handed out as soon as it arrives in every framing, with and without gzip. Why: urllib3
    1.26 has no ``read1``; urllib3 2's ``read1`` is slow on one-line chunks; ``iter_content`` holds
    lines back on Content-Length and close-delimited bodies and on gzip (STREAMING.md).
-   Fallback: ``raw.read1(n, decode_content=True)`` (urllib3 2.2 and later), else ``raw.stream(n,
-   decode_content=False)`` decoded by :mod:`._framing` (before 2.2: prompt on chunked bodies,
-   whole reads otherwise).
+   Fallback: ``raw.read1(n, decode_content=False)`` (urllib3 2.2 and later), else
+   ``raw.stream(n, decode_content=False)`` (before 2.2: prompt on chunked bodies, whole reads
+   otherwise), decoded by :mod:`._framing` in the same bounded steps.
 2. ``raw._connection.sock``: its timeout is shortened so that no read waits past a chat's total
    deadline. Fallback: the deadline is checked between reads, each bounded by the read timeout.
 3. The same socket is shut down to abort a stream that another thread is reading (closing the
@@ -44,6 +44,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from . import _redact
+from ._cancel import Cancellation
 from ._config import redact_url
 from ._errors import (
     AiChatOnlineError,
@@ -53,11 +54,12 @@ from ._errors import (
     ProtocolError,
     status_error,
 )
-from ._framing import READ_SIZE, BodyTruncated, dechunk, make_decoder
+from ._framing import READ_SIZE, BodyTruncated, Decoder, dechunk, make_decoder
 from ._redact import scrub, scrub_quote
 
 __all__ = [
     "BodyTruncated",
+    "Cancelled",
     "DeadlineExceeded",
     "Endpoint",
     "Transport",
@@ -81,6 +83,11 @@ TimeoutPair = tuple[Optional[float], Optional[float]]
 
 class DeadlineExceeded(Exception):
     """The total deadline of a chat passed (internal; mapped to a timeout error)."""
+
+
+class Cancelled(Exception):
+    """The chat's :class:`Cancellation` was cancelled while its body was read (internal; the
+    stream maps it)."""
 
 
 # --- sending ------------------------------------------------------------------------------------
@@ -403,23 +410,16 @@ def _deadline_read1(
     return read
 
 
-def _public_reads(raw: Any, encoding: Optional[str], deadline: Optional[float]) -> Iterator[bytes]:
-    """The public fallback: urllib3's own reads (``read1`` decodes the content too).
+def _public_reads(raw: Any) -> Iterable[bytes]:
+    """The public fallback: urllib3's own reads, undecoded (:func:`_decoded` decodes them).
 
-    Before urllib3 2.2 there is no ``read1``, and ``read(n, decode_content=True)`` on urllib3 2.0
-    and 2.1 reads again and again until it has ``n`` decoded bytes (losing what it had when a read
-    fails, such as the text before a reset); so there the body is read undecoded, one read at a
-    time, and decoded here.
+    ``read1`` (urllib3 2.2 and later) is one read; before 2.2 there is none, and ``read(n)`` on
+    urllib3 2.0 and 2.1 reads again and again until it has ``n`` bytes (losing what it had when a
+    read fails, such as the text before a reset), so there ``stream`` reads one chunk at a time.
     """
     if hasattr(raw, "read1"):
-        chunks: Iterable[bytes] = iter(lambda: raw.read1(READ_SIZE, decode_content=True), b"")
-    else:
-        chunks = _decoded(raw.stream(READ_SIZE, decode_content=False), make_decoder(encoding))
-    for data in chunks:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded()
-        yield data
-    raw.release_conn()
+        return iter(lambda: raw.read1(READ_SIZE, decode_content=False), b"")
+    return raw.stream(READ_SIZE, decode_content=False)  # type: ignore[no-any-return]
 
 
 def iter_body(
@@ -427,37 +427,53 @@ def iter_body(
     *,
     deadline: Optional[float] = None,
     read_timeout: Optional[float] = None,
+    cancel: Optional[Cancellation] = None,
 ) -> Iterator[bytes]:
     """Yield the decoded bytes of a streamed reply as they arrive, in every framing.
 
     On a normal end the connection goes back to the pool (or is closed when the server said so).
-    ``deadline`` (a :func:`time.monotonic` value) bounds every read.
+    ``deadline`` (a :func:`time.monotonic` value) bounds every read and every decode step, and
+    ``cancel`` is checked at every step too.
 
     :raises BodyTruncated: the body ended early.
     :raises DeadlineExceeded: the total deadline passed.
-    :raises ProtocolError: bad chunked framing or content encoding.
+    :raises Cancelled: ``cancel`` was cancelled.
+    :raises ProtocolError: bad chunked framing or content encoding, or a body that expands past
+        :data:`~._framing.MAX_EXPANSION`.
     :raises OSError: socket errors and timeouts, as the socket raises them.
     """
     wire = _Wire.of(response)
-    encoding = response.headers.get("Content-Encoding")
+    decoder = make_decoder(response.headers.get("Content-Encoding"))
     if wire is None:
-        yield from _public_reads(response.raw, encoding, deadline)
+        yield from _decoded(_public_reads(response.raw), decoder, deadline, cancel)
+        response.raw.release_conn()
         return
-    yield from _decoded(wire.chunks(deadline, read_timeout), make_decoder(encoding))
+    yield from _decoded(wire.chunks(deadline, read_timeout), decoder, deadline, cancel)
     wire.finish(response)
 
 
-def _decoded(source: Iterable[bytes], decoder: Any) -> Iterator[bytes]:
-    """The bytes of ``source`` decoded by ``decoder`` (from :func:`make_decoder`; ``None``: as
-    they are)."""
-    if decoder is None:
-        yield from source
-        return
+def _decoded(
+    source: Iterable[bytes],
+    decoder: Optional[Decoder],
+    deadline: Optional[float],
+    cancel: Optional[Cancellation],
+) -> Iterator[bytes]:
+    """The bytes of ``source`` decoded by ``decoder`` (``None``: as they are), in steps of at
+    most :data:`~._framing.DECODE_STEP` (or one read) bytes: the one loop every body goes
+    through. The deadline and the cancellation are checked before each step, because a body
+    already in memory can decode to far more than any read returns."""
     for data in source:
-        yield from decoder.decode(data)
-    tail = decoder.flush()
-    if tail:
-        yield tail
+        steps = (data,) if decoder is None else decoder.decode(data)
+        for step in steps:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded()
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled()
+            yield step
+    if decoder is not None:
+        tail = decoder.flush()
+        if tail:
+            yield tail
 
 
 def read_start(

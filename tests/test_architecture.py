@@ -467,3 +467,19 @@ def test_every_logger_of_the_package_is_made_by_the_redaction_module() -> None:
         and node.args  # (getLogger() with no name is the root logger, which the CLI configures)
     ]
     assert found == [], "loggers made without the redacting filter:\n" + "\n".join(found)
+
+
+def test_every_warning_of_the_library_goes_through_the_redaction_module() -> None:
+    """``warnings.warn`` only in ``_redact.warn``, which masks the text and finds the caller's line."""
+    found = [
+        where(name, node)
+        for name in MODULES
+        if name != "_redact"
+        for node in ast.walk(parse(name))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "warn"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "warnings"
+    ]
+    assert found == [], "warnings issued around the redaction point:\n" + "\n".join(found)
