@@ -157,10 +157,9 @@ class Timeout:
 TimeoutTypes = Union[Timeout, float, int, tuple[Optional[float], Optional[float]], None]
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"{name} must be a whole number >= 0, not {value!r}")
-    return value
+#: The most retries a policy may ask for: far more than any wait is worth (with the default
+#: delays, over 22 hours of retrying), and a bound that the backoff's arithmetic stays within.
+MAX_RETRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ class RetryPolicy:
     RETRY_STATUSES: ClassVar[frozenset[int]] = RETRY_STATUSES
 
     def __post_init__(self) -> None:
-        _check_count("max_retries", self.max_retries)
+        check_int("max_retries", self.max_retries, high=MAX_RETRIES)
         for name in ("initial_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -267,28 +266,28 @@ def validate_retry(max_retries: Any, retry: Any) -> RetryPolicy:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def validate_headers(headers: Any) -> dict[str, str]:
-    """Check extra request headers: a mapping of str names (HTTP tokens) to str values without
-    line breaks."""
+def validate_headers(headers: Any, *, what: str = "headers") -> dict[str, str]:
+    """Check request headers (``what`` names them in errors): a mapping of str names (HTTP
+    tokens) to str values that requests and http.client can send."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
-        raise InvalidRequestError(f"headers must be a mapping, not {type(headers).__name__}")
+        raise InvalidRequestError(f"{what} must be a mapping, not {type(headers).__name__}")
     checked = {}
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidRequestError(f"header names and values must be str: {key!r}")
+            raise InvalidRequestError(f"{what}: header names and values must be str: {key!r}")
         if not _HEADER_NAME.fullmatch(key):
-            raise InvalidRequestError(f"invalid header name {key!r}")
+            raise InvalidRequestError(f"{what}: invalid header name {key!r}")
         if any(ch in value for ch in "\r\n\0"):
-            raise InvalidRequestError(f"the value of header {key!r} contains a line break")
+            raise InvalidRequestError(f"{what}: the value of header {key!r} contains a line break")
         if value[:1] in (" ", "\t"):  # requests refuses it at every send
-            raise InvalidRequestError(f"the value of header {key!r} begins with white space")
+            raise InvalidRequestError(f"{what}: the value of header {key!r} begins with white space")
         try:
             value.encode("latin-1")  # what http.client sends header values as
         except UnicodeEncodeError:
             raise InvalidRequestError(
-                f"the value of header {key!r} has characters HTTP headers cannot carry "
+                f"{what}: the value of header {key!r} has characters HTTP headers cannot carry "
                 "(only Latin-1): encode it first, e.g. with urllib.parse.quote"
             ) from None
         checked[key] = value
@@ -309,7 +308,7 @@ def validate_verify(verify: Any) -> Union[bool, str]:
         )
     if os.path.isdir(path):  # a folder of hashed certificates is read lazily, at each handshake
         return path
-    import ssl  # loaded once here, so that a wrong file fails now, not at every chat's handshake
+    import ssl  # loaded here, so that a wrong file fails now, not at every chat's handshake
 
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)

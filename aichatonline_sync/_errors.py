@@ -63,9 +63,9 @@ def _masked(value: Any) -> Any:
 class AiChatOnlineError(Exception):
     """Base class of every error raised by this library.
 
-    Its message and every text attribute (``.body``, ``.headers``, ``.partial``, ...) are masked of
+    Its message and every text attribute (``.body``, ``.headers``, ``.message``, ...) are masked of
     the secrets the library knows (tokens, proxy passwords; see :mod:`._redact`) when they are set,
-    whoever sets them.
+    whoever sets them; ``.partial``, the reply's text as it was handed out, is kept as it came.
 
     Errors pickle with their attributes (``.partial``, ``.status_code``, ...), so a batch run in
     other processes hands them back whole.
@@ -75,7 +75,8 @@ class AiChatOnlineError(Exception):
         super().__init__(*map(_masked, args))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, _masked(value))
+        # .partial is the reply's text as it was handed out, piece by piece: kept as it came.
+        super().__setattr__(name, value if name == "partial" else _masked(value))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))

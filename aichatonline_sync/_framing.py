@@ -26,11 +26,12 @@ __all__ = [
 
 #: The most bytes asked of one read.
 READ_SIZE = 65536
-#: The most bytes one decode step produces. The transport checks the total deadline and the
-#: chat's :class:`~aichatonline_sync.Cancellation` between steps, and the parser reads one step
-#: in about a tenth of a second at worst (lines that each differ and each begin a JSON object
-#: that is no JSON), so a deadline holds however far the body expands.
-DECODE_STEP = 1 << 18
+#: The most bytes one decode step produces: as much as one socket read. The transport checks
+#: the total deadline and the chat's :class:`~aichatonline_sync.Cancellation` between steps, and
+#: the parser reads one step in a few milliseconds for real replies and in about 0.15 s for
+#: lines built to be slow (each different, each a JSON parse that fails), so a deadline holds
+#: to well within 0.5 s however far the body expands.
+DECODE_STEP = READ_SIZE
 #: How far a compressed body may expand: past :data:`EXPANSION_FLOOR` decoded bytes, no more
 #: than this many times the compressed bytes decoded so far (a :class:`ProtocolError` beyond).
 #: Chat lines of ordinary text compressed as one gzip stream shrink under 10 times, a reply

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from . import _redact
 from ._errors import ProtocolError
-from ._protocol import OK_CODES
+from ._protocol import OK_CODES, upstream_code
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
 
@@ -65,10 +65,6 @@ def _is_ok(code: Any) -> bool:
     return not isinstance(code, bool) and code in OK_CODES
 
 
-def _as_code(value: Any) -> Any:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
 
 
 def _decode(complete: bytes) -> tuple[str, bool]:
@@ -127,6 +123,8 @@ class LineParser:
         "_lone_surrogate",
         "_not_utf8",
         "_overflow",
+        "_parts",
+        "_pending",
         "cut_short",
         "error",
         "max_line",
@@ -137,6 +135,8 @@ class LineParser:
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self._buf = b""
+        self._parts: list[bytes] = []  # the rest of the unfinished line, not yet joined to _buf
+        self._pending = 0  # bytes of the unfinished line: _buf and _parts
         self._head = b""
         #: How many lines carried a message so far.
         self.pieces = 0
@@ -180,9 +180,16 @@ class LineParser:
         if len(self._head) < _QUOTE:
             self._head += data[: _QUOTE - len(self._head)]
         if self._buf:
-            data = self._buf + data
+            if b"\n" not in data and self._pending + len(data) <= self.max_line:
+                # A long line arriving in small reads: kept in parts, joined once it ends, so
+                # that its cost grows with its length, not with its length times its reads.
+                self._parts.append(data)
+                self._pending += len(data)
+                return []
+            data = self._joined() + data
         cut = data.rfind(b"\n") + 1
         complete, self._buf = data[:cut], data[cut:]
+        self._pending = len(self._buf)
         limit, overflow = len(complete), None  # bytes of complete lines to parse
         if len(data) > self.max_line:  # only then can a line be too long
             limit, overflow = self._check_lengths(complete)
@@ -193,6 +200,13 @@ class LineParser:
             if not pieces:
                 raise overflow
         return pieces
+
+    def _joined(self) -> bytes:
+        """The unfinished line, whole."""
+        if self._parts:
+            self._buf = self._buf + b"".join(self._parts)
+            self._parts.clear()
+        return self._buf
 
     def _check_lengths(self, complete: bytes) -> tuple[int, Optional[ProtocolError]]:
         """Find the first line longer than ``max_line`` (the unfinished one included): how many
@@ -306,7 +320,7 @@ class LineParser:
             raise self._overflow
         if self.error is not None:
             return []
-        line, self._buf = self._buf, b""
+        line, self._buf = self._joined(), b""
         if line and _cut_short(line):
             self.cut_short = len(line)
             return []
@@ -349,11 +363,11 @@ class LineParser:
         message = data.get("message") if isinstance(data, dict) else None
         if isinstance(message, str):
             return message
-        code = _as_code(obj.get("code", obj.get("status")))
+        code = upstream_code(obj.get("code", obj.get("status")))
         text = obj.get("message", obj.get("msg"))
         error = obj.get("error")
         if isinstance(error, dict):
-            code = _as_code(error.get("code", code))
+            code = upstream_code(error.get("code", code))
             text = error.get("message", error.get("msg", text))
         elif isinstance(error, str) and error:
             text = error if text is None else text

@@ -14,6 +14,7 @@ evidenced and what is guessed.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,6 +69,18 @@ BROWSER_HEADERS = {
     "Sec-Fetch-Site": "same-origin",
     "TE": "trailers",
 }
+
+
+_NUMERIC_CODE = re.compile(r"-?[0-9]{1,9}")
+
+
+def upstream_code(value: Any) -> Any:
+    """An error ``code`` as the upstream sent it, as an ``int`` when it is a short number in a
+    string (``"401"``); anything else as it is (``"²"`` and 5,000 digits included: ``int()``
+    would refuse them, or take long)."""
+    if isinstance(value, str) and _NUMERIC_CODE.fullmatch(value.strip()):
+        return int(value)
+    return value
 
 
 def request_headers(base_url: str) -> dict[str, str]:

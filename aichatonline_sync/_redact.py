@@ -37,36 +37,53 @@ __all__ = [
     "warn",
 ]
 
-#: How many secrets are remembered (the newest ones).
+#: How many tokens are remembered (the most recently used ones).
 MAX_SECRETS = 1024
-#: Secrets shorter than this are not masked in free text: masking one or two characters would
-#: garble every message (a password that short is still masked in URLs, by ``redact_url``).
+#: A remembered secret shorter than this is not masked in free text (log lines, error messages
+#: of other sessions): masking a few characters everywhere would garble them. A session still
+#: masks its own shorter secrets (down to :data:`_EXPLICIT_MIN`) in the errors it builds, and a
+#: password of any length in URLs (``redact_url``).
 _MIN_LENGTH = 8
+_EXPLICIT_MIN = 3
 _MASK = "***"
 
 _lock = threading.Lock()
-_known: dict[str, None] = {}  # insertion-ordered; written under _lock
+_tokens: dict[str, None] = {}  # least recently used first; written under _lock
+_pinned: set[str] = set()  # passwords: never evicted (a handful per process); under _lock
 _snapshot: tuple[str, ...] = ()  # what scrub() reads: replaced whole, never changed in place
 
 
-def remember(*secrets: Optional[str]) -> None:
-    """Mask these secrets in every later output of the library (``None`` and short ones ignored)."""
+def remember(*secrets: Optional[str], pin: bool = False) -> None:
+    """Mask these secrets in every later output of the library (``None`` and short ones ignored).
+
+    Tokens are kept while they are among the :data:`MAX_SECRETS` most recently remembered (a
+    token in use is remembered again at each chat); ``pin=True`` (passwords) keeps a secret for
+    the life of the process.
+    """
     global _snapshot
-    fresh = [s for s in secrets if isinstance(s, str) and len(s) >= _MIN_LENGTH and s not in _known]
-    if not fresh:
+    given = [s for s in secrets if isinstance(s, str) and len(s) >= _MIN_LENGTH]
+    if not given:
         return
     with _lock:
-        for secret in fresh:
-            _known.pop(secret, None)
-            _known[secret] = None
-        while len(_known) > MAX_SECRETS:
-            del _known[next(iter(_known))]
-        # Longest first: a secret that contains another is masked whole.
-        _snapshot = tuple(sorted(_known, key=len, reverse=True))
+        changed = False
+        for secret in given:
+            if pin:
+                changed |= secret not in _pinned
+                _pinned.add(secret)
+            elif secret in _tokens:
+                _tokens[secret] = _tokens.pop(secret)  # now the most recently used
+            else:
+                _tokens[secret] = None
+                changed = True
+        while len(_tokens) > MAX_SECRETS:
+            del _tokens[next(iter(_tokens))]
+        if changed:  # (the order of use does not matter to scrub(): only the set)
+            # Longest first: a secret that contains another is masked whole.
+            _snapshot = tuple(sorted(_pinned.union(_tokens), key=len, reverse=True))
 
 
 def _all(extra: Iterable[Optional[str]]) -> tuple[str, ...]:
-    given = tuple(s for s in extra if isinstance(s, str) and len(s) >= _MIN_LENGTH)
+    given = tuple(s for s in extra if isinstance(s, str) and len(s) >= _EXPLICIT_MIN)
     return (*given, *_snapshot) if given else _snapshot
 
 
@@ -80,13 +97,16 @@ def scrub(text: str, extra: Iterable[Optional[str]] = ()) -> str:
 
 def scrub_quote(text: str, extra: Iterable[Optional[str]] = ()) -> str:
     """:func:`scrub` for the start of a body cut at some length: the beginning of a secret left
-    at the cut end is masked too."""
-    secrets = _all(extra)
-    text = scrub(text, secrets)
-    for secret in secrets:
-        for size in range(min(len(secret) - 1, len(text)), _MIN_LENGTH - 1, -1):
-            if text.endswith(secret[:size]):
-                return text[:-size] + _MASK
+    at the cut end is masked too (of 3 characters or more for a secret in ``extra``, the
+    session's own; of :data:`_MIN_LENGTH` for the others, which a few characters would match by
+    chance)."""
+    given = tuple(s for s in extra if isinstance(s, str) and len(s) >= _EXPLICIT_MIN)
+    text = scrub(text, given)
+    for secrets, least in ((given, _EXPLICIT_MIN), (_snapshot, _MIN_LENGTH)):
+        for secret in secrets:
+            for size in range(min(len(secret) - 1, len(text)), least - 1, -1):
+                if text.endswith(secret[:size]):
+                    return text[:-size] + _MASK
     return text
 
 
@@ -105,7 +125,11 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = scrub(record.exc_text)
+            masked = scrub(record.exc_text)
+            if masked != record.exc_text:
+                # A formatter that formats exc_info itself (JSON loggers, Sentry) would print
+                # the secret: only the masked text is left to it.
+                record.exc_text, record.exc_info = masked, None
         if record.stack_info:
             record.stack_info = scrub(record.stack_info)
         return True

@@ -97,7 +97,8 @@ def backoff(policy: RetryPolicy, attempt: int, exc: Optional[BaseException] = No
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         return float(retry_after)
-    ceiling = min(policy.max_delay, policy.initial_delay * 2 ** (attempt - 1))
+    # (2 ** 60 times any delay is past every max_delay; a larger power would overflow a float)
+    ceiling = min(policy.max_delay, policy.initial_delay * 2 ** min(attempt - 1, 60))
     return random.uniform(policy.initial_delay, max(policy.initial_delay, ceiling))
 
 

@@ -116,7 +116,7 @@ class Session:
     ) -> None:
         self.base_url = validate_base_url(base_url)
         self.proxy = validate_proxy(proxy)
-        _redact.remember(_password(self.base_url), _password(self.proxy))
+        _redact.remember(_password(self.base_url), _password(self.proxy), pin=True)
         self.timeout = Timeout.coerce(timeout)
         self.retry = validate_retry(max_retries, retry)
         self.headers = validate_headers(headers)
@@ -124,6 +124,15 @@ class Session:
         self.reuse_token = check_bool("reuse_token", reuse_token)
         if http is not None and not isinstance(http, requests.Session):
             raise InvalidRequestError(f"http must be a requests.Session, not {type(http).__name__}")
+        if http is not None:  # (its headers are sent too: the same checks as ours)
+            validate_headers(
+                {
+                    k: v.decode("latin-1") if isinstance(v, bytes) else v
+                    for k, v in http.headers.items()
+                    if v is not None  # (None drops a header in requests)
+                },
+                what="http.headers",
+            )
         self.max_line_bytes = check_int("max_line_bytes", max_line_bytes, low=1, high=MAX_LINE_LIMIT)
         pool_maxsize = check_int("pool_maxsize", pool_maxsize, low=1, high=MAX_CONNECTIONS)
         self._closed = False
@@ -301,6 +310,7 @@ class Session:
         self._check_open()
         if chat.cancel is not None:
             chat.cancel.check("the chat request", self._shown_chat_url)
+        _redact.remember(token)  # (in use: kept among the most recently used)
         secrets = (*self._secrets(), token)
         response = self._chat.send(
             headers={TOKEN_HEADER: token},

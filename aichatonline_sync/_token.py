@@ -16,6 +16,7 @@ from ._cancel import Cancellation
 from ._config import RetryPolicy, Timeout
 from ._errors import AiChatOnlineError, APITimeoutError, ProtocolError, TokenError
 from ._prompt import get_random_string
+from ._protocol import upstream_code
 from ._retry import run_with_retries
 from ._transport import Transport, iter_body, translate_exception
 
@@ -25,6 +26,7 @@ logger = _redact.logger("aichatonline_sync")
 
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,256}")
 _TOKEN_BODY_LIMIT = 65536
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_token(body: bytes, url: str) -> str:
@@ -34,7 +36,7 @@ def parse_token(body: bytes, url: str) -> str:
     """
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
         raise TokenError(
             f"the token reply from {url} is not JSON; it begins: "
             f"{body[:200].decode('utf-8', 'replace')!r}"
@@ -63,13 +65,13 @@ def _upstream_words(data: object) -> tuple[object, Optional[str]]:
     """The ``code`` and ``message`` of a token reply that carries them (an error reply)."""
     if not isinstance(data, dict):
         return None, None
-    code = data.get("code")
-    if isinstance(code, str) and code.strip().lstrip("-").isdigit():
-        code = int(code)
-    elif not isinstance(code, (int, str)) or isinstance(code, bool):
+    code = upstream_code(data.get("code"))
+    if not isinstance(code, (int, str)) or isinstance(code, bool):
         code = None
     said = data.get("message", data.get("msg"))
-    return code, (said[:500] if isinstance(said, str) else None)
+    if not isinstance(said, str):
+        return code, None
+    return code, _SURROGATE.sub("\ufffd", said[:500])  # (text, as every message of ours is)
 
 
 class _Flight:

@@ -29,7 +29,8 @@ LOGGER = "aichatonline_sync"
 MESSAGE = b'{"data": {"message": "Hi"}}\n'
 #: Lines of ``x``: each a line to skip; 2 MiB of them, which gzip shrinks about 1,000 times.
 JUNK_LINES = 1 << 20
-#: The most skipped lines that two decode steps (256 KiB each) can hold.
+#: More skipped lines than a few decode steps (64 KiB each, 32,768 lines of ``x``) can hold, and
+#: far fewer than the million lines of the body.
 TWO_STEPS_OF_LINES = 1 << 18
 
 
@@ -103,15 +104,23 @@ def test_a_bomb_after_the_first_piece_is_an_incomplete_stream_naming_the_limit(
     assert info.value.partial == "Hi"
 
 
-def test_a_long_compressed_reply_within_the_limit_is_read_whole(emulator: MakeEmulator) -> None:
-    # 12 MiB of one line repeated: past the 8 MiB floor, and 400 times smaller compressed.
+#: Lines of a 12 MiB reply: past the 8 MiB floor of the expansion limit.
+LONG_REPLY_LINES = (12 << 20) // len(b'{"data": {"message": "word "}}\n')
+
+
+def test_a_long_reply_of_one_line_repeated_is_stopped_past_the_floor(emulator: MakeEmulator) -> None:
+    # One line repeated compresses 400 times: past the 8 MiB floor that is a bomb's ratio.
     line = b'{"data": {"message": "word "}}\n'
-    count = (12 << 20) // len(line)
     emu = emulator()
-    emu.raw_reply("chat", gzip_reply(line * count))
+    emu.raw_reply("chat", gzip_reply(line * LONG_REPLY_LINES))
     with Session(emu.url, max_retries=0) as session, pytest.raises(IncompleteStreamError, match="expands more than 200 times"):
         session.complete("hi")
+
+
+def test_a_long_compressed_reply_within_the_limit_is_read_whole(emulator: MakeEmulator) -> None:
     # As long a reply whose lines differ (a counter in each) shrinks 14 times: no bomb.
+    count = LONG_REPLY_LINES
+    emu = emulator()
     body = b"".join(b'{"data": {"message": "%d "}}\n' % i for i in range(count // 2))
     emu.raw_reply("chat", gzip_reply(body))
     with Session(emu.url, max_retries=0) as session:

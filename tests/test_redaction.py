@@ -153,6 +153,7 @@ def test_an_error_made_anywhere_is_masked_whoever_sets_its_fields() -> None:
 
 
 def test_a_record_without_secrets_keeps_its_arguments(everything: Everything) -> None:
+    Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -185,3 +186,48 @@ def test_display_stream_outside_ipython_closes_the_stream_it_was_given(
         with pytest.raises(aco.InvalidRequestError):
             aco.display_stream(stream)
         assert stream.closed
+
+
+def test_a_password_stays_masked_after_many_tokens(everything: Everything) -> None:
+    from aichatonline_sync import _redact
+
+    Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        token = session.grab_token()
+        session.complete("Hi")  # the token in use
+        for index in range(_redact.MAX_SECRETS + 10):  # as many chats with reuse_token=False
+            _redact.remember(f"other-token-{index:012d}")
+        session.complete("Hi")  # used again: among the most recently used once more
+        logging.getLogger("aichatonline_sync").warning("echo %s %s", PASSWORD, token)
+    assert "WARNING aichatonline_sync echo *** ***" in everything.lines
+
+
+def test_a_traceback_with_a_secret_reaches_no_formatter_that_formats_it_itself() -> None:
+    Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("aichatonline_sync")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"upstream said {PASSWORD}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
+    assert record.exc_info is None  # a JSON or Sentry formatter has only the masked text
+    assert PASSWORD not in (record.exc_text or "")
+    assert "***" in (record.exc_text or "")
+
+
+def test_the_partial_text_of_a_broken_reply_is_kept_as_it_came() -> None:
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        token = session.grab_token()
+        emu.set_reply([f"your token is {token}", " and more"])
+        emu.drop(after=1)
+        with pytest.raises(aco.IncompleteStreamError) as info:
+            session.complete("Hi")
+    assert info.value.partial == f"your token is {token}"
+    assert token not in str(info.value)
