@@ -122,17 +122,7 @@ class Session:
         self.headers = validate_headers(headers)
         self.verify = validate_verify(verify)
         self.reuse_token = check_bool("reuse_token", reuse_token)
-        if http is not None and not isinstance(http, requests.Session):
-            raise InvalidRequestError(f"http must be a requests.Session, not {type(http).__name__}")
-        if http is not None:  # (its headers are sent too: the same checks as ours)
-            validate_headers(
-                {
-                    k: v.decode("latin-1") if isinstance(v, bytes) else v
-                    for k, v in http.headers.items()
-                    if v is not None  # (None drops a header in requests)
-                },
-                what="http.headers",
-            )
+        _check_http(http)
         self.max_line_bytes = check_int("max_line_bytes", max_line_bytes, low=1, high=MAX_LINE_LIMIT)
         pool_maxsize = check_int("pool_maxsize", pool_maxsize, low=1, high=MAX_CONNECTIONS)
         self._closed = False
@@ -425,6 +415,22 @@ def _html_error(page: str, url: str) -> ProtocolError:
         f"the chat reply from {url} is an HTML page, not a chat stream "
         f"(a captcha or an outage page?); it begins: {page[:200]!r}",
         body=page,
+    )
+
+
+def _check_http(http: Any) -> None:
+    """A given ``requests.Session``: its headers are sent too, so they pass our checks."""
+    if http is None:
+        return
+    if not isinstance(http, requests.Session):
+        raise InvalidRequestError(f"http must be a requests.Session, not {type(http).__name__}")
+    validate_headers(
+        {
+            k: v.decode("latin-1") if isinstance(v, bytes) else v
+            for k, v in http.headers.items()
+            if v is not None  # (None drops a header in requests)
+        },
+        what="http.headers",
     )
 
 
