@@ -348,6 +348,10 @@ def _check_batch(
             f"give session options ({', '.join(sorted(session_options))}) to the Session, "
             "not to batch() together with session="
         )
+    if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+        raise InvalidRequestError(
+            f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}"
+        )
     remote = executor is not None and not isinstance(
         executor, concurrent.futures.ThreadPoolExecutor
     )
@@ -485,7 +489,13 @@ class _Run:
             if error is not None:
                 self._refused.append(BatchResult(index, prompt, None, error, 0.0))
                 continue
-            future = self._submit(index, prompt)
+            try:
+                future = self._submit(index, prompt)
+            except RuntimeError as exc:  # a shut-down executor: each prompt's own error
+                refused = AiChatOnlineError(f"the executor refused the prompt: {exc}")
+                refused.__cause__ = exc
+                self._refused.append(BatchResult(index, prompt, None, refused, 0.0))
+                continue
             self._pending[future] = item
             future.add_done_callback(self._done.put)
         return True

@@ -263,6 +263,7 @@ def validate_retry(max_retries: Any, retry: Any) -> RetryPolicy:
     return retry
 
 
+_HASHED_CERT = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -307,17 +308,28 @@ def validate_verify(verify: Any) -> Union[bool, str]:
             "PEM file of trusted certificates, or True for the system's"
         )
     if os.path.isdir(path):  # a folder of hashed certificates is read lazily, at each handshake
+        if not any(_HASHED_CERT.fullmatch(name) for name in os.listdir(path)):
+            raise InvalidRequestError(
+                f"verify={path!r} is a folder without hashed certificates (named like "
+                "'1a2b3c4d.0', as c_rehash makes them); give a PEM file or such a folder"
+            )
         return path
+    if not os.path.isfile(path):  # (a FIFO or a device would block or never end)
+        raise InvalidRequestError(f"verify={path!r} is not a regular file or folder")
     import ssl  # loaded here, so that a wrong file fails now, not at every chat's handshake
 
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        context.load_verify_locations(cafile=path)
+        certificates = context.cert_store_stats()["x509"]
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         raise InvalidRequestError(
             f"verify={path!r} is not a readable CA bundle ({reason}); give the path of a PEM "
             "file of trusted certificates, or True for the system's"
         ) from None
+    if not certificates:
+        raise InvalidRequestError(f"verify={path!r} holds no certificate (only revocation lists?)")
     return path
 
 

@@ -338,7 +338,8 @@ class Conversation:
         file first and then moved into place, so a crash never leaves half a file.
 
         :raises InvalidRequestError: a message content that JSON in UTF-8 cannot hold (the
-            message named), such as a lone surrogate; nothing is written.
+            message named), such as a lone surrogate, or a ``path`` that is a folder, a device or
+            a FIFO; nothing is written. A symlink is followed: its target is replaced.
         :raises OSError: the file cannot be written.
         """
         data = self.to_dict()
@@ -347,7 +348,10 @@ class Conversation:
             text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"the conversation cannot be saved as JSON: {exc}") from exc
-        target = Path(path)
+        # A symlink's target is replaced, not the link; a folder, device or FIFO never is.
+        target = Path(os.path.realpath(path))
+        if target.exists() and not target.is_file():
+            raise InvalidRequestError(f"cannot save the conversation to {str(path)!r}: not a regular file")
         fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as file:

@@ -190,6 +190,15 @@ def _check_after(endpoint: str, after: object) -> int:
     return value
 
 
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            f"{what} is no text UTF-8 can hold (a lone surrogate?); give bytes to send any bytes"
+        ) from None
+
+
 def _json_bytes(body: object) -> bytes:
     try:
         return json.dumps(body).encode()
@@ -285,7 +294,7 @@ def fail(
     if isinstance(body, (bytes, bytearray)):
         return Reply(code, bytes(body), _TEXT, pairs)
     if isinstance(body, str):
-        return Reply(code, body.encode(), _TEXT, pairs)
+        return Reply(code, _utf8(body, "body"), _TEXT, pairs)
     if isinstance(body, (dict, list)):
         return Reply(code, _json_bytes(body), _JSON, pairs)
     raise InvalidRequestError(f"body must be None, str, bytes, dict or list, not {body!r}")
@@ -303,7 +312,7 @@ def token_reply(body: object, *, status: object = 200, content_type: object = _J
     if isinstance(body, (bytes, bytearray)):
         data = bytes(body)
     elif isinstance(body, str):
-        data = body.encode()
+        data = _utf8(body, "body")
     else:
         data = _json_bytes(body)
     return Reply(code, data, kind)
@@ -318,8 +327,12 @@ def error_line(
     if not isinstance(message, str) or not isinstance(key, str):
         raise InvalidRequestError("message and key must be str")
     count = check_int("after", after)
-    line = json.dumps({"code": code, key: message, "data": None}, ensure_ascii=False)
-    return ErrorLine(count, line.encode() + b"\n")
+    obj = {"code": code, key: message, "data": None}
+    try:
+        line = json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as a JavaScript backend sends it
+        line = json.dumps(obj).encode()
+    return ErrorLine(count, line + b"\n")
 
 
 def drop(endpoint: object = "chat", *, after: object = 0) -> Drop:

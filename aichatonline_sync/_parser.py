@@ -385,4 +385,6 @@ class LineParser:
         """Log the first skipped line of a reply (its start); the stream logs the count at its end."""
         if not self._logged:
             self._logged = True
-            logger.debug("skipped %s (more are counted, not logged): %.80r", what, line)
+            # Cut first, then masked: a token cut at the end would pass the filter in part.
+            shown = _redact.scrub_quote(line[:80])
+            logger.debug("skipped %s (more are counted, not logged): %r", what, shown)

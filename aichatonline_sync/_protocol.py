@@ -72,6 +72,7 @@ BROWSER_HEADERS = {
 
 
 _NUMERIC_CODE = re.compile(r"-?[0-9]{1,9}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def upstream_code(value: Any) -> Any:
@@ -80,6 +81,8 @@ def upstream_code(value: Any) -> Any:
     would refuse them, or take long)."""
     if isinstance(value, str) and _NUMERIC_CODE.fullmatch(value.strip()):
         return int(value)
+    if isinstance(value, str):  # text that encodes, as every message of ours
+        return _SURROGATE.sub("\ufffd", value)
     return value
 
 

@@ -18,6 +18,7 @@ and :func:`scrub` reads an immutable snapshot, so no reader ever sees it half-up
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_SECRETS",
     "RedactingFilter",
     "logger",
+    "mask_chain",
     "remember",
     "scrub",
     "scrub_quote",
@@ -108,6 +110,31 @@ def scrub_quote(text: str, extra: Iterable[Optional[str]] = ()) -> str:
                 if text.endswith(secret[:size]):
                     return text[:-size] + _MASK
     return text
+
+
+def mask_chain(exc: BaseException) -> None:
+    """Mask the secrets in ``exc`` and every exception it holds (``__cause__``,
+    ``__context__``, exceptions among its ``args``), in place: the foreign exceptions the library
+    keeps as ``__cause__`` of its own are printed in every traceback."""
+    if not _snapshot:
+        return
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        args = tuple(scrub(a) if isinstance(a, str) else a for a in item.args)
+        if args != item.args:
+            item.args = args
+        for name in ("strerror", "filename", "msg", "reason"):  # (what OSError & co. print)
+            value = getattr(item, name, None)
+            if isinstance(value, str) and scrub(value) != value:
+                with contextlib.suppress(AttributeError, TypeError):  # (a read-only one)
+                    setattr(item, name, scrub(value))
+        inner = [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+        todo.extend(x for x in inner if isinstance(x, BaseException))
 
 
 class RedactingFilter(logging.Filter):

@@ -198,7 +198,7 @@ class Session:
         :raises APIConnectionError: the token request could not be made (after retries).
         """
         self._check_open()
-        return self._tokens.get(self.timeout, refresh=refresh)
+        return self._tokens.get(self.timeout, refresh=check_bool("refresh", refresh))
 
     # -- chatting ---------------------------------------------------------------------------------
 

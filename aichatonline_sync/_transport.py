@@ -169,11 +169,19 @@ class Transport:
         from ._retry import parse_retry_after
 
         hidden = (*secrets, *_password_of(self.proxy))
+        if 100 <= response.status_code < 200:
+            # The real answer is still on the connection, unread: it must never go back to the
+            # pool, where the next request would read that answer as its own.
+            abort(response)
+            response.close()
+            body = ""
+        else:
+            body = read_start(response, secrets=hidden, deadline=deadline, read_timeout=read_timeout)
         return status_error(
             status=response.status_code,
             reason=scrub(response.reason or "", hidden),
             headers={key: scrub(value, hidden) for key, value in response.headers.items()},
-            body=read_start(response, secrets=hidden, deadline=deadline, read_timeout=read_timeout),
+            body=body,
             url=url,
             what=what,
             retry_after=parse_retry_after(response.headers),
@@ -526,6 +534,7 @@ def abort(response: requests.Response) -> None:
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and every exception inside it: ``reason`` (urllib3), exceptions among ``args``
     (requests wraps urllib3's so), ``__cause__`` and ``__context__``; outermost first."""
+    _redact.mask_chain(exc)  # (kept as the __cause__ of ours: every traceback prints it)
     seen: set[int] = set()
     order: list[BaseException] = []
     todo = [exc]

@@ -332,3 +332,76 @@ def test_a_reply_that_never_comes_is_a_timeout_not_a_foreign_error() -> None:
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(aco.APITimeoutError):
             Session(url, max_retries=0, timeout=Timeout(connect=2, read=0.3)).complete("Hi")
+
+
+def test_the_connection_of_an_interim_reply_never_serves_another_chat(emu: Emulator) -> None:
+    # The answer behind the 103 stays on the connection: the next chat must not read it.
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(LINE), LINE)
+    emu.raw_reply("chat", b"HTTP/1.1 103 Early Hints\r\n\r\n" + stale, close=False)
+    emu.set_reply("fresh")
+    with Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        with pytest.raises(ProtocolError, match="interim reply"):
+            session.complete("one")
+        assert session.complete("two") == "fresh"
+
+
+def test_a_batch_on_a_shut_down_executor_gives_each_prompt_our_error(emu: Emulator) -> None:
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    pool.shutdown()
+    results = aco.batch(["a", "b"], base_url=emu.url, executor=pool, return_exceptions=True)
+    assert [type(r) for r in results] == [AiChatOnlineError, AiChatOnlineError]
+    assert "executor refused" in str(results[0])
+    assert emu.chat_requests == []
+
+
+def test_an_executor_that_is_no_executor_is_refused(emu: Emulator) -> None:
+    with pytest.raises(InvalidRequestError, match=r"concurrent\.futures\.Executor"):
+        aco.batch(["a"], base_url=emu.url, executor="nope")
+
+
+def test_grab_token_refresh_must_be_a_bool(emu: Emulator) -> None:
+    with Session(emu.url) as session, pytest.raises(InvalidRequestError, match="refresh"):
+        session.grab_token(refresh="no")
+    assert emu.request_count == 0
+
+
+def test_verify_must_hold_certificates(tmp_path: Any) -> None:
+    trustme = pytest.importorskip("trustme")
+    import os
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidRequestError, match="folder without hashed certificates"):
+        Session("https://127.0.0.1:9", verify=str(empty))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidRequestError, match="not a regular file"):
+        Session("https://127.0.0.1:9", verify=str(fifo))  # (it would block, reading)
+    key_only = tmp_path / "key.pem"
+    trustme.CA().private_key_pem.write_to_path(str(key_only))
+    with pytest.raises(InvalidRequestError):
+        Session("https://127.0.0.1:9", verify=str(key_only))
+
+
+def test_save_never_replaces_what_is_not_a_regular_file(tmp_path: Any) -> None:
+    import os
+
+    conversation = aco.Conversation()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(InvalidRequestError, match="not a regular file"):
+        conversation.save(folder)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidRequestError, match="not a regular file"):
+        conversation.save(fifo)
+    assert fifo.is_fifo()
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    conversation.save(link)
+    assert link.is_symlink()
+    assert aco.Conversation.load(real).messages == []

@@ -231,3 +231,35 @@ def test_the_partial_text_of_a_broken_reply_is_kept_as_it_came() -> None:
             session.complete("Hi")
     assert info.value.partial == f"your token is {token}"
     assert token not in str(info.value)
+
+
+def test_the_foreign_exception_kept_as_the_cause_is_masked_too() -> None:
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        token = session.grab_token()
+        emu.raw_reply("chat", f"HTTP/1.1 abc {token}\r\n\r\n".encode())
+        with pytest.raises(AiChatOnlineError) as info:
+            session.complete("Hi")
+    assert info.value.__cause__ is not None
+    assert not [o for o in shown(info.value) if token in o]
+
+
+def test_a_skipped_line_cut_in_the_middle_of_a_token_shows_none_of_it(
+    everything: Everything,
+) -> None:
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        token = session.grab_token()
+        line = b'{"data":{"message":"ok"}}\n'
+        emu.raw_reply("chat", _http("200 OK", b"x" * 60 + token.encode() + b"\n" + line))
+        assert session.complete("Hi") == "ok"
+    skipped = [entry for entry in everything.lines if "skipped" in entry]
+    assert skipped
+    assert token[:8] not in skipped[0]
+    assert "***" in skipped[0]
+
+
+def test_an_error_code_that_is_no_text_is_mended() -> None:
+    with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
+        emu.raw_reply("chat", _http("200 OK", b'{"code": "\\ud800", "message": "down"}\n'))
+        with pytest.raises(aco.UpstreamError) as info:
+            session.complete("Hi")
+    assert info.value.code == "\ufffd"
