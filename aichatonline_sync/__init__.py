@@ -28,6 +28,7 @@ from ._errors import (
     TokenError,
     UpstreamError,
 )
+from ._hooks import ChatEvent
 from ._prompt import format_prompt, get_random_string
 from ._session import Session
 from ._stream import ChatStream
@@ -43,6 +44,7 @@ __all__ = [
     "BatchError",
     "BatchResult",
     "Cancellation",
+    "ChatEvent",
     "ChatStream",
     "Conversation",
     "IncompleteStreamError",
@@ -55,6 +57,7 @@ __all__ = [
     "Timeout",
     "TokenError",
     "UpstreamError",
+    "Usage",
     "__version__",
     "batch",
     "batch_iter",
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
     from ._conversation import Conversation
     from ._notebook import display_stream
     from ._provider import AiChatOnline
+    from ._usage import Usage
 
 # Loaded at first use, to keep ``import aichatonline_sync`` cheap.
 _LAZY = {
@@ -78,6 +82,7 @@ _LAZY = {
     "BatchResult": "._batch",
     "Conversation": "._conversation",
     "display_stream": "._notebook",
+    "Usage": "._usage",
 }
 
 

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
         def count_till_limit(self, text: str, token_limit: int) -> Optional[int]: ...
 
 
-__all__ = ["Usage", "count_tokens", "encoding_for_model", "tokens_available", "truncate_to_tokens"]
+__all__ = [
+    "Usage", "count_tokens", "encoding_for_model", "tokens_available", "truncate_to_tokens",
+    "usage_of",
+]
 
 DEFAULT_MODEL = "gpt-4o-mini"
 # Dated snapshots of a model count with the model's encoding.
@@ -175,3 +178,13 @@ def truncate_to_tokens(text: str, max_tokens: int, model: str = DEFAULT_MODEL) -
         else:
             high = middle
     return text[:low]
+
+
+def usage_of(prompt: str, completion: str, model: str = DEFAULT_MODEL) -> Optional[Usage]:
+    """The :class:`Usage` of a chat that sent ``prompt`` (formatted) and got ``completion``, or
+    ``None`` without the ``tokens`` extra."""
+    prompt_tokens = count_tokens(prompt, model)
+    completion_tokens = count_tokens(completion, model)
+    if prompt_tokens is None or completion_tokens is None:
+        return None
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
