@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -114,7 +115,11 @@ def _tokenizer(model: str) -> Optional[_Tokenizer]:
                 except ImportError:
                     pass
                 else:
-                    loaded = bindings.tokenizer_for_encoding(encoding)
+                    # Its loader reads the shipped file with importlib.resources.open_binary,
+                    # deprecated on Python 3.11-3.12: not the caller's concern.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        loaded = bindings.tokenizer_for_encoding(encoding)
             _tokenizers[encoding] = loaded
         return _tokenizers[encoding]
 
