@@ -110,15 +110,15 @@ def _tokenizer(model: str) -> Optional[_Tokenizer]:
         if encoding not in _tokenizers:
             loaded: Optional[_Tokenizer] = None
             if tokens_available():
-                try:
-                    bindings = importlib.import_module("bpe_openai._bindings")
-                except ImportError:
-                    pass
-                else:
-                    # Its loader reads the shipped file with importlib.resources.open_binary,
-                    # deprecated on Python 3.11-3.12: not the caller's concern.
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", DeprecationWarning)
+                # Its loader reads the shipped file with importlib.resources.open_binary,
+                # deprecated on Python 3.11-3.12: not the caller's concern.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    try:
+                        bindings = importlib.import_module("bpe_openai._bindings")
+                    except ImportError:
+                        pass
+                    else:
                         loaded = bindings.tokenizer_for_encoding(encoding)
             _tokenizers[encoding] = loaded
         return _tokenizers[encoding]
