@@ -28,7 +28,6 @@ from ._errors import (
     TokenError,
     UpstreamError,
 )
-from ._hooks import ChatEvent
 from ._prompt import format_prompt, get_random_string
 from ._session import Session
 from ._stream import ChatStream
@@ -72,6 +71,7 @@ __all__ = [
 if TYPE_CHECKING:
     from ._batch import BatchResult
     from ._conversation import Conversation
+    from ._events import ChatEvent
     from ._notebook import display_stream
     from ._provider import AiChatOnline
     from ._usage import Usage
@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "AiChatOnline": "._provider",
     "BatchResult": "._batch",
+    "ChatEvent": "._events",
     "Conversation": "._conversation",
     "display_stream": "._notebook",
     "Usage": "._usage",

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _redact
 from ._errors import AiChatOnlineError, InvalidRequestError
 
 if TYPE_CHECKING:
+    from ._events import ChatEvent
     from ._stream import ChatStream
     from ._usage import Usage
 
-__all__ = ["EVENTS", "ChatCall", "ChatEvent", "EventHooks", "Hook"]
+__all__ = ["EVENTS", "ChatCall", "EventHooks", "Hook"]
 
 logger = _redact.logger("aichatonline_sync")
 
@@ -42,40 +42,7 @@ logger = _redact.logger("aichatonline_sync")
 EVENTS = ("chat_start", "retry", "first_piece", "chat_end", "chat_error", "cache_hit")
 
 
-@dataclass(frozen=True)
-class ChatEvent:
-    """One moment of one chat, as hooks receive it.
-
-    :ivar name: one of :data:`EVENTS`.
-    :ivar model: the model asked for.
-    :ivar conversation_id: the chat's ``conversationId``.
-    :ivar url: the chat URL (without credentials).
-    :ivar attempt: for ``retry``, the number of the attempt that failed (1 for the first).
-    :ivar wait: for ``retry``, the seconds before the next attempt.
-    :ivar error: for ``retry`` and ``chat_error``, the exception.
-    :ivar stream: for ``first_piece`` and ``cache_hit``, the :class:`ChatStream`.
-    :ivar text: for ``chat_end``, the whole reply (``""`` with ``keep_text=False``).
-    """
-
-    name: str
-    model: str
-    conversation_id: str
-    url: str
-    attempt: Optional[int] = None
-    wait: Optional[float] = None
-    error: Optional[BaseException] = None
-    stream: Optional[ChatStream] = None
-    text: Optional[str] = None
-    _count: Optional[Callable[[], Optional[Usage]]] = field(default=None, repr=False, compare=False)
-
-    @property
-    def usage(self) -> Optional[Usage]:
-        """For ``chat_end``: the chat's token counts (counted at the first read; ``None`` without
-        the ``tokens`` extra, or with ``keep_text=False``)."""
-        return None if self._count is None else self._count()
-
-
-Hook = Callable[[ChatEvent], object]
+Hook = Callable[["ChatEvent"], object]
 
 
 class EventHooks:
@@ -110,6 +77,14 @@ class EventHooks:
 
     def __bool__(self) -> bool:
         return bool(self._hooks)
+
+    def event(self, name: str, model: str, conversation_id: str, url: str, **details: Any) -> None:
+        """Build the :class:`ChatEvent` and :meth:`emit` it (only when a hook listens to it)."""
+        if name in self._hooks:
+            # (Its dataclass costs a millisecond or two to create: only sessions with hooks load it.)
+            from ._events import ChatEvent
+
+            self.emit(ChatEvent(name, model, conversation_id, url, **details))
 
     def emit(self, event: ChatEvent) -> None:
         """Call the hooks of ``event.name``; an exception of one is logged and ignored."""
@@ -165,10 +140,7 @@ class EventHooks:
     def cache_hit(self, stream: ChatStream, *, url: str) -> None:
         """Emit ``cache_hit`` for ``stream``, a reply served from a cache (for the reply cache:
         call it when a hit is handed out instead of sending the chat)."""
-        if self._hooks:
-            self.emit(ChatEvent(
-                "cache_hit", stream.model, stream.conversation_id, url, stream=stream
-            ))
+        self.event("cache_hit", stream.model, stream.conversation_id, url, stream=stream)
 
 
 class ChatCall:
@@ -221,10 +193,10 @@ class ChatCall:
     ) -> None:
         if self._hooks:
             count = None if text is None else (lambda: self.usage(text))
-            self._hooks.emit(ChatEvent(
+            self._hooks.event(
                 name, self.model, self.conversation_id, self.url,
                 attempt=attempt, wait=wait, error=error, stream=stream, text=text, _count=count,
-            ))
+            )
 
     def retry(self, attempt: int, wait: float, error: BaseException) -> None:
         if self._span is not None:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import pytest
 
 import aichatonline_sync as aco
-from aichatonline_sync._hooks import EVENTS, ChatEvent, EventHooks
+from aichatonline_sync import ChatEvent
+from aichatonline_sync._hooks import EVENTS, EventHooks
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]
