@@ -43,6 +43,7 @@ __all__ = [
     "BatchError",
     "BatchResult",
     "Cancellation",
+    "ChatEvent",
     "ChatStream",
     "Conversation",
     "IncompleteStreamError",
@@ -55,6 +56,7 @@ __all__ = [
     "Timeout",
     "TokenError",
     "UpstreamError",
+    "Usage",
     "__version__",
     "batch",
     "batch_iter",
@@ -69,15 +71,19 @@ __all__ = [
 if TYPE_CHECKING:
     from ._batch import BatchResult
     from ._conversation import Conversation
+    from ._events import ChatEvent
     from ._notebook import display_stream
     from ._provider import AiChatOnline
+    from ._usage import Usage
 
 # Loaded at first use, to keep ``import aichatonline_sync`` cheap.
 _LAZY = {
     "AiChatOnline": "._provider",
     "BatchResult": "._batch",
+    "ChatEvent": "._events",
     "Conversation": "._conversation",
     "display_stream": "._notebook",
+    "Usage": "._usage",
 }
 
 

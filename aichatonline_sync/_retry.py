@@ -109,6 +109,7 @@ def build_retrying(
     deadline: Optional[float] = None,
     cancel: Optional[Cancellation] = None,
     url: Optional[str] = None,
+    on_retry: Optional[Callable[[int, float, BaseException], None]] = None,
 ) -> tenacity.Retrying:
     """The :class:`tenacity.Retrying` for one call of ``what`` ("chat request", "token request").
 
@@ -118,7 +119,8 @@ def build_retrying(
     - wait: :func:`backoff` (``Retry-After`` when the reply asked for it);
     - sleep: ``policy.sleep``, ended early by ``cancel`` (which then raises its error, naming
       ``url``);
-    - before each retry, a warning with the reason and the wait. The last error is raised as it is.
+    - before each retry, a warning with the reason and the wait, and ``on_retry(attempt, wait,
+      error)`` (the session's event hooks). The last error is raised as it is.
     """
     import tenacity  # at the first request, not at ``import aichatonline_sync``
 
@@ -145,6 +147,8 @@ def build_retrying(
             policy.max_retries,
             state.upcoming_sleep,
         )
+        if on_retry is not None and exc is not None:
+            on_retry(state.attempt_number, state.upcoming_sleep, exc)
 
     stops: list[Any] = [tenacity.stop_after_attempt(policy.max_retries + 1), past_deadline]
     sleep: Callable[[float], None] = policy.sleep

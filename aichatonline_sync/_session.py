@@ -7,9 +7,10 @@ The session only orchestrates: options are checked by :mod:`._config`, requests 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 from urllib.parse import urlsplit
 
@@ -41,6 +42,7 @@ from ._errors import (
     UpstreamError,
     html_page_title,
 )
+from ._hooks import ChatCall, EventHooks, Hook
 from ._parser import DEFAULT_MAX_LINE
 from ._prompt import build_prompt, get_random_string, validate_conversation_id
 from ._protocol import CHAT_PATH, DEFAULT_MODEL, MODELS, TOKEN_HEADER, TOKEN_PATH, chat_body
@@ -70,6 +72,7 @@ class _Chat(NamedTuple):
     """One chat, checked: what is sent, and how long it may take."""
 
     body: bytes
+    prompt: str
     conversation_id: str
     model: str
     timeout: Timeout
@@ -96,6 +99,7 @@ class Session:
     :param http: an existing :class:`requests.Session` to send through (not closed by :meth:`close`).
     :param max_line_bytes: the longest reply line accepted (default 1 MiB).
     :param pool_maxsize: connections kept per host (default 32; raise it for more threads).
+    :param event_hooks: ``{"chat_start": [fn], ...}``: see :mod:`._hooks` and the README.
     :raises InvalidRequestError: a bad option; nothing is sent.
     """
 
@@ -113,6 +117,7 @@ class Session:
         http: Optional[requests.Session] = None,
         max_line_bytes: int = DEFAULT_MAX_LINE,
         pool_maxsize: int = _DEFAULT_POOL,
+        event_hooks: Optional[Mapping[str, Sequence[Hook]]] = None,
     ) -> None:
         self.base_url = validate_base_url(base_url)
         self.proxy = validate_proxy(proxy)
@@ -125,6 +130,7 @@ class Session:
         _check_http(http)
         self.max_line_bytes = check_int("max_line_bytes", max_line_bytes, low=1, high=MAX_LINE_LIMIT)
         pool_maxsize = check_int("pool_maxsize", pool_maxsize, low=1, high=MAX_CONNECTIONS)
+        self._hooks = EventHooks(event_hooks)
         self._closed = False
         self._transport = Transport(
             self.base_url, http=http, proxy=self.proxy, verify=self.verify, pool_maxsize=pool_maxsize
@@ -227,13 +233,14 @@ class Session:
         :raises InvalidRequestError: bad messages or options (an unknown option too, or an option
             of :class:`Session` itself), before anything is sent.
         """
-        reject_options(
-            unknown, valid=CHAT_OPTIONS, what="Session.chat()", elsewhere=SESSION_OPTIONS,
-            elsewhere_hint="belong to Session(...), not to one chat",
-        )
+        reject_options(unknown, valid=CHAT_OPTIONS, what="Session.chat()", elsewhere=SESSION_OPTIONS,
+                       elsewhere_hint="belong to Session(...), not to one chat")
         self._check_open()
         chat_timeout = self.timeout if timeout is None else timeout
         chat = _prepare(messages, model, chat_timeout, conversation_id, keep_text, cancel)
+        return self._hooks.run(functools.partial(self._send, chat), chat, self._shown_chat_url)
+
+    def _send(self, chat: _Chat, call: Optional[ChatCall]) -> ChatStream:
         stale: Optional[str] = None  # a token the upstream rejected
         used = 0  # retries spent before that rejection
         while True:
@@ -242,14 +249,11 @@ class Session:
             )
             policy = self.retry.replace(max_retries=self.retry.max_retries - used) if used else self.retry
             retrying = build_retrying(
-                policy,
-                what="chat request",
-                deadline=chat.deadline,
-                cancel=chat.cancel,
-                url=self._shown_chat_url,
+                policy, what="chat request", deadline=chat.deadline, cancel=chat.cancel,
+                url=self._shown_chat_url, on_retry=None if call is None else call.retry,
             )
             try:
-                return retrying(self._open, chat, token)
+                return retrying(self._open, chat, token, call)
             except (AuthenticationError, UpstreamError) as exc:
                 if stale is not None or not _is_rejection(exc):
                     raise
@@ -295,7 +299,7 @@ class Session:
             on_result=on_result,
         )
 
-    def _open(self, chat: _Chat, token: str) -> ChatStream:
+    def _open(self, chat: _Chat, token: str, call: Optional[ChatCall] = None) -> ChatStream:
         """One attempt: post the chat and read until its first piece."""
         self._check_open()
         if chat.cancel is not None:
@@ -329,7 +333,8 @@ class Session:
             cancel=chat.cancel,
         )
         reply.prime()
-        return ChatStream(reply, conversation_id=chat.conversation_id, model=chat.model)
+        return ChatStream(reply, conversation_id=chat.conversation_id, model=chat.model,
+                          prompt=chat.prompt, call=call)
 
     def _secrets(self) -> tuple[Optional[str], ...]:
         password = urlsplit(self.proxy).password if self.proxy else None
@@ -362,6 +367,7 @@ def _prepare(
     total = chat_timeout.total
     return _Chat(
         body=chat_body(conversation_id, prompt),
+        prompt=prompt,
         conversation_id=conversation_id,
         model=str(model),
         timeout=chat_timeout,

@@ -6,7 +6,7 @@ import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import requests
 
@@ -32,6 +32,10 @@ from ._transport import (
     scrub_quote,
     translate_exception,
 )
+
+if TYPE_CHECKING:
+    from ._hooks import ChatCall
+    from ._usage import Usage
 
 __all__ = ["ChatStream", "Reply"]
 
@@ -115,6 +119,8 @@ class Reply:
         self._first: list[str] = []
         self._callbacks: list[Callable[[str], None]] = []
         self._cancel = cancel
+        self._observer: Optional[ChatCall] = None
+        self._error: Optional[BaseException] = None
         self.finished = False  #: read to its end
         self.released = False  #: the connection was released (at the end, on close or error)
         self.aborted = False  #: :meth:`abort` was called
@@ -126,6 +132,11 @@ class Reply:
         # Dropped before it was iterated (a started generator releases in its ``finally``).
         if not getattr(self, "released", True):
             self.release()
+
+    @property
+    def kept(self) -> bool:
+        """Whether the text is kept (``keep_text``)."""
+        return self._kept is not None
 
     @property
     def text(self) -> str:
@@ -194,10 +205,20 @@ class Reply:
             with _CALLBACK_LOCK:
                 self.finished = True
                 callbacks, self._callbacks = self._callbacks, []
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.finished(text, kept=kept is not None)
             for callback in callbacks:
                 callback(text)
+        except AiChatOnlineError as exc:
+            self._error = exc
+            raise
         finally:
             self.release()
+
+    def observe(self, observer: ChatCall) -> None:
+        """Report the reply's end, failure, or early close to ``observer`` (once)."""
+        self._observer = observer
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` when the reply has been read to its end; at once if it was."""
@@ -335,6 +356,12 @@ class Reply:
             logger.debug("skipped %d reply lines that carry no message", self._parser.skipped)
         if self._cancel is not None:
             self._cancel.discard(self)
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            if self._error is not None:
+                observer.failed(self._error)
+            else:
+                observer.closed()
         if self.finished:
             return
         try:
@@ -364,10 +391,23 @@ class ChatStream:
     fine. :meth:`abort` and :meth:`close` may be called from any thread.
     """
 
-    def __init__(self, reply: Reply, *, conversation_id: str, model: str) -> None:
+    def __init__(
+        self,
+        reply: Reply,
+        *,
+        conversation_id: str,
+        model: str,
+        prompt: Optional[str] = None,
+        call: Optional[ChatCall] = None,
+    ) -> None:
         self.conversation_id = conversation_id
         self.model = model
         self._reply = reply
+        self._prompt = prompt
+        self._call = call
+        self._usage: Optional[Usage] = None
+        if call is not None:
+            reply.observe(call)
         self._gen = reply.pieces()
         self._reader: Optional[threading.Thread] = None  # the thread that iterates it
         # The thread that read last (began a loop, or called next()); at first the one that made it.
@@ -489,6 +529,23 @@ class ChatStream:
         ``""`` when the stream was made with ``keep_text=False``.
         """
         return self._reply.text
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        """The token counts of the formatted prompt and of the reply, once the stream was read to
+        its end (counted offline with the model's tokenizer at the first read of this property).
+
+        ``None`` before the end, without the ``tokens`` extra, or with ``keep_text=False``.
+        """
+        reply = self._reply
+        if self._usage is None and reply.finished and reply.kept and self._prompt is not None:
+            if self._call is not None:
+                self._usage = self._call.usage(reply.text)
+            else:
+                from ._usage import usage_of
+
+                self._usage = usage_of(self._prompt, reply.text, self.model)
+        return self._usage
 
     @property
     def partial(self) -> str:

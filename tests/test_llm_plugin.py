@@ -298,3 +298,56 @@ def test_python_api_errors_are_model_errors(model: Any, emu: Emulator) -> None:
         response.text()
     assert isinstance(info.value.__cause__, aco.APIStatusError)
     assert str(info.value) == str(info.value.__cause__)
+
+
+# -- the async model and token usage ---------------------------------------------------------------
+
+
+def test_async_prompt_streams_and_is_logged(emu: Emulator, env: dict[str, str]) -> None:
+    assert ok(run_llm(["--async", "-m", "aichatonline", "Hello"], env)) == REPLY + "\n"
+    assert [r.prompt for r in emu.chat_requests] == ["Hello"]
+    logs = json.loads(ok(run_llm(["logs", "-n", "1", "--json"], env)))
+    assert logs[0]["response"] == REPLY
+    assert logs[0]["response_json"]["model"] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_usage_is_shown_with_u_and_logged(emu: Emulator, env: dict[str, str], mode: list[str]) -> None:
+    pytest.importorskip("bpe_openai", reason="bpe-openai is not installed (the tokens extra)")
+    result = run_llm([*mode, "-u", "-m", "aichatonline", "Hello"], env)
+    assert ok(result) == REPLY + "\n"
+    assert "Token usage: 1 input, 3 output" in result.stderr  # "Hello"; "Hi", " there", "!"
+    logs = json.loads(ok(run_llm(["logs", "-n", "1", "--json"], env)))
+    assert (logs[0]["input_tokens"], logs[0]["output_tokens"]) == (1, 3)
+
+
+def test_async_python_api_does_not_block_the_loop(emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llm's own async API in this process: the loop keeps ticking while the reply streams."""
+    import asyncio
+
+    from aichatonline_sync.llm_plugin import AiChatOnlineAsyncModel
+
+    emu = emulator(reply=["one ", "two ", "three"], chunk_delay=0.1)
+    monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
+
+    async def main() -> tuple[str, int, list[str]]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.ensure_future(ticker())
+        response = AiChatOnlineAsyncModel().prompt("Hello")
+        pieces = [piece async for piece in response]
+        stop.set()
+        await task
+        return await response.text(), ticks, pieces
+
+    text, ticks, pieces = asyncio.run(main())
+    assert text == "one two three"
+    assert pieces == ["one ", "two ", "three"]
+    assert ticks >= 10  # 0.2 s of delays: the loop ran all along
