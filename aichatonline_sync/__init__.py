@@ -49,6 +49,7 @@ __all__ = [
     "InvalidRequestError",
     "ProtocolError",
     "RateLimitError",
+    "ReplyCache",
     "RetryPolicy",
     "Session",
     "StreamError",
@@ -68,6 +69,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._batch import BatchResult
+    from ._cache import ReplyCache
     from ._conversation import Conversation
     from ._notebook import display_stream
     from ._provider import AiChatOnline
@@ -77,6 +79,7 @@ _LAZY = {
     "AiChatOnline": "._provider",
     "BatchResult": "._batch",
     "Conversation": "._conversation",
+    "ReplyCache": "._cache",
     "display_stream": "._notebook",
 }
 
