@@ -10,8 +10,9 @@ Installed with the package (``pip install ".[llm]"``, or ``llm install .`` from 
 
 Every turn sends the whole conversation, formatted as gpt4free's ``format_prompt`` does (the
 service keeps no history of its own). The settings are those of the ``aichatonline`` command:
-``$AICHATONLINE_BASE_URL``, ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT`` and
-``$AICHATONLINE_MAX_RETRIES``. Failures are :class:`llm.ModelError` with this library's message.
+``$AICHATONLINE_BASE_URL``, ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT``,
+``$AICHATONLINE_MAX_RETRIES`` and ``$AICHATONLINE_CACHE`` (a reply cache file: a prompt answered
+before is replayed from it, nothing sent). Failures are :class:`llm.ModelError` with this library's message.
 
 This module imports ``llm``: only ``llm`` loads it (``import aichatonline_sync`` never does).
 """
