@@ -535,7 +535,10 @@ class StoredReply(Reply):
         self._first = list(pieces)
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
-        """Every piece is handed out in the first batch: the end follows it."""
+        """Every piece is handed out in the first batch: the end follows it, unless the reply was
+        aborted meanwhile (as a network reply's next read would fail)."""
         if self.abort_reason is not None:
             raise self.aborted_error()
+        if self.aborted:
+            raise self._failure(ConnectionAbortedError("aborted"), started)
         return None
