@@ -50,6 +50,7 @@ __all__ = [
     "InvalidRequestError",
     "ProtocolError",
     "RateLimitError",
+    "ReplyCache",
     "RetryPolicy",
     "Session",
     "StreamError",
@@ -70,6 +71,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._batch import BatchResult
+    from ._cache import ReplyCache
     from ._conversation import Conversation
     from ._events import ChatEvent
     from ._notebook import display_stream
@@ -82,6 +84,7 @@ _LAZY = {
     "BatchResult": "._batch",
     "ChatEvent": "._events",
     "Conversation": "._conversation",
+    "ReplyCache": "._cache",
     "display_stream": "._notebook",
     "Usage": "._usage",
 }

@@ -1,5 +1,5 @@
 """The ``aichatonline`` command (also ``python -m aichatonline_sync``): ``chat``, ``batch``, ``serve``,
-``gateway``.
+``gateway``, ``cache``.
 
 Exit status:
 
@@ -64,10 +64,12 @@ from ._cli_io import (
 )
 from ._config import validate_base_url, validate_verify
 from ._env import (
+    CACHE_ENV,
     MAX_RETRIES_ENV,
     PROXY_ENV,
     TIMEOUT_ENV,
     gateway_key_from_env,
+    parse_cache_path,
     parse_count,
     parse_gateway_key,
     parse_proxy,
@@ -162,6 +164,24 @@ def _argument(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
 _timeout = _argument(parse_timeout, "timeout")
 _proxy = _argument(parse_proxy, "proxy")
 _api_key = _argument(parse_gateway_key, "API key")
+_cache_path = _argument(parse_cache_path, "cache path")
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(value: str) -> float:
+    """A duration: seconds, or a number with ``s``, ``m``, ``h`` or ``d`` (``30d``)."""
+    text = value.strip().lower()
+    unit = _AGE_UNITS.get(text[-1:], 0)
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration such as 3600, 90m, 12h or 30d, not {value!r}"
+        )
+    return seconds
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -242,6 +262,7 @@ examples:
   {PROG} batch prompts.txt -o results.jsonl --workers 8
   {PROG} serve --port 8765
   {PROG} gateway --emulator                   # an OpenAI-compatible API on :8000/v1
+  {PROG} chat --cache replies.sqlite "Hello"  # asked again: replayed, nothing sent
 
 exit status: 0 done, 1 upstream or network failure (or a failed write), 2 usage error,
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed early (e.g. piped
@@ -258,6 +279,7 @@ examples:
   {PROG} chat --timeout 5,120 --max-retries 5 --proxy http://127.0.0.1:3128 "Hi"
   {PROG} chat --verify /etc/ssl/my-ca.pem --base-url https://chat.internal "Hi"
   {PROG} chat -- -5 degrees is cold            # a prompt that starts with '-'
+  {PROG} chat --cache ~/.cache/aco.sqlite "Hi" # the same prompt again: replayed from the file
 
 The reply is written to stdout piece by piece as it arrives. A prompt read from stdin
 (UTF-8; a BOM is dropped) loses one trailing newline. Exit status: 0 done, 1 upstream or
@@ -271,6 +293,7 @@ examples:
   {PROG} batch prompts.jsonl -o results.jsonl --rate-limit 2     # at most 2 chats a second
   {PROG} batch prompts.txt -o results.jsonl --system "Answer in one sentence."
   printf 'Hi\\nWhat is HTTP?\\n' | {PROG} batch - --emulator
+  {PROG} batch prompts.txt -o results.jsonl --cache replies.sqlite  # asked before: no request
 
 INPUT (UTF-8; a BOM is dropped) is plain text, one prompt per line, or JSON lines:
   {{"id": "q1", "prompt": "What is HTTP?"}}
@@ -309,6 +332,20 @@ then, in another terminal:
   AICHATONLINE_BASE_URL=http://127.0.0.1:8765 {PROG} chat "Hello"
 
 Runs until Ctrl-C or SIGTERM, then stops cleanly with exit status 0.
+"""
+
+
+_CACHE_EPILOG = f"""\
+examples:
+  {PROG} cache info replies.sqlite              # entries, size on disk, oldest and newest
+  {PROG} cache clear replies.sqlite --older-than 30d
+  {PROG} cache clear                             # every entry of ${CACHE_ENV}
+
+A reply cache (--cache PATH on chat and batch, ${CACHE_ENV} for every command, the
+gateway and the llm plugin) keeps every reply read to its end, keyed by the model and the
+prompt as sent; a prompt found there is answered from the file, nothing sent. Entries never
+expire on their own: clear them when the file grows, or when the service's answers should
+be asked afresh. Exit status: 0 done, 2 usage error (also a file that is not a reply cache).
 """
 
 
@@ -383,6 +420,42 @@ def _connection_options(*, model: bool = True) -> _Parser:
     return connection
 
 
+def _cache_options() -> _Parser:
+    """``--cache PATH``, for the commands that chat."""
+    cache = _Parser(add_help=False)
+    cache.add_argument(
+        "--cache",
+        type=_cache_path,
+        metavar="PATH",
+        help="a reply cache file (SQLite; made when missing): a prompt asked before is "
+        f"replayed from it, nothing sent; a reply read to its end is stored (default: ${CACHE_ENV})",
+    )
+    return cache
+
+
+def _add_cache_command(commands: Any, common: _Parser) -> None:
+    """``cache info|clear [PATH]``."""
+    cache = commands.add_parser(
+        "cache",
+        parents=[common],
+        help="show or clear a reply cache file",
+        description="Show or clear a reply cache file (made by --cache or $AICHATONLINE_CACHE).",
+        epilog=_CACHE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cache.add_argument("action", choices=("info", "clear"), help="what to do")
+    cache.add_argument(
+        "path", nargs="?", type=_cache_path, metavar="PATH", help=f"the file (default: ${CACHE_ENV})"
+    )
+    cache.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="clear only the entries older than AGE: seconds, or 90m, 12h, 30d (default: all)",
+    )
+    cache.set_defaults(func=_run_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``argparse`` parser of the ``aichatonline`` command."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -396,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log debug messages (requests, retries) to stderr",
     )
     connection = _connection_options()
+    cached = _cache_options()
 
     parser = _Parser(
         prog=PROG,
@@ -409,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser(
         "chat",
-        parents=[common, connection],
+        parents=[common, connection, cached],
         help="stream the reply to one prompt to stdout",
         description="Send one prompt and stream the reply to stdout as it arrives.",
         epilog=_CHAT_EPILOG,
@@ -428,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = commands.add_parser(
         "batch",
-        parents=[common, connection],
+        parents=[common, connection, cached],
         help="run many prompts concurrently, results as JSON lines",
         description="Run every prompt of INPUT concurrently; append each result to OUTPUT.",
         epilog=_BATCH_EPILOG,
@@ -521,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
     )
     gateway.set_defaults(func=_run_gateway)
+    _add_cache_command(commands, common)
     return parser
 
 
@@ -528,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
-    for option in ("proxy", "timeout", "max_retries"):
-        if getattr(args, option) is None:  # a given option wins over its variable, bad or not
+    for option in ("proxy", "timeout", "max_retries", "cache"):  # (gateway: no --cache, the variable)
+        if getattr(args, option, None) is None:  # a given option wins over its variable, bad or not
             try:
                 setattr(args, option, setting_from_env(option))
             except InvalidRequestError as exc:
@@ -540,7 +615,7 @@ def _session_options(args: argparse.Namespace) -> dict[str, Any]:
         except InvalidRequestError as exc:
             raise UsageError(str(exc)) from None
     options: dict[str, Any] = {}
-    for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes"):
+    for name in ("proxy", "timeout", "max_retries", "verify", "max_line_bytes", "cache"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return options
@@ -943,6 +1018,44 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- cache ---------------------------------------------------------------------------------------
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from ._cache import ReplyCache
+
+    path = args.path
+    if path is None:
+        try:
+            path = setting_from_env("cache")
+        except InvalidRequestError as exc:
+            raise UsageError(str(exc)) from None
+    if path is None:
+        raise UsageError(f"give the cache file: {PROG} cache {args.action} PATH (or set ${CACHE_ENV})")
+    if not os.path.exists(path):  # (opening it would make an empty cache)
+        raise UsageError(f"no reply cache at {path!r} (no such file)")
+    if args.action == "info" and args.older_than is not None:
+        raise UsageError("--older-than goes with 'clear', not 'info'")
+    with ReplyCache(path) as cache:
+        if args.action == "clear":
+            removed = cache.clear(older_than=args.older_than)
+            left = len(cache)
+            sys.stdout.write(f"{path}: removed {removed} entries, {left} left\n")
+            return EXIT_OK
+        stats = cache.stats()
+    when = (
+        f", from {_local_time(stats.oldest)} to {_local_time(stats.newest)}"
+        if stats.oldest is not None and stats.newest is not None
+        else ""
+    )
+    sys.stdout.write(f"{path}: {stats.entries} entries, {stats.size} bytes on disk{when}\n")
+    return EXIT_OK
+
+
+def _local_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -1022,7 +1135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if getattr(args, "func", None) is None:
         _say(parser.format_usage().rstrip("\n"))
-        _error(f"give a command: chat, batch, serve or gateway (see '{PROG} --help')")
+        _error(f"give a command: chat, batch, serve, gateway or cache (see '{PROG} --help')")
         return EXIT_USAGE
     undo_logging = _setup_logging(bool(args.verbose))
     try:

@@ -19,12 +19,14 @@ from ._protocol import BASE_URL_ENV
 
 __all__ = [
     "BASE_URL_ENV",
+    "CACHE_ENV",
     "GATEWAY_KEY_ENV",
     "MAX_RETRIES_ENV",
     "PROXY_ENV",
     "TIMEOUT_ENV",
     "gateway_key_from_env",
     "parse_base_url",
+    "parse_cache_path",
     "parse_count",
     "parse_gateway_key",
     "parse_proxy",
@@ -38,6 +40,7 @@ PROXY_ENV = "AICHATONLINE_PROXY"
 TIMEOUT_ENV = "AICHATONLINE_TIMEOUT"
 MAX_RETRIES_ENV = "AICHATONLINE_MAX_RETRIES"
 GATEWAY_KEY_ENV = "AICHATONLINE_GATEWAY_KEY"
+CACHE_ENV = "AICHATONLINE_CACHE"
 
 
 def parse_seconds(value: str) -> float:
@@ -108,6 +111,18 @@ def parse_base_url(value: str) -> str:
         raise ValueError(str(exc).replace("base_url ", "", 1)) from None
 
 
+def parse_cache_path(value: str) -> str:
+    """The path of a reply cache file (``~`` expanded; the file is checked when a session opens
+    it).
+
+    :raises ValueError: ``"must be the path of a file, not '...'"``.
+    """
+    path = os.path.expanduser(value)
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"must be the path of a file, not {value!r}")
+    return path
+
+
 def parse_gateway_key(value: str) -> str:
     """The gateway's API key: printable ASCII, no spaces (what a ``Bearer`` header can carry).
 
@@ -125,6 +140,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "proxy": (PROXY_ENV, parse_proxy),
     "timeout": (TIMEOUT_ENV, parse_timeout),
     "max_retries": (MAX_RETRIES_ENV, parse_count),
+    "cache": (CACHE_ENV, parse_cache_path),
 }
 #: ... and the others.
 _OTHER_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -135,8 +151,8 @@ _OTHER_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
 
 def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -> Any:
     """The value of one setting from its variable, or ``None`` when the variable is unset or blank.
-    ``option`` is a :class:`Session` option, ``"proxy"``, ``"timeout"``, ``"max_retries"`` or
-    ``"base_url"``, or the gateway's ``"gateway_key"``.
+    ``option`` is a :class:`Session` option, ``"proxy"``, ``"timeout"``, ``"max_retries"``,
+    ``"cache"`` or ``"base_url"``, or the gateway's ``"gateway_key"``.
 
     A front end with its own options (the command line) reads a variable only for an option that
     was not given, so that a bad variable does not matter when the option overrides it.
@@ -155,8 +171,9 @@ def setting_from_env(option: str, environ: Optional[Mapping[str, str]] = None) -
 
 
 def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
-    """The :class:`Session` options that ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT`` and
-    ``$AICHATONLINE_MAX_RETRIES`` give (only those that are set, not blank).
+    """The :class:`Session` options that ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT``,
+    ``$AICHATONLINE_MAX_RETRIES`` and ``$AICHATONLINE_CACHE`` give (only those that are set, not
+    blank).
 
     >>> session_options_from_env({"AICHATONLINE_TIMEOUT": "30", "AICHATONLINE_PROXY": ""})
     {'timeout': Timeout(connect=30.0, read=30.0, total=None)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
@@ -48,7 +49,7 @@ from ._prompt import build_prompt, get_random_string, validate_conversation_id
 from ._protocol import CHAT_PATH, DEFAULT_MODEL, MODELS, TOKEN_HEADER, TOKEN_PATH, chat_body
 from ._protocol import request_headers as protocol_headers
 from ._retry import build_retrying
-from ._stream import ChatStream, Reply
+from ._stream import ChatStream, RecordedReply, Reply, StoredReply
 from ._token import TokenStore
 from ._transport import Transport, read_start
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need i
     import concurrent.futures
 
     from ._batch import BatchResult
+    from ._cache import ReplyCache  # (sqlite3 is imported only for a session with a cache)
 
 __all__ = ["CHAT_OPTIONS", "DEFAULT_MODEL", "MODELS", "SESSION_OPTIONS", "Session", "split_options"]
 
@@ -72,7 +74,7 @@ class _Chat(NamedTuple):
     """One chat, checked: what is sent, and how long it may take."""
 
     body: bytes
-    prompt: str
+    prompt: str  # formatted: with the model, the key of a reply cache
     conversation_id: str
     model: str
     timeout: Timeout
@@ -100,6 +102,7 @@ class Session:
     :param max_line_bytes: the longest reply line accepted (default 1 MiB).
     :param pool_maxsize: connections kept per host (default 32; raise it for more threads).
     :param event_hooks: ``{"chat_start": [fn], ...}``: see :mod:`._hooks` and the README.
+    :param cache: a :class:`ReplyCache` or the path of its file: replies replayed, not sent.
     :raises InvalidRequestError: a bad option; nothing is sent.
     """
 
@@ -118,6 +121,7 @@ class Session:
         max_line_bytes: int = DEFAULT_MAX_LINE,
         pool_maxsize: int = _DEFAULT_POOL,
         event_hooks: Optional[Mapping[str, Sequence[Hook]]] = None,
+        cache: Union[str, os.PathLike[str], ReplyCache, None] = None,
     ) -> None:
         self.base_url = validate_base_url(base_url)
         self.proxy = validate_proxy(proxy)
@@ -131,6 +135,7 @@ class Session:
         self.max_line_bytes = check_int("max_line_bytes", max_line_bytes, low=1, high=MAX_LINE_LIMIT)
         pool_maxsize = check_int("pool_maxsize", pool_maxsize, low=1, high=MAX_CONNECTIONS)
         self._hooks = EventHooks(event_hooks)
+        self.cache = _cache_option(cache)
         self._closed = False
         self._transport = Transport(
             self.base_url, http=http, proxy=self.proxy, verify=self.verify, pool_maxsize=pool_maxsize
@@ -238,6 +243,9 @@ class Session:
         self._check_open()
         chat_timeout = self.timeout if timeout is None else timeout
         chat = _prepare(messages, model, chat_timeout, conversation_id, keep_text, cancel)
+        if self.cache is not None and (stored := _replay(chat, self.cache)) is not None:
+            self._hooks.cache_hit(stored, url=self._shown_chat_url)
+            return stored
         return self._hooks.run(functools.partial(self._send, chat), chat, self._shown_chat_url)
 
     def _send(self, chat: _Chat, call: Optional[ChatCall]) -> ChatStream:
@@ -322,23 +330,74 @@ class Session:
                 response, secrets=secrets, deadline=chat.deadline, read_timeout=chat.timeout.read
             )
             raise _html_error(page, self._shown_chat_url)
-        reply = Reply(
-            response,
-            url=self._shown_chat_url,
-            deadline=chat.deadline,
-            read_timeout=chat.timeout.read,
-            max_line=self.max_line_bytes,
-            keep_text=chat.keep_text,
-            secrets=secrets,
-            cancel=chat.cancel,
+        return _read_reply(
+            response, chat, self.cache, url=self._shown_chat_url, max_line=self.max_line_bytes,
+            secrets=secrets, call=call,
         )
-        reply.prime()
-        return ChatStream(reply, conversation_id=chat.conversation_id, model=chat.model,
-                          prompt=chat.prompt, call=call)
 
     def _secrets(self) -> tuple[Optional[str], ...]:
         password = urlsplit(self.proxy).password if self.proxy else None
         return (password, self._tokens.current)
+
+
+def _cache_option(cache: Union[str, os.PathLike[str], ReplyCache, None]) -> Optional[ReplyCache]:
+    """The ``cache=`` option as a :class:`ReplyCache` (a path: the process's one for it)."""
+    if cache is None:
+        return None
+    from ._cache import resolve_cache
+
+    return resolve_cache(cache)
+
+
+def _replay(chat: _Chat, cache: ReplyCache) -> Optional[ChatStream]:
+    """The stored reply to this chat as a stream (nothing is sent), or ``None`` (a miss)."""
+    pieces = cache.get(chat.model, chat.prompt)
+    if pieces is None:
+        return None
+    where = f"the reply cache {cache.path!r}"
+    if chat.cancel is not None:
+        chat.cancel.check("the chat", where)
+    logger.debug("reply cache hit in %r: %d pieces", cache.path, len(pieces))
+    reply = StoredReply(pieces, url=where, keep_text=chat.keep_text, cancel=chat.cancel)
+    return ChatStream(
+        reply, conversation_id=chat.conversation_id, model=chat.model, prompt=chat.prompt
+    )
+
+
+def _read_reply(
+    response: requests.Response,
+    chat: _Chat,
+    cache: Optional[ReplyCache],
+    *,
+    url: str,
+    max_line: int,
+    secrets: tuple[Optional[str], ...],
+    call: Optional[ChatCall] = None,
+) -> ChatStream:
+    """Read a chat's reply until its first piece, as a stream; with a cache, the reply is
+    stored once it was read to its end (a partial one never is)."""
+    reply = (Reply if cache is None else RecordedReply)(
+        response,
+        url=url,
+        deadline=chat.deadline,
+        read_timeout=chat.timeout.read,
+        max_line=max_line,
+        keep_text=chat.keep_text,
+        secrets=secrets,
+        cancel=chat.cancel,
+    )
+    reply.prime()
+    stream = ChatStream(
+        reply, conversation_id=chat.conversation_id, model=chat.model, prompt=chat.prompt, call=call
+    )
+    if cache is not None and isinstance(reply, RecordedReply):
+        recorded = reply.recorded
+
+        def store(_text: str) -> None:  # (done callbacks run only at the normal end)
+            cache.put(chat.model, chat.prompt, recorded)
+
+        stream.add_done_callback(store)
+    return stream
 
 
 def _prepare(

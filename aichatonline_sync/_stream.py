@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ._hooks import ChatCall
     from ._usage import Usage
 
-__all__ = ["ChatStream", "Reply"]
+__all__ = ["ChatStream", "RecordedReply", "Reply", "StoredReply"]
 
 logger = _redact.logger("aichatonline_sync")
 
@@ -557,7 +558,58 @@ class ChatStream:
         state = "done" if reply.finished else ("closed" if reply.released else "open")
         return f"<ChatStream conversation_id={self.conversation_id!r} model={self.model!r} {state}>"
 
+    @property
+    def cached(self) -> bool:
+        """``True`` when the reply came from the session's reply cache (nothing was sent)."""
+        return isinstance(self._reply, StoredReply)
+
     def __reduce__(self) -> Any:
         # pickle would read the whole body through requests (waiting for the server, then a
         # requests exception): say at once what can be kept instead.
         raise TypeError("a ChatStream cannot be pickled (it is a live connection): keep its .text")
+
+
+class RecordedReply(Reply):
+    """A reply read from the network that also keeps every piece the body gave, in order, as
+    :attr:`recorded` (for a reply cache to store once the reply was read to its end)."""
+
+    def __init__(self, response: requests.Response, **options: Any) -> None:
+        super().__init__(response, **options)
+        self.recorded: list[str] = []
+
+    def _next_batch(self, *, started: bool) -> Optional[list[str]]:
+        batch = super()._next_batch(started=started)
+        if batch is not None:
+            self.recorded.extend(batch)
+        return batch
+
+
+class StoredReply(Reply):
+    """A reply replayed from a reply cache: the stored pieces, handed out as a network reply's
+    are (the same iteration, text, abort, close and done callbacks), with no connection.
+
+    An empty response stands in for the connection, so that releasing and aborting it need no
+    case of their own.
+    """
+
+    def __init__(
+        self,
+        pieces: list[str],
+        *,
+        url: str,
+        keep_text: bool = True,
+        cancel: Optional[Cancellation] = None,
+    ) -> None:
+        response = requests.Response()
+        response.raw = io.BytesIO()
+        super().__init__(response, url=url, max_line=1, keep_text=keep_text, cancel=cancel)
+        self._first = list(pieces)
+
+    def _next_batch(self, *, started: bool) -> Optional[list[str]]:
+        """Every piece is handed out in the first batch: the end follows it, unless the reply was
+        aborted meanwhile (as a network reply's next read would fail)."""
+        if self.abort_reason is not None:
+            raise self.aborted_error()
+        if self.aborted:
+            raise self._failure(ConnectionAbortedError("aborted"), started)
+        return None

@@ -715,8 +715,9 @@ def make_app(
 def session_options_from_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """:class:`~aichatonline_sync.Session` options from the environment, as the ``aichatonline``
     command reads them: ``$AICHATONLINE_BASE_URL``, ``$AICHATONLINE_PROXY``,
-    ``$AICHATONLINE_TIMEOUT`` (``SECONDS``, ``CONNECT,READ`` or ``none``) and
-    ``$AICHATONLINE_MAX_RETRIES``. Empty ones are unset.
+    ``$AICHATONLINE_TIMEOUT`` (``SECONDS``, ``CONNECT,READ`` or ``none``),
+    ``$AICHATONLINE_MAX_RETRIES`` and ``$AICHATONLINE_CACHE`` (a reply cache file, see
+    :class:`~aichatonline_sync.ReplyCache`). Empty ones are unset.
 
     :raises InvalidRequestError: a bad value, naming its variable.
     """
@@ -733,9 +734,13 @@ def app_from_env(environ: Optional[Mapping[str, str]] = None) -> GatewayApp:
     :func:`session_options_from_env`, and the key ``$AICHATONLINE_GATEWAY_KEY`` (unset or empty:
     no key). The session is made at the first request, one in each process.
 
-    :raises InvalidRequestError: a bad value, naming its variable.
+    :raises InvalidRequestError: a bad value, naming its variable (or the cache file).
     """
     options = session_options_from_env(environ)
+    if "cache" in options:  # a file that is not a reply cache is an error at boot, not per request
+        from ._cache import ReplyCache
+
+        ReplyCache(options["cache"]).close()
     return GatewayApp(
         None,
         api_key=_env.gateway_key_from_env(environ),

@@ -12,8 +12,9 @@ Installed with the package (``pip install ".[llm]"``, or ``llm install .`` from 
 
 Every turn sends the whole conversation, formatted as gpt4free's ``format_prompt`` does (the
 service keeps no history of its own). The settings are those of the ``aichatonline`` command:
-``$AICHATONLINE_BASE_URL``, ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT`` and
-``$AICHATONLINE_MAX_RETRIES``. Failures are :class:`llm.ModelError` with this library's message.
+``$AICHATONLINE_BASE_URL``, ``$AICHATONLINE_PROXY``, ``$AICHATONLINE_TIMEOUT``,
+``$AICHATONLINE_MAX_RETRIES`` and ``$AICHATONLINE_CACHE`` (a reply cache file: a prompt answered
+before is replayed from it, nothing sent). Failures are :class:`llm.ModelError` with this library's message.
 
 The async model runs the same blocking stream off the event loop: the chat and each read of it
 in a worker thread (``asyncio.to_thread``), so the loop is never blocked. Both models report the

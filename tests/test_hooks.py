@@ -159,6 +159,23 @@ def test_cache_hit_is_emitted_for_a_stream_handed_out_from_a_cache(emulator: Mak
     assert rec.events[0].conversation_id == stream.conversation_id
 
 
+def test_a_reply_cache_hit_is_a_cache_hit_event_and_sends_nothing(
+    emulator: MakeEmulator, tmp_path: Any
+) -> None:
+    emu = emulator(reply="cached")
+    rec = Recorder()
+    with aco.Session(emu.url, event_hooks=rec.hooks(), cache=tmp_path / "replies.db") as s:
+        assert s.complete("Hi") == "cached"
+        sent = emu.request_count
+        rec.events.clear()
+        with s.chat("Hi") as stream:
+            assert list(stream) == ["cached"]
+            assert stream.cached
+    assert emu.request_count == sent
+    assert rec.names == ["cache_hit"]
+    assert rec.events[0].stream is stream
+
+
 def test_usage_of_a_stream(emulator: MakeEmulator) -> None:
     pytest.importorskip("bpe_openai", reason="bpe-openai is not installed (the tokens extra)")
     from aichatonline_sync._usage import count_tokens
