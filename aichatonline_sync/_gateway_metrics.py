@@ -29,6 +29,8 @@ import os
 import threading
 from typing import Any, Optional
 
+from . import _redact
+
 __all__ = ["MULTIPROC_ENV", "PATHS", "Metrics", "metrics"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -104,7 +106,7 @@ class Metrics:
             ["type"],
             registry=registry,
         )
-        logging.getLogger("aichatonline_sync").addHandler(_RetryCounter(self.upstream_retries))
+        _redact.logger().addHandler(_RetryCounter(self.upstream_retries))
 
     def request(self, path: str, status: int) -> None:
         if self.available:

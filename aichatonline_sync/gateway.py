@@ -1043,10 +1043,11 @@ def _attach_logging(environ: WSGIEnvironment) -> None:
         if _logging_done:
             return
         _logging_done = True
-        package = logging.getLogger("aichatonline_sync")
+        package = _redact.logger("aichatonline_sync")
+        # The logger gunicorn made for its error log (looked up, never made here).
+        target = logging.root.manager.loggerDict.get("gunicorn.error")
         if str(environ.get("SERVER_SOFTWARE", "")).startswith("gunicorn"):
-            target = logging.getLogger("gunicorn.error")
-            if target.handlers and not any(isinstance(h, _Forward) for h in package.handlers):
+            if isinstance(target, logging.Logger) and target.handlers and not any(isinstance(h, _Forward) for h in package.handlers):
                 package.addHandler(_Forward(target))
                 if package.level == logging.NOTSET:
                     package.setLevel(target.getEffectiveLevel())
