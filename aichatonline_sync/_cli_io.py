@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -130,7 +131,13 @@ def read_stdin(what: str, limit: int = MAX_INPUT_BYTES, why: str = "") -> bytes:
         raise UsageError(f"{what} is to be read from stdin, but there is no stdin")
     buffer: Optional[BinaryIO] = getattr(stdin, "buffer", None)
     if buffer is not None:
-        return _bounded_read(buffer, f"{what} on stdin", limit, why)
+        fd = fileno(buffer)
+        if fd is not None and os.isatty(fd):
+            # A terminal's end of file (Ctrl-D at the start of a line) is one read that returns
+            # nothing: ``BufferedReader.read(n)`` would take it as the end of one read and wait
+            # for a second Ctrl-D to end the next; ``os.read`` returns it as it comes.
+            return _bounded_read(functools.partial(os.read, fd), f"{what} on stdin", limit, why)
+        return _bounded_read(buffer.read, f"{what} on stdin", limit, why, fd)
     text = stdin.read(limit + 1)  # a text stream without bytes below it (e.g. replaced by a test)
     try:
         data = text.encode("utf-8", "surrogateescape")
@@ -150,23 +157,27 @@ def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> tuple[str, str]:
     where = f"INPUT {path!r}"
     try:
         with open(path, "rb") as file:
-            data = _bounded_read(file, where, limit, _WHY_WHOLE)
+            data = _bounded_read(file.read, where, limit, _WHY_WHOLE, file.fileno())
     except OSError as exc:
         raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
     return where, decode_utf8(data, where)
 
 
-def _bounded_read(file: BinaryIO, where: str, limit: int, why: str) -> bytes:
+def _bounded_read(
+    read: Callable[[int], bytes], where: str, limit: int, why: str, fd: Optional[int] = None
+) -> bytes:
+    """What ``read(n)`` returns up to its first empty block, at most ``limit`` bytes (``fd``,
+    when given, is the file below: a regular file's size is checked before anything is read)."""
     try:
-        status = os.fstat(file.fileno())
-    except (OSError, ValueError, AttributeError):  # no file below it
+        status = os.fstat(fd) if fd is not None else None
+    except OSError:
         status = None
     if status is not None and stat.S_ISREG(status.st_mode):
         _check_size(status.st_size, where, limit, why)  # said before anything is read
     blocks: list[bytes] = []
     size = 0
     while size <= limit:
-        block = file.read(min(_READ_BLOCK, limit + 1 - size))
+        block = read(min(_READ_BLOCK, limit + 1 - size))
         if not block:
             break
         blocks.append(block)
