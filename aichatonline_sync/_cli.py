@@ -8,7 +8,8 @@ Exit status:
   one ``aichatonline: error: ...`` line on stderr, no traceback; for ``batch``: also at least one
   prompt failed, or an input line was malformed.
 - ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all,
-  input that is not UTF-8, an OUTPUT that cannot be opened or is the INPUT).
+  input that is not UTF-8, an OUTPUT that cannot be opened, is the INPUT or is in use by
+  another ``batch`` run).
 - ``130``: interrupted by Ctrl-C; ``143``: stopped by SIGTERM (``timeout``, systemd, ``docker
   stop``), handled the same way. ``serve`` and ``gateway`` treat both as their normal way to stop
   and exit 0.
@@ -294,6 +295,8 @@ Run the same command again to resume: an id is skipped when its newest record in
 has a "text" for the same prompt_sha256; failed ids and changed prompts run again (the old
 records stay, as history). Only a regular file is read to resume: with OUTPUT '-' (or
 /dev/stdout, a pipe, a device) every prompt runs. OUTPUT must not be the INPUT file.
+A run locks its OUTPUT file (flock): a second run on it meanwhile exits 2 at once,
+sending nothing.
 Ctrl-C or SIGTERM stops the batch with a summary; no record is left half-written (a
 second Ctrl-C does not wait for a write that cannot end).
 Exit status 1 if any prompt failed or an input line was malformed, or a write failed.
@@ -740,10 +743,9 @@ def _output_path(args: argparse.Namespace) -> Optional[str]:
     return path
 
 
-def _writer(path: Optional[str], signals: StopSignals, stack: contextlib.ExitStack) -> RecordWriter:
+def _writer(path: Optional[str], fd: Optional[int], signals: StopSignals) -> RecordWriter:
+    """The writer of OUTPUT ``path`` open as ``fd``, or of stdout when ``path`` is ``None``."""
     if path is not None:
-        fd = open_output(path)
-        stack.callback(os.close, fd)
         return RecordWriter(f"OUTPUT {path!r}", fd=fd, signals=signals)
     stdout = sys.stdout
     if stdout is None:
@@ -832,18 +834,22 @@ def _run_batch(args: argparse.Namespace) -> int:
     requests_ = [with_system(item.prompt, system) for item in items]
     hashes = [request_hash(messages, model) for messages in requests_]
     path = _output_path(args)
-    done = set()
-    if path is not None:
-        done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
-    todo = [
-        (item, messages, digest)
-        for item, messages, digest in zip(items, requests_, hashes)
-        if item.id not in done
-    ]
-    tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
     with StopSignals() as signals, contextlib.ExitStack() as stack:
+        fd: Optional[int] = None
+        done = set()
+        if path is not None:
+            # Opened (and locked) before it is read: what it holds is then this run's to resume.
+            fd = open_output(path)
+            stack.callback(os.close, fd)
+            done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
+        todo = [
+            (item, messages, digest)
+            for item, messages, digest in zip(items, requests_, hashes)
+            if item.id not in done
+        ]
+        tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
         try:
-            writer = _writer(path, signals, stack)
+            writer = _writer(path, fd, signals)
             for line in bad:
                 _error(f"{where} line {line.line}: {line.reason}; not run")
                 writer.write(_bad_record(line))

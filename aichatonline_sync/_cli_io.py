@@ -8,8 +8,9 @@
   output accounts for every input line.
 - Each record names the request it answers by ``prompt_sha256`` (:func:`request_hash`); a rerun
   skips an id only when its newest record has a text for the same request (:func:`read_done`).
-- OUTPUT is read to resume only when it is a regular file, and never beyond the size it had when
-  the run began, one bounded line at a time. A :class:`RecordWriter` writes one whole record at a
+- OUTPUT is read to resume only when it is a regular file, locked by the run first
+  (:func:`lock_output`), and never beyond the size it had when the run began, one bounded line at
+  a time. A :class:`RecordWriter` writes one whole record at a
   time: a write that fails is cut back (in a regular file), so OUTPUT holds only whole JSON lines.
 - :class:`StopSignals`: SIGINT and SIGTERM raise in the main thread (``KeyboardInterrupt``,
   :class:`Terminated`), but never while a record is being written.
@@ -33,8 +34,21 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Optional, Union
 
+from . import _redact
 from ._errors import InvalidRequestError
 from ._prompt import build_prompt
+
+#: ``flock(fd)``: an exclusive lock on ``fd``, or ``BlockingIOError`` at once; ``None`` where the
+#: system has no ``flock`` (Windows).
+_flock: Optional[Callable[[int], None]]
+try:
+    import fcntl
+
+    def _flock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+except ImportError:
+    _flock = None
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -49,6 +63,7 @@ __all__ = [
     "decode_utf8",
     "fileno",
     "is_json_lines",
+    "lock_output",
     "open_output",
     "parse_input",
     "read_done",
@@ -58,6 +73,8 @@ __all__ = [
     "same_file",
     "with_system",
 ]
+
+logger = _redact.logger("aichatonline_sync")
 
 JsonId = Union[str, int]
 Prompt = Union[str, list[Any]]
@@ -424,16 +441,23 @@ def same_file(path: str, fd: Optional[int]) -> bool:
 
 
 def open_output(path: str) -> int:
-    """OUTPUT opened to append (created if missing), starting on a fresh line when a killed run
-    left its last line unfinished. Returns the file descriptor.
+    """OUTPUT opened to append (created if missing) and, when it is a regular file, locked for
+    this run (:func:`lock_output`); starting on a fresh line when a killed run left its last line
+    unfinished. Returns the file descriptor; closing it releases the lock.
 
-    :raises UsageError: it cannot be opened (a folder, a read-only file or folder, ...).
+    :raises UsageError: it cannot be opened (a folder, a read-only file or folder, ...), or
+        another run holds its lock.
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
         raise UsageError(f"cannot open OUTPUT {path!r}: {exc.strerror or exc}") from None
+    try:
+        lock_output(fd, path)  # before the last line is looked at: another run may be writing it
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_size:
@@ -446,6 +470,39 @@ def open_output(path: str) -> int:
         os.close(fd)
         raise UsageError(f"cannot use OUTPUT {path!r}: {exc.strerror or exc}") from None
     return fd
+
+
+def lock_output(fd: int, path: str) -> None:
+    """Take an exclusive lock (``fcntl.flock``) on OUTPUT, a regular file open as ``fd``, for as
+    long as ``fd`` is open, so that two runs never resume from and append to one OUTPUT at once
+    (both would run every prompt the other had not finished yet).
+
+    A pipe or a device is not locked (it is never read to resume). Where there is no ``flock``
+    (Windows), or the file system refuses it, the run goes on unlocked, saying so in a log record.
+
+    :raises UsageError: another run holds the lock.
+    """
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+    except OSError:
+        return
+    if _flock is None:
+        logger.debug("OUTPUT %r is not locked: this system has no flock()", path)
+        return
+    try:
+        _flock(fd)
+    except BlockingIOError:
+        raise UsageError(
+            f"OUTPUT {path!r} is in use by another batch run (it holds a lock on it): wait for "
+            "that run to end, or give another OUTPUT. Nothing was sent"
+        ) from None
+    except OSError as exc:  # e.g. ENOLCK: a file system without locks
+        logger.warning(
+            "cannot lock OUTPUT %r (%s): another batch run on it at once would not be stopped",
+            path,
+            _strerror(exc),
+        )
 
 
 def _encode(record: Mapping[str, Any], ascii_only: bool) -> bytes:
