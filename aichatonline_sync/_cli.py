@@ -12,7 +12,7 @@ Exit status:
   another ``batch`` run).
 - ``130``: interrupted by Ctrl-C; ``143``: stopped by SIGTERM (``timeout``, systemd, ``docker
   stop``), handled the same way. ``serve`` and ``gateway`` treat both as their normal way to stop
-  and exit 0.
+  and exit 0 (``gateway`` lets the replies in progress finish on SIGTERM first).
 - ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): ``chat`` stops quietly,
   ``batch`` says how far it got; the status is the one a shell shows for a program ended by
   ``SIGPIPE`` (128 + 13).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -80,6 +81,7 @@ from ._session import MODELS, Session
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._wsgiserver import GatewayServer
     from .testing import Emulator
 
 __all__ = [
@@ -325,8 +327,10 @@ then, from code written for OpenAI's API:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret").chat.completions.create(...)
 
 Serves GET /v1/models and POST /v1/chat/completions (stream and not) with a threaded server
-of the standard library, until Ctrl-C or SIGTERM (then exit status 0). With a key, requests
-must carry 'Authorization: Bearer KEY'. In production, run the same app under gunicorn:
+of the standard library. Ctrl-C stops it at once; SIGTERM (systemd, docker stop) stops taking
+requests and lets the replies in progress finish, up to --graceful-timeout seconds; either
+way the exit status is 0. With a key, requests must carry 'Authorization: Bearer KEY'. In
+production, run the same app under gunicorn, behind nginx (docs/deploy/ in the source):
   gunicorn -k gthread --threads 32 'aichatonline_sync.gateway:app'
 """
 
@@ -522,6 +526,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_api_key,
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
+    )
+    gateway.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="answer browsers of this origin (e.g. https://app.example.com) with CORS headers; "
+        "repeat it for more (default: no CORS headers)",
+    )
+    gateway.add_argument(
+        "--graceful-timeout",
+        type=_delay,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for the replies in progress (streams too) to end, as "
+        "gunicorn does; Ctrl-C stops at once (default: 30)",
     )
     gateway.set_defaults(func=_run_gateway)
     return parser
@@ -918,14 +938,51 @@ def _run_serve(args: argparse.Namespace) -> int:
 # -- gateway -------------------------------------------------------------------------------------
 
 
+def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``make_app`` given on the command line, beyond the session and the key."""
+    from .gateway import make_app
+
+    options: dict[str, Any] = {}
+    if args.cors_origins:  # passed only when given: make_app takes it from version 0.1.0 on
+        if "cors_origins" not in inspect.signature(make_app).parameters:
+            raise UsageError("--cors-origin: this version of the gateway has no CORS support")
+        options["cors_origins"] = list(args.cors_origins)
+    return options
+
+
+def _stop_gateway(server: GatewayServer, stop: KeyboardInterrupt, grace: float) -> None:
+    """After Ctrl-C: stop at once (the replies in progress are cut). After SIGTERM: let them end,
+    up to ``grace`` seconds (a second Ctrl-C or SIGTERM cuts them at once)."""
+    if not isinstance(stop, Terminated) or not grace:
+        logger.debug("stopping the gateway")
+        return
+    logger.info(
+        "SIGTERM: waiting up to %g s for %d replies in progress",
+        grace,
+        server.replies_in_progress,
+    )
+    try:
+        left = server.drain(grace)
+    except KeyboardInterrupt:
+        left = server.replies_in_progress
+        if left:
+            logger.warning("stopped at once: %d replies in progress were cut", left)
+        return
+    if left:
+        logger.warning(
+            "the graceful timeout (%g s) ran out: %d replies in progress were cut", grace, left
+        )
+
+
 def _run_gateway(args: argparse.Namespace) -> int:
     from ._config import redact_url
     from .gateway import make_app, make_server
 
     if args.api_key is None:  # a given --api-key wins over the variable, bad or not
         args.api_key = gateway_key_from_env()
+    options = _gateway_options(args)
     with _connect(args) as session:
-        app = make_app(session, api_key=args.api_key)
+        app = make_app(session, api_key=args.api_key, **options)
         try:
             server = make_server(app, args.host, args.port)
         except OSError as exc:
@@ -940,8 +997,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
             )
             sys.stdout.flush()
             server.serve_forever()
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
-            logger.debug("stopping the gateway")
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+            _stop_gateway(server, stop, args.graceful_timeout)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
