@@ -149,7 +149,9 @@ def test_head_never_gets_a_body(server_port: int, request_head: bytes) -> None:
 
 def test_head_and_get_on_one_connection_answer_in_order(server_port: int) -> None:
     with socket.create_connection(("127.0.0.1", server_port), timeout=WAIT) as sock:
-        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(
+            b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         with sock.makefile("rb") as reader:
             for _ in range(2):
                 status, fields = _head(reader)
