@@ -8,10 +8,11 @@ Exit status:
   one ``aichatonline: error: ...`` line on stderr, no traceback; for ``batch``: also at least one
   prompt failed, or an input line was malformed.
 - ``2``: a usage error (a bad option or environment variable, an empty prompt, no prompt at all,
-  input that is not UTF-8, an OUTPUT that cannot be opened or is the INPUT).
+  input that is not UTF-8, an OUTPUT that cannot be opened, is the INPUT or is in use by
+  another ``batch`` run).
 - ``130``: interrupted by Ctrl-C; ``143``: stopped by SIGTERM (``timeout``, systemd, ``docker
   stop``), handled the same way. ``serve`` and ``gateway`` treat both as their normal way to stop
-  and exit 0.
+  and exit 0 (``gateway`` lets the replies in progress finish on SIGTERM first).
 - ``141``: stdout was closed early (``aichatonline chat ... | head -c 10``): ``chat`` stops quietly,
   ``batch`` says how far it got; the status is the one a shell shows for a program ended by
   ``SIGPIPE`` (128 + 13).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -81,6 +83,7 @@ from ._session import MODELS, Session
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._wsgiserver import GatewayServer
     from .testing import Emulator
 
 __all__ = [
@@ -317,6 +320,8 @@ Run the same command again to resume: an id is skipped when its newest record in
 has a "text" for the same prompt_sha256; failed ids and changed prompts run again (the old
 records stay, as history). Only a regular file is read to resume: with OUTPUT '-' (or
 /dev/stdout, a pipe, a device) every prompt runs. OUTPUT must not be the INPUT file.
+A run locks its OUTPUT file (flock): a second run on it meanwhile exits 2 at once,
+sending nothing.
 Ctrl-C or SIGTERM stops the batch with a summary; no record is left half-written (a
 second Ctrl-C does not wait for a write that cannot end).
 Exit status 1 if any prompt failed or an input line was malformed, or a write failed.
@@ -359,8 +364,10 @@ then, from code written for OpenAI's API:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret").chat.completions.create(...)
 
 Serves GET /v1/models and POST /v1/chat/completions (stream and not) with a threaded server
-of the standard library, until Ctrl-C or SIGTERM (then exit status 0). With a key, requests
-must carry 'Authorization: Bearer KEY'. In production, run the same app under gunicorn:
+of the standard library. Ctrl-C stops it at once; SIGTERM (systemd, docker stop) stops taking
+requests and lets the replies in progress finish, up to --graceful-timeout seconds; either
+way the exit status is 0. With a key, requests must carry 'Authorization: Bearer KEY'. In
+production, run the same app under gunicorn, behind nginx (docs/deploy/ in the source):
   gunicorn -k gthread --threads 32 'aichatonline_sync.gateway:app'
 """
 
@@ -594,6 +601,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (default: $AICHATONLINE_GATEWAY_KEY, else none)",
     )
+    gateway.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="answer browsers of this origin (e.g. https://app.example.com) with CORS headers; "
+        "repeat it for more (default: no CORS headers)",
+    )
+    gateway.add_argument(
+        "--graceful-timeout",
+        type=_delay,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for the replies in progress (streams too) to end, as "
+        "gunicorn does; Ctrl-C stops at once (default: 30)",
+    )
     gateway.set_defaults(func=_run_gateway)
     _add_cache_command(commands, common)
     return parser
@@ -815,10 +838,9 @@ def _output_path(args: argparse.Namespace) -> Optional[str]:
     return path
 
 
-def _writer(path: Optional[str], signals: StopSignals, stack: contextlib.ExitStack) -> RecordWriter:
+def _writer(path: Optional[str], fd: Optional[int], signals: StopSignals) -> RecordWriter:
+    """The writer of OUTPUT ``path`` open as ``fd``, or of stdout when ``path`` is ``None``."""
     if path is not None:
-        fd = open_output(path)
-        stack.callback(os.close, fd)
         return RecordWriter(f"OUTPUT {path!r}", fd=fd, signals=signals)
     stdout = sys.stdout
     if stdout is None:
@@ -907,18 +929,22 @@ def _run_batch(args: argparse.Namespace) -> int:
     requests_ = [with_system(item.prompt, system) for item in items]
     hashes = [request_hash(messages, model) for messages in requests_]
     path = _output_path(args)
-    done = set()
-    if path is not None:
-        done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
-    todo = [
-        (item, messages, digest)
-        for item, messages, digest in zip(items, requests_, hashes)
-        if item.id not in done
-    ]
-    tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
     with StopSignals() as signals, contextlib.ExitStack() as stack:
+        fd: Optional[int] = None
+        done = set()
+        if path is not None:
+            # Opened (and locked) before it is read: what it holds is then this run's to resume.
+            fd = open_output(path)
+            stack.callback(os.close, fd)
+            done = read_done(path, {item.id: digest for item, digest in zip(items, hashes)})
+        todo = [
+            (item, messages, digest)
+            for item, messages, digest in zip(items, requests_, hashes)
+            if item.id not in done
+        ]
+        tally = _Tally(todo=len(todo), skipped=len(items) - len(todo), malformed=len(bad))
         try:
-            writer = _writer(path, signals, stack)
+            writer = _writer(path, fd, signals)
             for line in bad:
                 _error(f"{where} line {line.line}: {line.reason}; not run")
                 writer.write(_bad_record(line))
@@ -987,14 +1013,51 @@ def _run_serve(args: argparse.Namespace) -> int:
 # -- gateway -------------------------------------------------------------------------------------
 
 
+def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``make_app`` given on the command line, beyond the session and the key."""
+    from .gateway import make_app
+
+    options: dict[str, Any] = {}
+    if args.cors_origins:  # passed only when given: make_app takes it from version 0.1.0 on
+        if "cors_origins" not in inspect.signature(make_app).parameters:
+            raise UsageError("--cors-origin: this version of the gateway has no CORS support")
+        options["cors_origins"] = list(args.cors_origins)
+    return options
+
+
+def _stop_gateway(server: GatewayServer, stop: KeyboardInterrupt, grace: float) -> None:
+    """After Ctrl-C: stop at once (the replies in progress are cut). After SIGTERM: let them end,
+    up to ``grace`` seconds (a second Ctrl-C or SIGTERM cuts them at once)."""
+    if not isinstance(stop, Terminated) or not grace:
+        logger.debug("stopping the gateway")
+        return
+    logger.info(
+        "SIGTERM: waiting up to %g s for %d replies in progress",
+        grace,
+        server.replies_in_progress,
+    )
+    try:
+        left = server.drain(grace)
+    except KeyboardInterrupt:
+        left = server.replies_in_progress
+        if left:
+            logger.warning("stopped at once: %d replies in progress were cut", left)
+        return
+    if left:
+        logger.warning(
+            "the graceful timeout (%g s) ran out: %d replies in progress were cut", grace, left
+        )
+
+
 def _run_gateway(args: argparse.Namespace) -> int:
     from ._config import redact_url
     from .gateway import make_app, make_server
 
     if args.api_key is None:  # a given --api-key wins over the variable, bad or not
         args.api_key = gateway_key_from_env()
+    options = _gateway_options(args)
     with _connect(args) as session:
-        app = make_app(session, api_key=args.api_key)
+        app = make_app(session, api_key=args.api_key, **options)
         try:
             server = make_server(app, args.host, args.port)
         except OSError as exc:
@@ -1009,8 +1072,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
             )
             sys.stdout.flush()
             server.serve_forever()
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
-            logger.debug("stopping the gateway")
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+            _stop_gateway(server, stop, args.graceful_timeout)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)

@@ -8,8 +8,9 @@
   output accounts for every input line.
 - Each record names the request it answers by ``prompt_sha256`` (:func:`request_hash`); a rerun
   skips an id only when its newest record has a text for the same request (:func:`read_done`).
-- OUTPUT is read to resume only when it is a regular file, and never beyond the size it had when
-  the run began, one bounded line at a time. A :class:`RecordWriter` writes one whole record at a
+- OUTPUT is read to resume only when it is a regular file, locked by the run first
+  (:func:`lock_output`), and never beyond the size it had when the run began, one bounded line at
+  a time. A :class:`RecordWriter` writes one whole record at a
   time: a write that fails is cut back (in a regular file), so OUTPUT holds only whole JSON lines.
 - :class:`StopSignals`: SIGINT and SIGTERM raise in the main thread (``KeyboardInterrupt``,
   :class:`Terminated`), but never while a record is being written.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +34,21 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Optional, Union
 
+from . import _redact
 from ._errors import InvalidRequestError
 from ._prompt import build_prompt
+
+#: ``flock(fd)``: an exclusive lock on ``fd``, or ``BlockingIOError`` at once; ``None`` where the
+#: system has no ``flock`` (Windows).
+_flock: Optional[Callable[[int], None]]
+try:
+    import fcntl
+
+    def _flock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+except ImportError:
+    _flock = None
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -48,6 +63,7 @@ __all__ = [
     "decode_utf8",
     "fileno",
     "is_json_lines",
+    "lock_output",
     "open_output",
     "parse_input",
     "read_done",
@@ -57,6 +73,8 @@ __all__ = [
     "same_file",
     "with_system",
 ]
+
+logger = _redact.logger("aichatonline_sync")
 
 JsonId = Union[str, int]
 Prompt = Union[str, list[Any]]
@@ -130,7 +148,13 @@ def read_stdin(what: str, limit: int = MAX_INPUT_BYTES, why: str = "") -> bytes:
         raise UsageError(f"{what} is to be read from stdin, but there is no stdin")
     buffer: Optional[BinaryIO] = getattr(stdin, "buffer", None)
     if buffer is not None:
-        return _bounded_read(buffer, f"{what} on stdin", limit, why)
+        fd = fileno(buffer)
+        if fd is not None and os.isatty(fd):
+            # A terminal's end of file (Ctrl-D at the start of a line) is one read that returns
+            # nothing: ``BufferedReader.read(n)`` would take it as the end of one read and wait
+            # for a second Ctrl-D to end the next; ``os.read`` returns it as it comes.
+            return _bounded_read(functools.partial(os.read, fd), f"{what} on stdin", limit, why)
+        return _bounded_read(buffer.read, f"{what} on stdin", limit, why, fd)
     text = stdin.read(limit + 1)  # a text stream without bytes below it (e.g. replaced by a test)
     try:
         data = text.encode("utf-8", "surrogateescape")
@@ -150,23 +174,27 @@ def read_input(path: str, limit: int = MAX_INPUT_BYTES) -> tuple[str, str]:
     where = f"INPUT {path!r}"
     try:
         with open(path, "rb") as file:
-            data = _bounded_read(file, where, limit, _WHY_WHOLE)
+            data = _bounded_read(file.read, where, limit, _WHY_WHOLE, file.fileno())
     except OSError as exc:
         raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
     return where, decode_utf8(data, where)
 
 
-def _bounded_read(file: BinaryIO, where: str, limit: int, why: str) -> bytes:
+def _bounded_read(
+    read: Callable[[int], bytes], where: str, limit: int, why: str, fd: Optional[int] = None
+) -> bytes:
+    """What ``read(n)`` returns up to its first empty block, at most ``limit`` bytes (``fd``,
+    when given, is the file below: a regular file's size is checked before anything is read)."""
     try:
-        status = os.fstat(file.fileno())
-    except (OSError, ValueError, AttributeError):  # no file below it
+        status = os.fstat(fd) if fd is not None else None
+    except OSError:
         status = None
     if status is not None and stat.S_ISREG(status.st_mode):
         _check_size(status.st_size, where, limit, why)  # said before anything is read
     blocks: list[bytes] = []
     size = 0
     while size <= limit:
-        block = file.read(min(_READ_BLOCK, limit + 1 - size))
+        block = read(min(_READ_BLOCK, limit + 1 - size))
         if not block:
             break
         blocks.append(block)
@@ -413,16 +441,23 @@ def same_file(path: str, fd: Optional[int]) -> bool:
 
 
 def open_output(path: str) -> int:
-    """OUTPUT opened to append (created if missing), starting on a fresh line when a killed run
-    left its last line unfinished. Returns the file descriptor.
+    """OUTPUT opened to append (created if missing) and, when it is a regular file, locked for
+    this run (:func:`lock_output`); starting on a fresh line when a killed run left its last line
+    unfinished. Returns the file descriptor; closing it releases the lock.
 
-    :raises UsageError: it cannot be opened (a folder, a read-only file or folder, ...).
+    :raises UsageError: it cannot be opened (a folder, a read-only file or folder, ...), or
+        another run holds its lock.
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
         raise UsageError(f"cannot open OUTPUT {path!r}: {exc.strerror or exc}") from None
+    try:
+        lock_output(fd, path)  # before the last line is looked at: another run may be writing it
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_size:
@@ -435,6 +470,39 @@ def open_output(path: str) -> int:
         os.close(fd)
         raise UsageError(f"cannot use OUTPUT {path!r}: {exc.strerror or exc}") from None
     return fd
+
+
+def lock_output(fd: int, path: str) -> None:
+    """Take an exclusive lock (``fcntl.flock``) on OUTPUT, a regular file open as ``fd``, for as
+    long as ``fd`` is open, so that two runs never resume from and append to one OUTPUT at once
+    (both would run every prompt the other had not finished yet).
+
+    A pipe or a device is not locked (it is never read to resume). Where there is no ``flock``
+    (Windows), or the file system refuses it, the run goes on unlocked, saying so in a log record.
+
+    :raises UsageError: another run holds the lock.
+    """
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+    except OSError:
+        return
+    if _flock is None:
+        logger.debug("OUTPUT %r is not locked: this system has no flock()", path)
+        return
+    try:
+        _flock(fd)
+    except BlockingIOError:
+        raise UsageError(
+            f"OUTPUT {path!r} is in use by another batch run (it holds a lock on it): wait for "
+            "that run to end, or give another OUTPUT. Nothing was sent"
+        ) from None
+    except OSError as exc:  # e.g. ENOLCK: a file system without locks
+        logger.warning(
+            "cannot lock OUTPUT %r (%s): another batch run on it at once would not be stopped",
+            path,
+            _strerror(exc),
+        )
 
 
 def _encode(record: Mapping[str, Any], ascii_only: bool) -> bytes:

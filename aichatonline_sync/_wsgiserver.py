@@ -5,7 +5,10 @@ unknown length (a stream) ends when the connection closes, so that a client cann
 short from a whole one. This server keeps connections alive, sends such a body with chunked
 encoding (each item of the application's iterable in its own chunk, written at once, with
 ``TCP_NODELAY``), and calls the iterable's ``close()`` when writing to the client fails, so that a
-streamed chat upstream ends when its client goes away.
+streamed chat upstream ends when its client goes away. Its own errors (a request it cannot parse,
+a chunked request body, an application that failed before answering) are JSON in OpenAI's shape,
+as the application's are, and a HEAD request never gets a body. :meth:`GatewayServer.drain` stops
+it gracefully: no new connection or request, the replies in progress finish (up to a timeout).
 
 Only the public API of :mod:`http.server` and :mod:`socketserver` is used.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import socket
 import socketserver
 import sys
@@ -167,6 +171,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
+    def send_error(
+        self, code: int, message: Optional[str] = None, explain: Optional[str] = None
+    ) -> None:
+        """Every error of the server itself (a request it cannot parse, a chunked body, an
+        application that failed before its answer) in OpenAI's shape, as the application's own
+        errors are; no body for HEAD, also when the request line was too broken to parse. The
+        connection is closed after it: where the next request would begin is not known (after
+        ``GET /a b HTTP/1.1`` :mod:`http.server` would take the next header line for a request)."""
+        self.close_connection = True
+        if self.command is None and self.request_version == "HTTP/0.9":
+            # A request line refused before its version was taken (``HTTP/9.0``): answered with a
+            # status line and headers all the same (HTTP/0.9 has neither).
+            self.request_version = "HTTP/1.0"
+        reason = self.responses.get(code, ("Error", ""))[0]
+        self.log_error("code %d, message %s", code, message or reason)
+        # (``command`` is not set when the request line could not be parsed)
+        head = (self.command or getattr(self, "requestline", "").split(" ", 1)[0]) == "HEAD"
+        error = {
+            "message": explain or message or reason,
+            "type": "server_error" if code >= 500 else "invalid_request_error",
+            "param": None,
+            "code": "_".join(reason.lower().replace("-", " ").split()),
+        }
+        body = json.dumps({"error": error}).encode()
+        self.send_response(code, message or reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
 
@@ -214,9 +250,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if "Transfer-Encoding" in self.headers:  # a chunked request body is not read here
             self.close_connection = True
             self.send_error(
-                411, "Length Required", "a chunked request body is not supported: send a Content-Length"
+                411,
+                "Length Required",
+                "a chunked request body is not supported by this server: send a Content-Length",
             )
             return
+        if not self.server.reply_begins(self.connection):
+            self.close_connection = True  # draining: it was idle when the drain began
+            return
+        try:
+            self._answer(length, size)
+        finally:
+            if self.server.reply_ends(self.connection):
+                self.close_connection = True  # draining: no more requests on it
+
+    def _answer(self, length: Optional[str], size: int) -> None:
         body = _Body(self.rfile, max(size, 0))
         response = _Response(self)
         result: Iterable[bytes] = ()
@@ -263,27 +311,70 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     ) -> None:
         self.app = app
         self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
+        self._busy: set[socket.socket] = set()  #: connections with a reply in progress
+        self._draining = False
+        self._changed = threading.Condition()  #: guards the three above
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
+        with self._changed:
             self._connections.add(request)
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
+        with self._changed:
             self._connections.discard(request)
         super().shutdown_request(request)
+
+    def reply_begins(self, connection: socket.socket) -> bool:
+        """A request was read on ``connection``; ``False`` when it is not to be answered (the
+        server is draining, and the connection was idle when the drain began)."""
+        with self._changed:
+            if self._draining and connection not in self._busy:
+                return False
+            self._busy.add(connection)
+            return True
+
+    def reply_ends(self, connection: socket.socket) -> bool:
+        """The reply on ``connection`` ended; ``True`` when the connection is to be closed now
+        (the server is draining)."""
+        with self._changed:
+            self._busy.discard(connection)
+            self._changed.notify_all()
+            return self._draining
+
+    def drain(self, timeout: float) -> int:
+        """Stop listening and taking requests, and wait up to ``timeout`` seconds for the replies
+        in progress (streams included) to end, as gunicorn's graceful stop does. A kept-alive idle
+        connection is closed at once, a busy one after its reply. Call it once ``serve_forever``
+        has returned, then :meth:`server_close`. Returns how many replies are still in progress.
+        """
+        socketserver.TCPServer.server_close(self)  # new connections are refused from now on
+        with self._changed:
+            self._draining = True
+            idle = self._connections - self._busy
+        for connection in idle:
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                connection.shutdown(socket.SHUT_RDWR)
+        with self._changed:
+            self._changed.wait_for(lambda: not self._busy, timeout)
+            return len(self._busy)
+
+    @property
+    def replies_in_progress(self) -> int:
+        """How many replies are being answered now."""
+        with self._changed:
+            return len(self._busy)
 
     def server_close(self) -> None:
         """Stop listening, and end the connections still open: a kept-alive idle one at once (it
         would otherwise wait out its 75 s idle timeout, a thread and a socket each), a reply in
         progress at its next write (its upstream chat is then closed)."""
         super().server_close()
-        with self._connections_lock:
+        with self._changed:
+            self._draining = True
             still_open = list(self._connections)
         for connection in still_open:
             with contextlib.suppress(OSError):  # it ended meanwhile

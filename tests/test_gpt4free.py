@@ -448,6 +448,20 @@ def test_the_readme_example_runs(
     assert [r.prompt for r in emu.chat_requests] == [HISTORY_PROMPT] * 4
 
 
+def test_the_readme_example_turns_the_version_check_off_before_g4f_would_ask_pypi(
+    emulator: MakeEmulator, g4f: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import g4f.debug
+    import g4f.version
+
+    checks: list[str] = []
+    monkeypatch.setattr(g4f.debug, "version_check", True)  # as g4f starts: the example, copied
+    monkeypatch.setattr(g4f.version.utils, "check_version", lambda *a: checks.append("PyPI"))
+    monkeypatch.setenv("AICHATONLINE_BASE_URL", emulator(reply=PIECES).url)
+    exec(compile(readme_example(), "README.rst", "exec"), {"messages": HISTORY})
+    assert checks == []
+
+
 def test_the_sync_api_inside_a_running_loop_needs_no_nest_asyncio(
     emulator: MakeEmulator, g4f: ModuleType
 ) -> None:

@@ -107,6 +107,8 @@ def test_sdist_contents() -> None:
         "tests/conftest.py",
         "tests/test_readme.py",
         "examples/quickstart.ipynb",
+        "docs/deploy/nginx.conf",  # (tests/test_deploy_nginx.py runs it)
+        "docs/deploy/aichatonline-gateway.service",
     }
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.endswith((".pyc", ".pyo")) or "__pycache__" in n]

@@ -1,0 +1,386 @@
+"""The standard library's server of ``aichatonline gateway`` (``aichatonline_sync._wsgiserver``)
+and how the command stops: its own errors are OpenAI-shaped JSON, HEAD never gets a body, and
+SIGTERM lets the replies in progress finish (up to ``--graceful-timeout``) before it exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import pytest
+import requests
+
+from aichatonline_sync import _cli
+from aichatonline_sync.gateway import make_server
+from aichatonline_sync.testing import Emulator
+
+WAIT = 20.0
+POSIX = os.name == "posix"
+MODEL = "gpt-4o-mini"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+
+needs_signals = pytest.mark.skipif(not POSIX, reason="needs SIGTERM")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """A WSGI app: 200 with a sized JSON body on ``/``; a failure before answering on ``/fail``."""
+    if environ["PATH_INFO"] == "/fail":
+        raise RuntimeError("the app failed")
+    body = b'{"ok": true}'
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "12")])
+    return [body]
+
+
+@pytest.fixture
+def server_port() -> Iterator[int]:
+    server = make_server(_app, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _head(reader: Any) -> tuple[str, dict[str, str]]:
+    """The status line and the header fields of one response."""
+    status = reader.readline().decode("latin-1").rstrip("\r\n")
+    fields: dict[str, str] = {}
+    while True:
+        line = reader.readline().decode("latin-1").strip()
+        if not line:
+            return status, fields
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+
+
+def _exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send ``request`` on a new connection; the response's status line, fields, and every byte
+    after its head until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        with sock.makefile("rb") as reader:
+            status, fields = _head(reader)
+            return status, fields, reader.read()
+
+
+def _openai_error(body: bytes) -> dict[str, Any]:
+    document = json.loads(body)
+    assert list(document) == ["error"]
+    error: dict[str, Any] = document["error"]
+    assert sorted(error) == ["code", "message", "param", "type"]
+    return error
+
+
+# -- the server's own errors and HEAD -------------------------------------------------------------
+
+
+def test_a_chunked_request_body_is_an_openai_shaped_411(server_port: int) -> None:
+    status, fields, body = _exchange(
+        server_port,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    assert status.startswith("HTTP/1.1 411 ")
+    assert fields["content-type"] == "application/json"
+    assert fields["connection"] == "close"
+    assert int(fields["content-length"]) == len(body)
+    error = _openai_error(body)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "length_required"
+    assert error["param"] is None
+    assert "send a Content-Length" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "kind"),
+    [
+        (b"GET /fail HTTP/1.1", 500, "server_error"),
+        (b"GET /a b HTTP/1.1", 400, "invalid_request_error"),
+        (b"GET / HTTP/9.0", 505, "server_error"),
+    ],
+)
+def test_every_error_of_the_server_is_openai_shaped_json(
+    server_port: int, request_line: bytes, status: int, kind: str
+) -> None:
+    line, fields, body = _exchange(server_port, request_line + b"\r\nHost: x\r\n\r\n")
+    assert line.split(" ")[1] == str(status)
+    assert fields["content-type"] == "application/json"
+    error = _openai_error(body)
+    assert error["type"] == kind
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /fail HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HEAD /a b HTTP/1.1\r\nHost: x\r\n\r\n",  # a request line it cannot parse
+        b"HEAD / HTTP/9.0\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_head_never_gets_a_body(server_port: int, request_head: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server_port), timeout=WAIT) as sock:
+        # A GET after the HEAD, on the same connection: what follows the HEAD's head is either
+        # nothing (the connection closed) or the GET's answer, never a body.
+        sock.sendall(request_head + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with sock.makefile("rb") as reader:
+            status, _ = _head(reader)
+            assert status.startswith("HTTP/1.1 ")
+            rest = reader.readline()
+            assert rest in (b"", b"HTTP/1.1 200 OK\r\n"), rest
+
+
+def test_head_and_get_on_one_connection_answer_in_order(server_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", server_port), timeout=WAIT) as sock:
+        sock.sendall(
+            b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        with sock.makefile("rb") as reader:
+            for _ in range(2):
+                status, fields = _head(reader)
+                assert status == "HTTP/1.1 200 OK"
+                assert fields["content-length"] == "12"
+            status, fields = _head(reader)
+            assert status == "HTTP/1.1 200 OK"
+            assert reader.read(12) == b'{"ok": true}'
+
+
+# -- the command: SIGTERM drains ------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("AICHATONLINE_") and not key.lower().endswith("_proxy")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _read_line(proc: subprocess.Popen[bytes], what: str) -> str:
+    assert proc.stdout is not None
+    data = b""
+    deadline = time.monotonic() + WAIT
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                pytest.fail(f"timed out waiting for {what}; got {data!r}")
+            byte = os.read(proc.stdout.fileno(), 1)
+            if not byte:
+                pytest.fail(f"the output ended before {what}; got {data!r}")
+            data += byte
+    return data.decode()
+
+
+class Command:
+    """``aichatonline gateway --base-url EMULATOR --port 0 [ARGS...]`` in a child process."""
+
+    def __init__(self, emu: Emulator, *args: str) -> None:
+        argv = ["gateway", "--port", "0", "--base-url", emu.url, *args]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aichatonline_sync", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_child_env(),
+        )
+        line = _read_line(self.proc, "the gateway to start")
+        found = re.match(r"Gateway listening on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, line
+        self.port = int(found.group(1))
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def wait(self, timeout: float = WAIT) -> tuple[int, bytes]:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the gateway did not exit within {timeout} s")
+        return self.proc.returncode, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        session.trust_env = False
+        yield session
+
+
+def _events(response: requests.Response) -> Iterator[tuple[float, str]]:
+    """``(arrival time, data)`` of each SSE event of a streamed response."""
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            yield time.monotonic(), line[len(b"data: ") :].decode()
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(1) == b""
+    except OSError:
+        return True
+
+
+@needs_signals
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits_0(http: requests.Session) -> None:
+    pieces = [f"piece{n} " for n in range(8)]
+    with Emulator(reply=pieces, chunk_delay=0.25) as emu:
+        command = Command(emu)
+        try:
+            # A kept-alive idle connection: closed at once, it does not hold the stop back.
+            assert http.get(f"{command.url}/models", timeout=WAIT).status_code == 200
+            with requests.post(
+                f"{command.url}/chat/completions", json=CHAT, stream=True, timeout=WAIT
+            ) as response:
+                assert response.status_code == 200
+                events = _events(response)
+                next(events)  # the role
+                next(events)  # the first piece: the stream is in flight
+                command.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                rest = [data for _, data in events]
+            assert _refused(command.port)  # (it stopped listening)
+            status, err = command.wait()
+        finally:
+            command.kill()
+    texts = [json.loads(data)["choices"][0]["delta"].get("content") for data in rest[:-2]]
+    assert "".join(texts) == "".join(pieces[1:])  # every piece after the signal, too
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "stop"
+    assert rest[-1] == "[DONE]"
+    assert time.monotonic() - signalled >= 1.0  # (the stream took its time, and was not cut)
+    assert status == 0, err
+    assert b"Traceback" not in err
+
+
+@needs_signals
+def test_the_graceful_timeout_cuts_a_stream_that_outlasts_it(http: requests.Session) -> None:
+    pieces = [f"piece{n} " for n in range(100)]
+    with Emulator(reply=pieces, chunk_delay=0.2) as emu:
+        command = Command(emu, "--graceful-timeout", "0.5")
+        try:
+            with requests.post(
+                f"{command.url}/chat/completions", json=CHAT, stream=True, timeout=WAIT
+            ) as response:
+                events = _events(response)
+                next(events)
+                next(events)
+                command.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                status, err = command.wait()
+                exited = time.monotonic() - signalled
+                with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                    for _ in events:
+                        pass
+        finally:
+            command.kill()
+    assert exited < 5.0
+    assert status == 0, err
+    assert b"graceful timeout (0.5 s) ran out: 1 replies in progress were cut" in err
+
+
+@needs_signals
+def test_a_second_signal_cuts_the_drain_short(http: requests.Session) -> None:
+    pieces = [f"piece{n} " for n in range(100)]
+    with Emulator(reply=pieces, chunk_delay=0.2) as emu:
+        command = Command(emu)
+        try:
+            with requests.post(
+                f"{command.url}/chat/completions", json=CHAT, stream=True, timeout=WAIT
+            ) as response:
+                events = _events(response)
+                next(events)
+                next(events)
+                command.proc.send_signal(signal.SIGTERM)
+                next(events)  # still streaming: draining
+                command.proc.send_signal(signal.SIGINT)
+                status, err = command.wait(timeout=5.0)
+        finally:
+            command.kill()
+    assert status == 0, err
+
+
+@needs_signals
+def test_ctrl_c_stops_at_once(http: requests.Session) -> None:
+    pieces = [f"piece{n} " for n in range(100)]
+    with Emulator(reply=pieces, chunk_delay=0.2) as emu:
+        command = Command(emu)
+        try:
+            with requests.post(
+                f"{command.url}/chat/completions", json=CHAT, stream=True, timeout=WAIT
+            ) as response:
+                events = _events(response)
+                next(events)
+                command.proc.send_signal(signal.SIGINT)
+                status, err = command.wait(timeout=5.0)
+        finally:
+            command.kill()
+    assert status == 0, err
+
+
+# -- the command's options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], None),
+        (["--cors-origin", "https://a.example"], ["https://a.example"]),
+        (
+            ["--cors-origin", "https://a.example", "--cors-origin", "http://localhost:3000"],
+            ["https://a.example", "http://localhost:3000"],
+        ),
+    ],
+)
+def test_cors_origins_reach_make_app_only_when_given(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], expected: Optional[list[str]]
+) -> None:
+    from aichatonline_sync import gateway
+
+    calls: list[dict[str, Any]] = []
+
+    def make_app(session: Any = None, *, api_key: Any = None, cors_origins: Any = ()) -> object:
+        calls.append({"api_key": api_key, **({} if cors_origins == () else {"cors": cors_origins})})
+        return object()
+
+    def make_server(*_: Any) -> Any:
+        raise OSError("not listening in this test")
+
+    monkeypatch.setattr(gateway, "make_app", make_app)
+    monkeypatch.setattr(gateway, "make_server", make_server)
+    assert _cli.main(["gateway", "--emulator", *args]) == _cli.EXIT_FAILURE
+    assert calls == [{"api_key": None, **({} if expected is None else {"cors": expected})}]
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_a_bad_graceful_timeout_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli.main(["gateway", "--emulator", "--graceful-timeout", value]) == _cli.EXIT_USAGE
+    assert "--graceful-timeout" in capsys.readouterr().err
