@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import logging
 import math
 import os
@@ -191,6 +190,19 @@ def _count(minimum: int) -> Callable[[str], int]:
     return _argument(lambda value: parse_count(value, minimum), f"whole number >= {minimum}")
 
 
+class _OneLine(logging.Formatter):
+    """One line a record, without tracebacks (``-v`` shows them): a warning of a library below
+    us (urllib3's "Failed to parse headers") is one line on stderr, not a page."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def _verify(value: str) -> Union[bool, str]:
     """``false`` (no TLS verification), ``true`` (the default), or the path of a CA bundle."""
     if value.strip().lower() in ("false", "no", "off"):
@@ -199,11 +211,8 @@ def _verify(value: str) -> Union[bool, str]:
         return True
     try:
         return validate_verify(value)
-    except InvalidRequestError:
-        raise argparse.ArgumentTypeError(
-            f"no CA bundle at {value!r} (no such file or folder): give the path of a PEM file "
-            "of trusted certificates, or 'false' to turn verification off"
-        ) from None
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'false' to turn verification off)") from None
 
 
 def _delay(value: str) -> float:
@@ -1015,12 +1024,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of ``make_app`` given on the command line, beyond the session and the key."""
-    from .gateway import make_app
-
     options: dict[str, Any] = {}
-    if args.cors_origins:  # passed only when given: make_app takes it from version 0.1.0 on
-        if "cors_origins" not in inspect.signature(make_app).parameters:
-            raise UsageError("--cors-origin: this version of the gateway has no CORS support")
+    if args.cors_origins:
         options["cors_origins"] = list(args.cors_origins)
     return options
 
@@ -1126,10 +1131,12 @@ def _setup_logging(verbose: bool) -> Callable[[], None]:
     """Send log records to stderr; returns the function that undoes it."""
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
+    # On the handler, not only on our loggers: urllib3's and gunicorn's records pass here too.
+    handler.addFilter(_redact.RedactingFilter())
     if verbose:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.setFormatter(_OneLine(f"{PROG}: %(levelname)s: %(message)s"))
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)

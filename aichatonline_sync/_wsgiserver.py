@@ -180,14 +180,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         connection is closed after it: where the next request would begin is not known (after
         ``GET /a b HTTP/1.1`` :mod:`http.server` would take the next header line for a request)."""
         self.close_connection = True
-        if self.command is None and self.request_version == "HTTP/0.9":
+        command: Optional[str] = self.command  # (None until the request line is parsed)
+        if command is None and self.request_version == "HTTP/0.9":
             # A request line refused before its version was taken (``HTTP/9.0``): answered with a
             # status line and headers all the same (HTTP/0.9 has neither).
             self.request_version = "HTTP/1.0"
         reason = self.responses.get(code, ("Error", ""))[0]
         self.log_error("code %d, message %s", code, message or reason)
         # (``command`` is not set when the request line could not be parsed)
-        head = (self.command or getattr(self, "requestline", "").split(" ", 1)[0]) == "HEAD"
+        head = (command or getattr(self, "requestline", "").split(" ", 1)[0]) == "HEAD"
         error = {
             "message": explain or message or reason,
             "type": "server_error" if code >= 500 else "invalid_request_error",
@@ -227,6 +228,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
+            # The gateway polls it to see a client that went away while a reply is made.
+            "aichatonline_sync.socket": self.connection,
         }
         if self.headers.get("Content-Type"):
             environ["CONTENT_TYPE"] = self.headers["Content-Type"]

@@ -263,3 +263,24 @@ def test_an_error_code_that_is_no_text_is_mended() -> None:
         with pytest.raises(aco.UpstreamError) as info:
             session.complete("Hi")
     assert info.value.code == "\ufffd"
+
+
+def test_the_command_line_shows_no_token_echoed_into_a_broken_header() -> None:
+    import subprocess
+
+    token = "0123456789abcdef0123456789abcdef"
+    with Emulator() as emu:
+        emu.token_reply({"data": token})
+        body = b'{"data":{"message":"ok"}}\n'
+        emu.raw_reply(
+            "chat",
+            b"HTTP/1.1 200 OK\r\n" + token.encode() + b"\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body),
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "aichatonline_sync", "chat", "--base-url", emu.url,
+             "--max-retries", "0", "Hi"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert token not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
