@@ -163,6 +163,7 @@ class AiChatOnlineMock:
         #: The token handed out by the token mock; a chat carrying any other gets HTTP 401.
         self.token = token if token is not None else secrets.token_hex(16)
         self._pieces: list[str] = _faults.split_pieces(_DEFAULT_MOCK_REPLY)
+        self._reply_func: Optional[Callable[[str], str]] = None
         self._required: set[str] = set()
         self._faults = FaultQueue()  # (thread-safe: responses runs callbacks in callers' threads)
         if check_bool("passthrough_loopback", passthrough_loopback):
@@ -198,17 +199,24 @@ class AiChatOnlineMock:
         """How many chat requests the mock answered."""
         return int(self._chat_response.call_count)
 
-    def set_reply(self, reply: str | Iterable[str]) -> list[str]:
+    def set_reply(self, reply: str | Iterable[str] | Callable[[str], str] | None) -> list[str]:
         """Set what every following chat is answered with, and require at least one chat.
 
-        :param reply: a str (split into word pieces like the emulator does) or the pieces themselves.
-        :returns: the pieces; ``"".join()`` of them is the reply text.
+        :param reply: as the emulator's: None (the default reply), a str (split into word pieces
+            like the emulator does), the pieces themselves, or a callable taking the prompt and
+            returning the reply's text.
+        :returns: the pieces; ``"".join()`` of them is the reply text (``[]`` for a callable,
+            whose pieces depend on each prompt).
         :raises InvalidRequestError: (a ``ValueError``) for anything else, as the emulator's.
         """
-        pieces = _faults.reply_pieces(reply)
-        self._pieces = pieces
+        if callable(reply) and not isinstance(reply, (str, bytes, bytearray, Mapping)):
+            self._reply_func = reply
+            self._pieces = []
+        else:
+            self._reply_func = None
+            self._pieces = _faults.reply_pieces(_DEFAULT_MOCK_REPLY if reply is None else reply)
         self._required.add("chat")
-        return list(pieces)
+        return list(self._pieces)
 
     def require(self, *, token: bool = True, chat: bool = True) -> None:
         """Make the test fail at teardown unless these built-in mocks were requested.
@@ -316,7 +324,12 @@ class AiChatOnlineMock:
             rejection = _faults.chat_rejection(known, _json_body(request))
             if rejection is not None:
                 return _response(rejection)
-        lines = [piece_line(piece) for piece in self._pieces]
+        pieces = self._pieces
+        if self._reply_func is not None:
+            body = _json_body(request)
+            prompt = body.get("prompt") if isinstance(body, dict) else None
+            pieces = _faults.reply_pieces(self._reply_func(prompt if isinstance(prompt, str) else ""))
+        lines = [piece_line(piece) for piece in pieces]
         headers = {"Content-Type": DEFAULT_CONTENT_TYPE}
         if isinstance(fault, ErrorLine):
             return 200, headers, b"".join(lines[: fault.after]) + fault.line

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Union
 import pytest
 import requests
 
+import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, Session
 from aichatonline_sync.pytest_plugin import AiChatOnlineMock
 from aichatonline_sync.testing import Emulator
@@ -75,6 +76,8 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "set_reply bytes": lambda d: d.set_reply(b"bytes"),
     "set_reply mapping": lambda d: d.set_reply({"a": "b"}),
     "set_reply int": lambda d: d.set_reply(42),
+    "set_reply callable": lambda d: d.set_reply(lambda prompt: prompt.upper()),
+    "set_reply None": lambda d: d.set_reply(None),
     "pending_faults endpoint unknown": lambda d: d.pending_faults("nowhere"),
 }
 
@@ -188,3 +191,14 @@ def test_a_revoked_token_gets_a_401_and_the_library_one_fresh_token(
         assert (emu.tokens_issued, len(emu.chat_requests)) == (2, 3)
     else:
         assert (mock.token_calls, mock.chat_calls) == (2, 3)
+
+
+def test_a_callable_reply_answers_each_prompt_alike_from_both_doubles(
+    aichatonline_mock: Any,
+) -> None:
+    aichatonline_mock.set_reply(lambda prompt: f"you said {prompt}")
+    via_mock = aco.complete("Hi there", base_url=aichatonline_mock.base_url)
+    with Emulator(reply=lambda prompt: f"you said {prompt}") as emu:
+        via_emulator = aco.complete("Hi there", base_url=emu.url)
+    assert via_mock == via_emulator
+    assert "Hi there" in via_mock
