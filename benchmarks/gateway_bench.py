@@ -1,26 +1,47 @@
 # ruff: noqa: RUF001 - the tables print the multiplication and minus signs
-"""The OpenAI-compatible gateway against the direct client, side by side in one run.
+"""The OpenAI-compatible gateway against the direct client, side by side in one run, each gateway
+with its metrics and CORS off and on.
 
 ``python benchmarks/gateway_bench.py [--quick] [--write FILE]`` (also ``benchmarks/run.py --only
-gateway``). Needs ``openai`` and ``gunicorn`` (``pip install -e ".[test]"``).
+gateway``). Needs ``openai``, ``gunicorn`` and ``prometheus-client`` (``pip install -e ".[test]"``).
 
-Four processes: this one runs the clients; an upstream (this file with ``--upstream``: a lean
+Six processes: this one runs the clients; an upstream (this file with ``--upstream``: a lean
 threaded server of the service's protocol, HTTP/1.1 keep-alive, chunked, that paces each reply on an
 absolute schedule and puts the ``time.perf_counter_ns()`` stamp taken just before each line's
 ``sendall`` into the piece itself, so that every piece of every concurrent stream carries its own
-send time; CLOCK_MONOTONIC is the same clock in every process); gunicorn (``-k gthread``) serving
-``aichatonline_sync.gateway:app``; and ``aichatonline gateway`` (the standard library's server).
-The clients: ``aichatonline_sync.Session`` straight to the upstream ("direct"), and the official
-``openai`` client through each gateway, which hands a piece to its caller after its own SSE parse and
-pydantic model. Each measure runs the paths round-robin.
+send time; CLOCK_MONOTONIC is the same clock in every process); and, for each of the two
+configurations below, gunicorn (``-k gthread``) serving ``aichatonline_sync.gateway:app`` and
+``aichatonline gateway`` (the standard library's server), all four on the one upstream.
+
+- Features off: no metrics and no CORS. The gateway's metrics are on whenever ``prometheus_client``
+  can be imported, so these two gateways start with a ``PYTHONPATH`` entry first in line that
+  holds a package ``prometheus_client`` of one line, ``raise ImportError(...)``: the gateway's
+  ``import prometheus_client`` fails as when the package is not installed, and it runs without
+  metrics exactly as it then does (``/metrics`` answers 501), with no change to the installed
+  packages. No CORS origins are configured and the clients send no ``Origin``.
+- Features on: ``prometheus_client`` importable, so every request is counted and timed; gunicorn's
+  2 workers keep their values in files under ``$PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary
+  directory), as a deployment of several workers must; ``aichatonline gateway`` (one process) in
+  memory. CORS origin ``http://app.example`` (``$AICHATONLINE_GATEWAY_CORS_ORIGINS`` for gunicorn,
+  ``--cors-origin`` for ``aichatonline gateway``), and the clients send ``Origin: http://app.example``
+  with every request, so that every answer carries the CORS headers.
+
+Before measuring, each gateway's ``/metrics`` is asked, with that ``Origin``, whether it is what it
+should be (501 without CORS headers off, 200 with them on).
+
+The clients: ``aichatonline_sync.Session`` straight to the upstream ("direct", one for both
+configurations), and the official ``openai`` client through each gateway, which hands a piece to its
+caller after its own SSE parse and pydantic model. Each measure runs all the paths round-robin, the
+two configurations side by side, and checks its target for both.
 
 1. Added latency per piece: the upstream's stamp to the moment the client hands the piece out, over
    paced replies; the gateway's cost is its median minus the direct median (target <= 0.5 ms).
 2. Short chats (20 pieces, unpaced), one after another: the median time per chat; the gateway's
    cost is the difference (target <= 2 ms), without and with ``stream=True``.
-3. 256 concurrent paced streams through one gunicorn (2 workers of 256 threads), and the same 256
-   straight to the upstream from one Session: every stream must complete, and no piece be held more
-   than 10 ms longer than direct.
+3. 256 concurrent paced streams through one gunicorn (2 workers of 256 threads), the same 256
+   through the other gunicorn, and straight to the upstream from one Session (direct, off, on,
+   direct, on, off): every stream must complete, and no piece be held more than 10 ms longer than
+   direct.
 """
 
 from __future__ import annotations
@@ -32,10 +53,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -46,6 +69,16 @@ TOKEN_PATH = b"/api/v1/user/getUniqueId"
 HOST = "127.0.0.1"
 MODEL = "gpt-4o-mini"
 WAIT = 60.0
+#: The two configurations of every gateway, side by side.
+CONFIGS = ("off", "on")
+#: The origin allowed by the gateways with the features on, and sent by their clients.
+ORIGIN = "http://app.example"
+CORS_ENV = "AICHATONLINE_GATEWAY_CORS_ORIGINS"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: The whole of the ``prometheus_client`` package that hides the real one (features off).
+HIDDEN_PROMETHEUS = (
+    'raise ImportError("prometheus_client hidden by benchmarks/gateway_bench.py: features off")\n'
+)
 
 
 # --- the upstream (its own process) ----------------------------------------------------------
@@ -131,7 +164,9 @@ def _child_env(upstream: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith("AICHATONLINE_") and not key.lower().endswith("_proxy")
+        if not key.startswith("AICHATONLINE_")
+        and not key.lower().endswith("_proxy")
+        and key != MULTIPROC_ENV
     }
     env["AICHATONLINE_BASE_URL"] = upstream
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -139,37 +174,75 @@ def _child_env(upstream: str) -> dict[str, str]:
 
 
 class Processes:
-    """The upstream, gunicorn and ``aichatonline gateway``, started and stopped together."""
+    """The upstream, and gunicorn and ``aichatonline gateway`` with the features off and on,
+    started and stopped together. ``gunicorn[config]`` and ``stdlib[config]`` are their ``/v1``
+    URLs, ``pids[config]`` gunicorn's workers."""
 
     def __init__(self, threads: int, workers: int = 2) -> None:
         self.workers, self.threads = workers, threads
         self.procs: list[subprocess.Popen[str]] = []
-        upstream = self._start([sys.executable, os.path.abspath(__file__), "--upstream"], "stdout")
-        self.upstream = f"http://{HOST}:{self._line(upstream, 'stdout').strip()}"
+        self.scratch = tempfile.mkdtemp(prefix="gateway-bench-")
+        self.gunicorn: dict[str, str] = {}
+        self.stdlib: dict[str, str] = {}
+        self.pids: dict[str, list[int]] = {}
+        try:
+            upstream = self._start(
+                [sys.executable, os.path.abspath(__file__), "--upstream"], "stdout"
+            )
+            self.upstream = f"http://{HOST}:{self._line(upstream, 'stdout').strip()}"
+            for config in CONFIGS:
+                self._start_gateways(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _env(self, config: str) -> dict[str, str]:
         env = _child_env(self.upstream)
+        if config == "off":
+            hidden = os.path.join(self.scratch, "no-prometheus")
+            os.makedirs(os.path.join(hidden, "prometheus_client"))
+            with open(os.path.join(hidden, "prometheus_client", "__init__.py"), "w") as fh:
+                fh.write(HIDDEN_PROMETHEUS)
+            env["PYTHONPATH"] = os.pathsep.join([hidden, env["PYTHONPATH"]])
+        else:
+            env[CORS_ENV] = ORIGIN
+        return env
+
+    def _start_gateways(self, config: str) -> None:
+        env = self._env(config)
+        gunicorn_env = dict(env)
+        if config == "on":
+            gunicorn_env[MULTIPROC_ENV] = os.path.join(self.scratch, "prometheus-multiproc")
+            os.makedirs(gunicorn_env[MULTIPROC_ENV])
         gunicorn = self._start(
             [
-                sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", str(workers),
-                "--threads", str(threads), "--bind", f"{HOST}:0", "--backlog", "4096",
+                sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", str(self.workers),
+                "--threads", str(self.threads), "--bind", f"{HOST}:0", "--backlog", "4096",
                 "aichatonline_sync.gateway:app",
             ],
             "stderr",
-            env=env,
+            env=gunicorn_env,
         )  # fmt: skip
-        port, booted = "", 0
-        while booted < workers:
+        port, pids = "", list[int]()
+        while len(pids) < self.workers:
             line = self._line(gunicorn, "stderr")
             found = re.search(r"Listening at: http://[\d.]+:(\d+)", line)
             port = found.group(1) if found else port
-            booted += "Booting worker" in line
+            booted = re.search(r"Booting worker with pid: (\d+)", line)
+            if booted:
+                pids.append(int(booted.group(1)))
         threading.Thread(target=gunicorn.stderr.read, daemon=True).start()  # (never a full pipe)
-        self.gunicorn = f"http://{HOST}:{port}/v1"
+        self.gunicorn[config] = f"http://{HOST}:{port}/v1"
+        self.pids[config] = pids
+        cors = ["--cors-origin", ORIGIN] if config == "on" else []
         stdlib = self._start(
-            [sys.executable, "-m", "aichatonline_sync", "gateway", "--port", "0"], "stdout", env=env
+            [sys.executable, "-m", "aichatonline_sync", "gateway", "--port", "0", *cors],
+            "stdout",
+            env=env,
         )
         found = re.search(r"on (http://\S+/v1),", self._line(stdlib, "stdout"))
         assert found, "aichatonline gateway did not start"
-        self.stdlib = found.group(1)
+        self.stdlib[config] = found.group(1)
 
     def _start(self, args: list[str], pipe: str, env: Optional[dict[str, str]] = None) -> Any:
         proc = subprocess.Popen(
@@ -190,6 +263,19 @@ class Processes:
             raise RuntimeError(f"process {proc.args[:4]} ended without a word")
         return line
 
+    def cpu_seconds(self, config: str) -> Optional[float]:
+        """The CPU time (user and system) that gunicorn's workers have spent so far, or ``None``
+        without ``/proc``."""
+        total = 0
+        try:
+            for pid in self.pids[config]:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            return None
+        return total / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -199,6 +285,59 @@ class Processes:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _get(url: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """``GET path`` of the server of ``url`` (its status, headers in lower case, body)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=WAIT)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+def check_features(report: Any, procs: Processes) -> None:
+    """Asks each gateway's ``/metrics``, with the ``Origin`` of the features-on clients, whether
+    its metrics and CORS are as configured; raises ``AssertionError`` if not."""
+    seen = []
+    for config in CONFIGS:
+        for name, url in (("gunicorn", procs.gunicorn[config]), ("stdlib", procs.stdlib[config])):
+            status, headers, body = _get(url, "/metrics", {"Origin": ORIGIN})
+            allowed = headers.get("access-control-allow-origin")
+            if config == "on":
+                assert status == 200, (name, config, status, body)
+                assert b"aichatonline_gateway_active_streams" in body, (name, config, body)
+                assert allowed == ORIGIN, (name, config, allowed)
+            else:
+                assert status == 501, (name, config, status, body)
+                assert b"metrics_unavailable" in body, (name, config, body)
+                assert allowed is None, (name, config, allowed)
+            seen.append(f"{name} {config}: {status}, {'with' if allowed else 'no'} CORS headers")
+    report(f"Checked before measuring, `GET /metrics` with `Origin: {ORIGIN}`: {'; '.join(seen)}.")
+    report()
+
+
+def _requests_counted(url: str) -> int:
+    """The ``/v1/chat/completions`` requests that the gateway's ``/metrics`` counted (summed over
+    gunicorn's workers)."""
+    status, _, body = _get(url, "/metrics", {})
+    assert status == 200, status
+    total = 0.0
+    for line in body.decode().splitlines():
+        if (
+            line.startswith("aichatonline_gateway_requests_total{")
+            and "/v1/chat/completions" in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 # --- the clients -------------------------------------------------------------------------------
@@ -297,14 +436,16 @@ def _stamping_transport(arrivals: dict[int, int]) -> Any:
 class OpenAIClient:
     """The official ``openai`` client through a gateway."""
 
-    def __init__(self, label: str, url: str, transport: Any = None) -> None:
+    def __init__(self, label: str, url: str, headers: Optional[dict[str, str]] = None) -> None:
         import openai
 
         self.label = label
         self.arrivals: dict[int, int] = {}
         httpx = _httpx()
-        http = httpx.Client(transport=transport or _stamping_transport(self.arrivals), timeout=WAIT)
-        self.client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, http_client=http)
+        http = httpx.Client(transport=_stamping_transport(self.arrivals), timeout=WAIT)
+        self.client = openai.OpenAI(
+            base_url=url, api_key="bench", max_retries=0, http_client=http, default_headers=headers
+        )
 
     def stream(self, prompt: str) -> list[Piece]:
         out: list[Piece] = []
@@ -370,10 +511,11 @@ class Lean:
     """``http.client`` through a gateway (a kept-alive connection per thread): the gateway's own
     cost, with a client that costs next to nothing."""
 
-    def __init__(self, label: str, url: str) -> None:
+    def __init__(self, label: str, url: str, headers: Optional[dict[str, str]] = None) -> None:
         from urllib.parse import urlsplit
 
         self.label = label
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         parts = urlsplit(url)
         self.address = (str(parts.hostname), int(parts.port or 80))
         self.path = f"{parts.path}/chat/completions"
@@ -395,7 +537,7 @@ class Lean:
         for attempt in range(2):
             connection = self._connection()
             try:
-                connection.request("POST", self.path, body, {"Content-Type": "application/json"})
+                connection.request("POST", self.path, body, self.headers)
                 response = connection.getresponse()
                 break
             except (http.client.RemoteDisconnected, ConnectionError):
@@ -458,6 +600,55 @@ def _rotated(keys: Sequence[str], number: int) -> list[str]:
     return [*keys[shift:], *keys[:shift]]
 
 
+# --- the paths ----------------------------------------------------------------------------------
+
+#: The two gateways (by the key that names them) and their labels.
+GATEWAYS = {"gunicorn": "gunicorn gthread", "stdlib": "`aichatonline gateway`"}
+#: The clients through a gateway (by the key's first word) and their labels.
+KINDS = {"openai": "`openai`", "lean": "`http.client`"}
+
+
+def _key(kind: str, gateway: str, config: str) -> str:
+    return f"{kind} {gateway} {config}"
+
+
+def _headers(config: str) -> Optional[dict[str, str]]:
+    """What the clients of a configuration add to every request."""
+    return {"Origin": ORIGIN} if config == "on" else None
+
+
+def make_clients(procs: Processes) -> dict[str, Any]:
+    """The direct client, and each kind of client through each gateway in each configuration."""
+    clients: dict[str, Any] = {"direct": Direct(procs.upstream)}
+    try:
+        for kind, make in (("openai", OpenAIClient), ("lean", Lean)):
+            for gateway, label in GATEWAYS.items():
+                for config in CONFIGS:
+                    url = getattr(procs, gateway)[config]
+                    clients[_key(kind, gateway, config)] = make(
+                        f"{KINDS[kind]} → {label}", url, _headers(config)
+                    )
+    except BaseException:
+        for client in clients.values():
+            client.close()
+        raise
+    return clients
+
+
+def _through(clients: dict[str, Any], kind: str) -> list[tuple[str, dict[str, str]]]:
+    """``(gateway, {config: key})`` for the clients of ``kind`` in ``clients``."""
+    return [
+        (gateway, {config: _key(kind, gateway, config) for config in CONFIGS})
+        for gateway in GATEWAYS
+        if all(_key(kind, gateway, config) in clients for config in CONFIGS)
+    ]
+
+
+def _side_by_side(first: str, measure: str) -> list[str]:
+    """The headers of a table with one measure in each configuration."""
+    return [first, *(f"{config}: {measure}" for config in CONFIGS)]
+
+
 # --- 1. added latency per piece ----------------------------------------------------------------
 
 
@@ -477,53 +668,52 @@ def bench_latency(report: Any, clients: dict[str, Any], quick: bool) -> None:
             handout[key].extend(_ms([h - s for s, _, h in got]))
     report(
         f"### 1. Latency per piece: {pieces} pieces {delay * 1000:.0f} ms apart, {rounds} replies per "
-        "path, round-robin; ms from the upstream's stamp (just before the line's `sendall`)"
+        "path, all paths round-robin; ms from the upstream's stamp (just before the line's "
+        "`sendall`): median (p90, worst), and added (median − direct), with the features off and on"
     )
     report()
     direct = statistics.median(handout["direct"])
-    rows = []
-    for key, client in clients.items():
-        if key == "direct":
-            rows.append([client.label + ", handed out", *_cells(handout[key], direct, False)])
-            continue
-        if isinstance(client, Lean):
-            rows.append(
-                [f"{client.label}: reads the SSE line", *_cells(arrival[key], direct, True)]
-            )
-            continue
-        rows.append(
-            [f"{client.label}: chunk reaches the client", *_cells(arrival[key], direct, True)]
-        )
-        rows.append([f"{client.label}: `openai` hands it out", *_cells(handout[key], direct, True)])
-    report.table(["path, and when", "median", "p90", "worst", "added (median − direct)"], rows)
+    same = [_cells(handout["direct"]), ""]
+    rows = [[clients["direct"].label + ", handed out", *same, *same, ""]]
+    whens = {
+        "openai": (("chunk reaches the client", arrival), ("`openai` hands it out", handout)),
+        "lean": (("reads the SSE line", arrival),),
+    }
+    for kind in KINDS:
+        for _, keys in _through(clients, kind):
+            for when, source in whens[kind]:
+                row = [f"{clients[keys['off']].label}: {when}"]
+                medians = {}
+                for config in CONFIGS:
+                    medians[config] = statistics.median(source[keys[config]])
+                    row += [_cells(source[keys[config]]), f"{medians[config] - direct:+.3f}"]
+                rows.append([*row, f"{medians['on'] - medians['off']:+.3f}"])
+    headers = ["path, and when"]
+    for config in CONFIGS:
+        headers += [f"{config}: median (p90, worst)", f"{config}: added"]
+    report.table([*headers, "on − off"], rows)
     report(
         "\"Reaches the client\": the SSE chunk's bytes as the `openai` client's HTTP layer (httpx) "
         "hands them on, noted by a transport wrapper, before the `openai` client parses them; the "
         "gateway's cost is that minus the direct client's hand-out. \"Hands it out\" adds the "
-        "`openai` client's own SSE parse and pydantic objects (see the next table for its cost)."
+        "`openai` client's own SSE parse and pydantic objects (see the next table for its cost). "
+        "The direct client is one and the same for both configurations."
     )
     report()
-    for key, client in clients.items():
-        if not isinstance(client, OpenAIClient):
-            continue
-        added = statistics.median(arrival[key]) - direct
-        report.target(
-            f"gateway latency per piece ({key})",
-            "added median ≤ 0.5 ms",
-            f"{added:+.3f} ms (direct {direct:.3f}, at the openai client {direct + added:.3f}; "
-            f"after its parse {statistics.median(handout[key]):.3f})",
-            added <= 0.5,
-        )
+    for gateway, keys in _through(clients, "openai"):
+        for config in CONFIGS:
+            added = statistics.median(arrival[keys[config]]) - direct
+            report.target(
+                f"gateway latency per piece ({gateway}, features {config})",
+                "added median ≤ 0.5 ms",
+                f"{added:+.3f} ms (direct {direct:.3f}, at the openai client {direct + added:.3f}; "
+                f"after its parse {statistics.median(handout[keys[config]]):.3f})",
+                added <= 0.5,
+            )
 
 
-def _cells(values: list[float], direct: float, added: bool) -> list[str]:
-    median = statistics.median(values)
-    return [
-        f"{median:.3f}",
-        f"{_pct(values, 0.9):.3f}",
-        f"{max(values):.2f}",
-        f"{median - direct:+.3f}" if added else "",
-    ]
+def _cells(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({_pct(values, 0.9):.3f}, {max(values):.2f})"
 
 
 # --- 2. short chats ----------------------------------------------------------------------------
@@ -548,38 +738,65 @@ def bench_short(report: Any, clients: dict[str, Any], quick: bool) -> None:
                     assert text.count(" ") == 20, text
     report(
         f"### 2. Short chats: 20 pieces sent at once, {chats} chats per path and mode one after "
-        f"another, in round-robin blocks of {block}; median ms per chat (added: minus direct)"
+        f"another, in round-robin blocks of {block} over all paths; median ms per chat (added: "
+        "minus direct), with the features off and on"
     )
     report()
     direct = statistics.median(times[("direct", "stream=False")])
-    rows = []
-    for key, client in clients.items():
-        cells = [client.label]
-        for mode in modes:
-            median = statistics.median(times[(key, mode)])
-            shown = key in ("direct", "alone")
-            cells.append(f"{median:.2f}" + ("" if shown else f" ({median - direct:+.2f})"))
-        rows.append(cells)
-    report.table(["path", "stream=False", "stream=True"], rows)
+
+    def cell(key: str, mode: str) -> str:
+        median = statistics.median(times[(key, mode)])
+        return f"{median:.2f}" + (
+            "" if key in ("direct", "alone") else f" ({median - direct:+.2f})"
+        )
+
+    def same(key: str) -> list[str]:  # a client that is the same in both configurations
+        cells = [cell(key, mode) for mode in modes]
+        return [clients[key].label, *cells, *cells, ""]
+
+    rows = [same("direct")]
+    for kind in ("lean", "openai"):
+        for _, keys in _through(clients, kind):
+            row = [clients[keys["off"]].label]
+            for config in CONFIGS:
+                row += [cell(keys[config], mode) for mode in modes]
+            differences = [
+                statistics.median(times[(keys["on"], mode)])
+                - statistics.median(times[(keys["off"], mode)])
+                for mode in modes
+            ]
+            rows.append([*row, ", ".join(f"{d:+.2f}" for d in differences)])
+    if "alone" in clients:
+        rows.append(same("alone"))
+    headers = ["path"]
+    for config in CONFIGS:
+        headers += [f"{config}: {mode}" for mode in modes]
+    report.table([*headers, "on − off (False, True)"], rows)
     report(
-        "The direct client reads the reply as a stream either way (`Session.complete`). With "
-        "`http.client` (one kept-alive connection, the body read whole) the rows show what the "
-        "gateway adds; with the `openai` client, also what that client costs by itself wherever "
-        "it is pointed (the row without a server)."
+        "The direct client reads the reply as a stream either way (`Session.complete`); it and the "
+        "client without a server are the same in both configurations. With `http.client` (one "
+        "kept-alive connection, the body read whole) the rows show what the gateway adds; with the "
+        "`openai` client, also what that client costs by itself wherever it is pointed (the row "
+        "without a server)."
     )
     report()
-    for key in clients:
-        if not key.startswith("lean"):
-            continue
-        for mode in modes:
-            added = statistics.median(times[(key, mode)]) - direct
-            report.target(
-                f"gateway per short chat ({key[5:]}, {mode})",
-                "added ≤ 2 ms",
-                f"{added:+.2f} ms (direct {direct:.2f}; with the openai client "
-                f"{statistics.median(times[('openai ' + key[5:], mode)]) - direct:+.2f})",
-                added <= 2.0,
-            )
+    for gateway, keys in _through(clients, "lean"):
+        for config in CONFIGS:
+            for mode in modes:
+                added = statistics.median(times[(keys[config], mode)]) - direct
+                openai_key = _key("openai", gateway, config)
+                with_openai = (
+                    f"; with the openai client "
+                    f"{statistics.median(times[(openai_key, mode)]) - direct:+.2f}"
+                    if (openai_key, mode) in times
+                    else ""
+                )
+                report.target(
+                    f"gateway per short chat ({gateway}, features {config}, {mode})",
+                    "added ≤ 2 ms",
+                    f"{added:+.2f} ms (direct {direct:.2f}{with_openai})",
+                    added <= 2.0,
+                )
 
 
 # --- 3. 256 concurrent streams -----------------------------------------------------------------
@@ -609,16 +826,18 @@ def _concurrently(
     return [r for r in results if r is not None], errors
 
 
+#: The order of the concurrent runs (ABBA: each configuration as often early as late).
+CONCURRENT_ORDER = ("direct", "off", "on", "direct", "on", "off")
+
+
 def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
     count = 64 if quick else 256
     pieces, delay, spread = 40, 0.100, 1.0
     prompt = _spec(pieces, delay)
-    clients: dict[str, Any] = {
-        "direct": Direct(procs.upstream, pool=count),
-        "http.client": Lean("", procs.gunicorn),
-    }
-    order = ["direct", "http.client", "direct again"]
-    runs: dict[str, tuple[list[list[Piece]], list[str], float]] = {}
+    clients: dict[str, Any] = {"direct": Direct(procs.upstream, pool=count)}
+    for config in CONFIGS:
+        clients[config] = Lean("", procs.gunicorn[config], _headers(config))
+    runs: list[tuple[str, list[list[Piece]], list[str], float, Optional[float]]] = []
     try:
         for client in clients.values():  # warm: threads, connections, the tokens of both workers
             _concurrently(client, 32, _spec(3, 0.01))
@@ -626,54 +845,80 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
         # full passes, which would otherwise stall every thread at once, direct or not.
         gc.collect()
         gc.freeze()
-        for key in order:
+        for key in CONCURRENT_ORDER:
+            cpu = procs.cpu_seconds(key) if key in CONFIGS else None
             started = time.perf_counter()
-            done, errors = _concurrently(clients[key.split()[0]], count, prompt, spread=spread)
-            runs[key] = (done, errors, time.perf_counter() - started)
+            done, errors = _concurrently(clients[key], count, prompt, spread=spread)
+            wall = time.perf_counter() - started
+            after = procs.cpu_seconds(key) if key in CONFIGS else None
+            spent = after - cpu if cpu is not None and after is not None else None
+            runs.append((key, done, errors, wall, spent))
     finally:
         for client in clients.values():
             client.close()
     report(
         f"### 3. {count} concurrent streams of {pieces} pieces {delay * 1000:.0f} ms apart, started "
         f"over {spread:g} s (then all {count} run together for {pieces * delay - spread:g} s) "
-        f"through one gunicorn (`-k gthread`, {procs.workers} workers × {procs.threads} threads), "
-        "each read by a thread of "
-        "this process with `http.client`, against one `Session` straight to the upstream from as "
-        "many threads (run before and after)"
+        f"through one gunicorn (`-k gthread`, {procs.workers} workers × {procs.threads} threads) "
+        "with the features off and through the other with them on, each stream read by a thread "
+        "of this process with `http.client`, against one `Session` straight to the upstream from "
+        f"as many threads; in the order {', '.join(CONCURRENT_ORDER)}"
     )
     report()
     rows = []
-    arrivals: dict[str, list[float]] = {}
-    complete: dict[str, int] = {}
-    for key in order:
-        done, errors, wall = runs[key]
+    arrivals: dict[str, list[float]] = {key: [] for key in clients}
+    complete: dict[str, int] = dict.fromkeys(clients, 0)
+    failed: dict[str, int] = dict.fromkeys(clients, 0)
+    cpu_per_piece: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    seen: set[str] = set()
+    for key, done, errors, wall, spent in runs:
         arrival = sorted(_ms([a - s for sample in done for s, a, _ in sample]))
-        arrivals[key] = arrival
-        complete[key] = sum(len(sample) == pieces for sample in done)
-        label = "through gunicorn, each SSE line read" if key == "http.client" else key
+        arrivals[key].extend(arrival)
+        whole = sum(len(sample) == pieces for sample in done)
+        complete[key] += whole
+        failed[key] += len(errors)
+        if spent is not None:
+            cpu_per_piece[key].append(spent * 1e6 / max(1, whole * pieces))
+        label = f"through gunicorn, features {key}" if key in CONFIGS else key
+        label += " again" if key in seen else ""
+        seen.add(key)
         rows.append(
             [
                 label,
-                f"{complete[key]}/{count}" + (f" ({len(errors)} errors)" if errors else ""),
+                f"{whole}/{count}" + (f" ({len(errors)} errors)" if errors else ""),
                 f"{statistics.median(arrival):.2f}",
                 f"{_pct(arrival, 0.99):.2f}",
                 f"{_pct(arrival, 0.999):.2f}",
                 f"{arrival[-1]:.2f}",
                 f"{wall:.1f}",
+                f"{cpu_per_piece[key][-1]:.0f}" if spent is not None else "",
             ]
         )
     report.table(
-        ["path", "complete", "median ms", "p99 ms", "p99.9 ms", "worst ms", "wall s"], rows
-    )
-    direct = [(a + b) / 2 for a, b in zip(arrivals["direct"], arrivals["direct again"])]
-    through = arrivals["http.client"]
-    same = len(through) == len(direct)
-    held = max(g - d for g, d in zip(through, direct)) if same else float("inf")
+        [
+            "path", "complete", "median ms", "p99 ms", "p99.9 ms", "worst ms", "wall s",
+            "workers' CPU µs per piece",
+        ],
+        rows,
+    )  # fmt: skip
+    direct = sorted(arrivals["direct"])
+    held: dict[str, float] = {}
+    lines = []
+    for config in CONFIGS:
+        through = sorted(arrivals[config])
+        same = len(through) == len(direct)
+        held[config] = max(g - d for g, d in zip(through, direct)) if same else float("inf")
+        lines.append(
+            f"features {config}: at most {held[config]:+.2f} ms; at the 99th percentile "
+            f"{_pct(through, 0.99) - _pct(direct, 0.99):+.2f} ms, at the median "
+            f"{statistics.median(through) - statistics.median(direct):+.3f} ms"
+        )
     report(
-        "Held longer, piece for piece by rank (the k-th slowest piece through gunicorn against the "
-        f"k-th slowest direct one, the two direct runs averaged): at most {held:+.2f} ms; at the "
-        f"99th percentile {_pct(through, 0.99) - _pct(direct, 0.99):+.2f} ms, at the median "
-        f"{statistics.median(through) - statistics.median(direct):+.3f} ms."
+        "Held longer, piece for piece by rank (the k-th slowest piece through a gunicorn, its two "
+        "runs pooled, against the k-th slowest direct one, the two direct runs pooled): "
+        + "; ".join(lines)
+        + ". The workers' CPU: what gunicorn's worker processes spent during the run (user and "
+        "system, from `/proc/PID/stat`), per piece delivered, requests included."
     )
     report()
     report(
@@ -683,14 +928,15 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
         "gateway's (benchmarks/RESULTS.md has trial runs)."
     )
     report()
-    errors = runs["http.client"][1]
-    report.target(
-        f"{count} concurrent streams through gunicorn",
-        "all complete; no piece held > 10 ms longer than direct",
-        f"{complete['http.client']}/{count} complete, {len(errors)} errors; held at most "
-        f"{held:+.2f} ms longer (rank for rank)",
-        complete["http.client"] == count and not errors and held <= 10,
-    )
+    runs_each = CONCURRENT_ORDER.count("off")
+    for config in CONFIGS:
+        report.target(
+            f"{count} concurrent streams through gunicorn, features {config}",
+            "all complete; no piece held > 10 ms longer than direct",
+            f"{complete[config]}/{count * runs_each} complete in {runs_each} runs, "
+            f"{failed[config]} errors; held at most {held[config]:+.2f} ms longer (rank for rank)",
+            complete[config] == count * runs_each and not failed[config] and held[config] <= 10,
+        )
 
 
 # --- the whole run -----------------------------------------------------------------------------
@@ -706,40 +952,39 @@ def bench_gateway(
     try:
         import gunicorn  # noqa: F401
         import openai  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as exc:
         report(f"_gateway section skipped: {exc} (pip install -e '.[test]')_\n")
         return
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    report("## Gateway: the OpenAI-compatible gateway against the direct client")
+    report(
+        "## Gateway: the OpenAI-compatible gateway against the direct client, features off and on"
+    )
     report()
     report(
-        f"Upstream, gunicorn and `aichatonline gateway` each in their own process on {HOST}, the "
-        f"clients in this one. {os.cpu_count()} CPUs, shared with other engineers' work while this "
-        f"ran (load average at the start: {load}): absolute numbers move with that load; the "
-        "side-by-side differences within one run are what counts."
+        f"Upstream, and gunicorn and `aichatonline gateway` with the features off and on, each in "
+        f"their own process on {HOST}, the clients in this one. Features off: no metrics "
+        "(`prometheus_client` hidden from those gateways, which then run as without it), no CORS "
+        "origin configured, no `Origin` sent. Features on: Prometheus metrics (gunicorn's workers "
+        f"with `{MULTIPROC_ENV}`), CORS origin `{ORIGIN}` configured and sent by every client. "
+        f"{os.cpu_count()} CPUs, shared with other engineers' work while this ran (load average at "
+        f"the start: {load}): absolute numbers move with that load; the side-by-side differences "
+        "within one run are what counts."
     )
     report()
     procs = Processes(threads=256, workers=workers)
     try:
-        streaming: dict[str, Any] = {
-            "direct": Direct(procs.upstream),
-            "gunicorn": OpenAIClient("`openai` → gunicorn gthread", procs.gunicorn),
-            "stdlib": OpenAIClient("`openai` → `aichatonline gateway`", procs.stdlib),
-        }
+        check_features(report, procs)
+        streaming = make_clients(procs)
         chats: dict[str, Any] = {}
         try:
-            streaming["lean gunicorn"] = Lean("`http.client` → gunicorn gthread", procs.gunicorn)
-            streaming["lean stdlib"] = Lean("`http.client` → `aichatonline gateway`", procs.stdlib)
             if "latency" in sections:
                 bench_latency(report, streaming, quick)
             chats = {
-                "direct": streaming["direct"],
-                "lean gunicorn": streaming["lean gunicorn"],
-                "lean stdlib": streaming["lean stdlib"],
-                "openai gunicorn": streaming["gunicorn"],
-                "openai stdlib": streaming["stdlib"],
-                "alone": Recorded(streaming["gunicorn"], _spec(20, 0)),
+                key: client for key, client in streaming.items() if not key.startswith("openai")
             }
+            chats.update((k, c) for k, c in streaming.items() if k.startswith("openai"))
+            chats["alone"] = Recorded(streaming[_key("openai", "gunicorn", "off")], _spec(20, 0))
             if "short" in sections:
                 bench_short(report, chats, quick)
         finally:
@@ -747,6 +992,12 @@ def bench_gateway(
                 client.close()
         if "concurrent" in sections:
             bench_concurrent(report, procs, quick)
+        counted = _requests_counted(procs.gunicorn["on"])
+        report(
+            f"The features-on gunicorn's `/metrics` counted {counted} requests to "
+            f"`/v1/chat/completions` at the end, summed over its {workers} workers."
+        )
+        report()
     finally:
         procs.close()
     report(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
