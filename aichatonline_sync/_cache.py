@@ -18,6 +18,7 @@ loads it, so ``import aichatonline_sync`` does not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Optional, Union
 
@@ -211,9 +213,24 @@ class ReplyCache:
             return False
         return True
 
-    def __len__(self) -> int:
+    def __bool__(self) -> bool:  # (an empty cache is a cache: ``if cache:`` runs no query)
+        return True
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, with SQLite's errors said as ours."""
         with self._lock:
-            row = self._database().execute("SELECT count(*) FROM replies").fetchone()
+            try:
+                yield self._database()
+            except sqlite3.Error as exc:
+                raise AiChatOnlineError(
+                    f"the reply cache {self.path!r} cannot be used: {exc} (a damaged file? "
+                    "delete it; chats go on without it)"
+                ) from exc
+
+    def __len__(self) -> int:
+        with self._reading() as db:
+            row = db.execute("SELECT count(*) FROM replies").fetchone()
         return int(row[0])
 
     def clear(self, older_than: Optional[float] = None) -> int:
@@ -233,8 +250,7 @@ class ReplyCache:
             raise InvalidRequestError(
                 f"older_than must be None or a number of seconds >= 0, not {older_than!r}"
             )
-        with self._lock:
-            db = self._database()
+        with self._reading() as db:
             if older_than is None:
                 removed = db.execute("DELETE FROM replies").rowcount
             else:
@@ -248,8 +264,8 @@ class ReplyCache:
 
     def stats(self) -> CacheStats:
         """How many entries, how many bytes on disk, and the oldest and newest entry's time."""
-        with self._lock:
-            count, oldest, newest = self._database().execute(
+        with self._reading() as db:
+            count, oldest, newest = db.execute(
                 "SELECT count(*), min(created), max(created) FROM replies"
             ).fetchone()
         size = sum(
@@ -295,7 +311,13 @@ def _open(path: str) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")  # (WAL: durable at each checkpoint, never corrupt)
     except sqlite3.DatabaseError as exc:
         db.close()
-        if isinstance(exc, sqlite3.OperationalError) and "readonly" not in str(exc):
+        if "readonly" in str(exc):
+            raise InvalidRequestError(
+                f"the reply cache {path!r} cannot be written ({exc}): a reply cache needs to "
+                "write the file and, beside it, its -wal and -shm files; give a path in a "
+                "writable folder"
+            ) from None
+        if isinstance(exc, sqlite3.OperationalError):
             reason = f"cannot use it: {exc}"
         else:
             reason = f"it is not a reply cache ({exc})"
@@ -342,7 +364,10 @@ def shared_cache(path: PathTypes) -> ReplyCache:
     """
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         return ReplyCache(path)  # (its error)
-    key = (os.getpid(), os.path.realpath(os.fspath(path)))
+    try:
+        key = (os.getpid(), os.path.realpath(os.fspath(path)))
+    except ValueError as exc:  # (a NUL in the path)
+        raise InvalidRequestError(f"cache: not a usable path ({exc}): {path!r}") from None
     with _SHARED_LOCK:
         cache = _SHARED.get(key)
         if cache is None or cache.closed:

@@ -6,8 +6,8 @@ is cut.
 
 - ``stop``: the reply ends before the first occurrence of any stop string, which may span pieces.
   The tail of the text that could still begin a stop string is held back until the next piece
-  shows whether it does (at most the longest stop string less one character); at the end of the
-  reply it is sent.
+  shows whether it does (at most the longest stop string less one character), also past a stop
+  string found later in it; at the end of the reply it is sent, up to a stop string in it.
 - ``max_tokens``: the reply ends once its text would count more than ``max_tokens`` tokens under
   the model's tokenizer; the last piece is cut at the longest prefix that fits. A prefix counts
   tokens as it is; when appending text merges tokens across the boundary differently, nothing
@@ -83,8 +83,14 @@ class ReplyLimiter:
             return piece
         text = self._pending + piece
         if self._stops:
-            cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+            cut = self._first_match(text)
             if cut >= 0:
+                # A longer stop string that began earlier may still complete ("aca" in "ac"
+                # once "c" is found): wait for it, holding the text from where it began.
+                start = self._earliest_open(text, cut)
+                if start >= 0:
+                    self._pending = text[start:]
+                    return self._budget(text[:start])
                 out = self._budget(text[:cut])
                 if self.finish_reason is None:
                     self.finish_reason = "stop"
@@ -100,11 +106,25 @@ class ReplyLimiter:
         unless the budget cut it)."""
         if self.finish_reason is not None:
             return ""
-        out = self._budget(self._pending)
-        self._pending = ""
+        text, self._pending = self._pending, ""
+        cut = self._first_match(text) if self._stops else -1
+        out = self._budget(text[:cut] if cut >= 0 else text)
         if self.finish_reason is None:
             self.finish_reason = "stop"
         return out
+
+    def _first_match(self, text: str) -> int:
+        """Where the first stop string in ``text`` begins, or -1."""
+        return min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+
+    def _earliest_open(self, text: str, cut: int) -> int:
+        """The first place before ``cut`` where the rest of ``text`` begins a longer stop string
+        that has not ended yet, or -1."""
+        for start in range(max(0, len(text) - self._hold), cut):
+            tail = text[start:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                return start
+        return -1
 
     def _held_back(self, text: str) -> int:
         """How many characters at the end of ``text`` could begin a stop string."""

@@ -30,6 +30,7 @@ import threading
 from typing import Any, Optional
 
 from . import _redact
+from ._errors import InvalidRequestError
 
 __all__ = ["MULTIPROC_ENV", "PATHS", "Metrics", "metrics"]
 
@@ -72,6 +73,13 @@ class Metrics:
         except ImportError:
             self.available = False
             return
+        folder = os.environ.get(MULTIPROC_ENV)
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+            # (prometheus-client would fail on its first file there, with a bare OSError)
+            raise InvalidRequestError(
+                f"${MULTIPROC_ENV}={folder!r} is not a folder the gateway can write: make it "
+                "(empty) before the server starts, or unset it for a single process"
+            )
         self.available = True
         self._client = prometheus_client
         self.registry = prometheus_client.CollectorRegistry()

@@ -27,7 +27,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _redact
-from ._errors import AiChatOnlineError, InvalidRequestError
+from ._errors import InvalidRequestError
+
+#: :mod:`._tracing`, once a span was made (never imported otherwise). Kept here, not imported
+#: again where a span ends: a stream dropped at interpreter exit ends its span when imports
+#: no longer work.
+_tracing: Any = None
 
 if TYPE_CHECKING:
     from ._events import ChatEvent
@@ -107,6 +112,7 @@ class EventHooks:
         # An application that set a tracer provider has imported opentelemetry.trace: until it is
         # imported, nothing of tracing is loaded or checked.
         if "opentelemetry.trace" in sys.modules:
+            global _tracing
             from . import _tracing
 
             span = _tracing.start_span(
@@ -131,7 +137,7 @@ class EventHooks:
             return send(None)
         try:
             stream = send(call)
-        except AiChatOnlineError as exc:
+        except BaseException as exc:  # (Ctrl-C in a retry wait ends the chat too)
             call.failed(exc)
             raise
         call.first_piece(stream)
@@ -200,8 +206,6 @@ class ChatCall:
 
     def retry(self, attempt: int, wait: float, error: BaseException) -> None:
         if self._span is not None:
-            from . import _tracing
-
             _tracing.retry(self._span, attempt, wait, error)
         self.emit("retry", attempt=attempt, wait=wait, error=error)
 
@@ -218,8 +222,6 @@ class ChatCall:
         if not kept:
             self._counted = True  # nothing to count the reply from
         if self._span is not None:
-            from . import _tracing
-
             _tracing.end(self._span, model=self.model, usage=self.usage(text), text=text)
         self.emit("chat_end", text=text)
 
@@ -228,8 +230,6 @@ class ChatCall:
             return
         self._done = True
         if self._span is not None:
-            from . import _tracing
-
             _tracing.end(self._span, error=error)
         self.emit("chat_error", error=error)
 
@@ -239,6 +239,4 @@ class ChatCall:
             return
         self._done = True
         if self._span is not None:
-            from . import _tracing
-
             _tracing.end(self._span)

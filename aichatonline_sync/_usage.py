@@ -84,6 +84,9 @@ def encoding_for_model(model: str) -> str:
     raise InvalidRequestError(f"no tokenizer is known for model {model!r}; only {DEFAULT_MODEL!r}")
 
 
+#: How far past the first prefix that does not fit a longer one is looked for, in characters.
+_LOOK_AHEAD = 64
+
 _lock = threading.Lock()
 _tokenizers: dict[str, Optional[_Tokenizer]] = {}
 _available: Optional[bool] = None
@@ -182,6 +185,12 @@ def truncate_to_tokens(text: str, max_tokens: int, model: str = DEFAULT_MODEL) -
             low = middle
         else:
             high = middle
+    # The count of a prefix is not monotonic: a character can complete a merge and lower it
+    # ("interna" may count more than "international"), so a longer prefix past this boundary
+    # may fit again; such dips span one word at most.
+    for length in range(low + 1, min(len(text), low + _LOOK_AHEAD) + 1):
+        if fits(length):
+            low = length
     return text[:low]
 
 

@@ -566,3 +566,30 @@ def test_the_command_line_names_a_bad_cache_file(emu: Emulator, tmp_path: Path) 
     assert folder.returncode == 2
     assert "--cache" in folder.stderr
     assert emu.request_count == 0
+
+
+def test_a_damaged_file_is_our_error_naming_it_and_chats_go_on(
+    emu: Emulator, path: Path
+) -> None:
+    with ReplyCache(path) as cache:
+        for index in range(40):
+            cache.put("gpt-4o-mini", f"prompt {index} " + "x" * 2000, ["reply"])
+    db = sqlite3.connect(path)  # (everything into the file itself, out of its -wal)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    with open(path, "r+b") as file:  # pages in the middle overwritten
+        file.seek(4096 * 2)
+        file.write(b"\xa5" * 4096 * 4)
+    cache = ReplyCache(path)
+    assert cache  # a cache is true, empty or not: no query
+    with pytest.raises(aco.AiChatOnlineError, match="cannot be used") as info:
+        cache.clear()
+    assert str(path) in str(info.value)
+    with Session(emu.url, cache=cache) as session:
+        assert session.complete("Hi")  # a miss, logged; the chat goes on
+    cache.close()
+
+
+def test_a_path_with_a_nul_is_refused_as_the_callers_input() -> None:
+    with pytest.raises(aco.InvalidRequestError, match="not a usable path"):
+        Session("http://127.0.0.1:9", cache="a\0b")

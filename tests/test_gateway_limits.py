@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from aichatonline_sync._gateway_limits import ReplyLimiter
@@ -42,6 +42,7 @@ def split(text: str, cuts: list[int]) -> list[str]:
 
 
 @given(st.text("ab c", max_size=30), st.lists(st.text("ab c", min_size=1, max_size=3), max_size=3), st.lists(st.integers(0, 40)))
+@example("aca", ["c", "aca"], [2])  # a longer stop string that began first ends after a shorter
 def test_stop_cuts_before_the_first_stop_string_however_the_reply_is_split(
     text: str, stop: list[str], cuts: list[int]
 ) -> None:

@@ -490,3 +490,17 @@ def test_the_doc_of_the_multiprocess_variable() -> None:
     assert gateway.MULTIPROC_ENV == "PROMETHEUS_MULTIPROC_DIR"
     assert "PROMETHEUS_MULTIPROC_DIR" in (gateway.__doc__ or "")
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None  # the test process is single
+
+
+def test_a_multiprocess_folder_that_is_missing_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "no-such-folder"
+    done = subprocess.run(
+        [sys.executable, "-m", "aichatonline_sync", "gateway", "--emulator", "--port", "0"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "PROMETHEUS_MULTIPROC_DIR" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -203,3 +203,18 @@ def test_usage_of_a_stream(emulator: MakeEmulator) -> None:
 def test_hooks_see_nothing_of_a_session_without_them(emulator: MakeEmulator) -> None:
     assert not EventHooks(None)
     assert not EventHooks({"retry": []})
+
+
+def test_ctrl_c_in_a_retry_wait_is_the_chats_last_event(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    emu.fail("chat", 503)
+    rec = Recorder()
+
+    def interrupt(seconds: float) -> None:  # the retry wait, interrupted
+        raise KeyboardInterrupt
+
+    policy = aco.RetryPolicy(max_retries=2, sleep=interrupt)
+    with aco.Session(emu.url, retry=policy, event_hooks=rec.hooks()) as s, pytest.raises(KeyboardInterrupt):
+        s.complete("Hi")
+    assert rec.names == ["chat_start", "retry", "chat_error"]
+    assert isinstance(rec.events[-1].error, KeyboardInterrupt)

@@ -4,6 +4,7 @@ the ``tokens`` extra (in a subprocess where bpe-openai cannot be imported)."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -143,3 +144,17 @@ def test_import_of_the_package_imports_no_tokenizer() -> None:
     code = "import sys, aichatonline_sync; print(sorted(m for m in sys.modules if m.startswith(('bpe_openai', 'tiktoken', 'opentelemetry'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_truncation_finds_the_longest_prefix_past_the_dips_of_merged_tokens() -> None:
+    pytest.importorskip("bpe_openai")
+    from aichatonline_sync._usage import count_tokens, truncate_to_tokens
+
+    rng = random.Random(7)
+    words = ["international", "emulator", "the", "interna", "tion", "😀", "中文字", "code()", "  "]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 25)))
+        limit = rng.randint(0, 20)
+        longest = max(j for j in range(len(text) + 1) if count_tokens(text[:j]) <= limit)
+        assert truncate_to_tokens(text, limit) == text[:longest]
+    assert truncate_to_tokens("Hello, world!", 3) == "Hello, world"
