@@ -364,6 +364,8 @@ def shared_cache(path: PathTypes) -> ReplyCache:
     """
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         return ReplyCache(path)  # (its error)
+    if "\0" in os.fspath(path):  # (Python 3.9's realpath takes it; sqlite3 then refuses it)
+        raise InvalidRequestError(f"cache: not a usable path (embedded null byte): {path!r}")
     try:
         key = (os.getpid(), os.path.realpath(os.fspath(path)))
     except ValueError as exc:  # (a NUL in the path)
