@@ -333,8 +333,13 @@ def _open(path: str) -> sqlite3.Connection:
 
 def _is_ours(db: sqlite3.Connection, path: str) -> bool:
     """``True`` for our file, ``False`` for an empty one; raises for anything else."""
-    application_id = db.execute("PRAGMA application_id").fetchone()[0]
-    version = db.execute("PRAGMA user_version").fetchone()[0]
+    # One statement, so one snapshot: read apart, another process making the file between two
+    # reads looked like "another program's file" (its tables there, its marker not yet read).
+    application_id, version, tables = db.execute(
+        "SELECT (SELECT application_id FROM pragma_application_id),"
+        " (SELECT user_version FROM pragma_user_version),"
+        " (SELECT count(*) FROM sqlite_master)"
+    ).fetchone()
     if application_id == APPLICATION_ID:
         if version > SCHEMA_VERSION:
             raise InvalidRequestError(
@@ -342,7 +347,6 @@ def _is_ours(db: sqlite3.Connection, path: str) -> bool:
                 f"{version}, this one reads {SCHEMA_VERSION}); upgrade, or give another path"
             )
         return True
-    tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     if application_id == 0 and version == 0 and tables == 0:
         return False
     raise InvalidRequestError(
