@@ -830,6 +830,17 @@ def _error_event(exc: Exception, metrics: Metrics) -> Any:
     return refusal.error()
 
 
+def _closing_events(job: _Job, chunk: dict[str, Any], limiter: ReplyLimiter) -> bytes:
+    """The last chunk (its ``finish_reason`` set by the caller), the usage chunk when the
+    request asked for it (``choices: []``), and ``[DONE]``."""
+    last = _event(chunk)
+    if job.include_usage:
+        chunk["choices"] = []
+        chunk["usage"] = _usage_of(job, limiter.text)
+        last += _event(chunk)
+    return last + _DONE
+
+
 def _chat_events(
     job: _Job, stream: ChatStream, limiter: ReplyLimiter, created: int, metrics: Metrics
 ) -> Generator[bytes, None, None]:
@@ -852,12 +863,7 @@ def _chat_events(
         chunk["choices"] = [
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": limiter.finish_reason}
         ]
-        last = _event(chunk)
-        if job.include_usage:
-            chunk["choices"] = []
-            chunk["usage"] = _usage_of(job, limiter.text)
-            last += _event(chunk)
-        yield last + _DONE
+        yield _closing_events(job, chunk, limiter)
     except Exception as exc:
         yield _event(_error_event(exc, metrics))
     finally:
@@ -881,12 +887,7 @@ def _completion_events(
             choice["text"] = piece
             yield _event(chunk)
         choice["text"], choice["finish_reason"] = "", limiter.finish_reason
-        last = _event(chunk)
-        if job.include_usage:
-            chunk["choices"] = []
-            chunk["usage"] = _usage_of(job, limiter.text)
-            last += _event(chunk)
-        yield last + _DONE
+        yield _closing_events(job, chunk, limiter)
     except Exception as exc:
         yield _event(_error_event(exc, metrics))
     finally:
