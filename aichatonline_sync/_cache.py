@@ -333,8 +333,8 @@ def _open(path: str) -> sqlite3.Connection:
 
 def _is_ours(db: sqlite3.Connection, path: str) -> bool:
     """``True`` for our file, ``False`` for an empty one; raises for anything else."""
-    # One statement, so one snapshot: read apart, another process making the file between two
-    # reads looked like "another program's file" (its tables there, its marker not yet read).
+    # One statement, so one snapshot: read apart, a file another process makes between two reads
+    # would show its tables with a marker read before it was set.
     application_id, version, tables = db.execute(
         "SELECT (SELECT application_id FROM pragma_application_id),"
         " (SELECT user_version FROM pragma_user_version),"
