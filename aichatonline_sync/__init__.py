@@ -7,13 +7,18 @@
 
 import importlib
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
-from . import _redact
-from ._api import batch, batch_iter, chat, close_shared_sessions, complete
-from ._cancel import Cancellation
-from ._config import RetryPolicy, Timeout
-from ._errors import (
+from ._client import config as _config
+from ._client.api import batch, batch_iter, chat, close_shared_sessions, complete
+from ._client.config import RetryPolicy, Timeout
+from ._client.session import Session
+from ._client.stream import ChatStream
+from ._transport.cancel import Cancellation
+from ._version import __version__
+from ._wire import redact as _redact
+from ._wire.errors import (
     AiChatOnlineError,
     APIConnectionError,
     APIStatusError,
@@ -28,10 +33,7 @@ from ._errors import (
     TokenError,
     UpstreamError,
 )
-from ._prompt import format_prompt, get_random_string
-from ._session import Session
-from ._stream import ChatStream
-from ._version import __version__
+from ._wire.prompt import format_prompt, get_random_string
 
 __all__ = [
     "APIConnectionError",
@@ -70,23 +72,23 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._batch import BatchResult
-    from ._cache import ReplyCache
-    from ._conversation import Conversation
-    from ._events import ChatEvent
-    from ._notebook import display_stream
-    from ._provider import AiChatOnline
-    from ._usage import Usage
+    from ._client.batch import BatchResult
+    from ._client.cache import ReplyCache
+    from ._client.events import ChatEvent
+    from ._client.usage import Usage
+    from ._features.conversation import Conversation
+    from ._features.notebook import display_stream
+    from .integrations.gpt4free import AiChatOnline
 
 # Loaded at first use, to keep ``import aichatonline_sync`` cheap.
 _LAZY = {
-    "AiChatOnline": "._provider",
-    "BatchResult": "._batch",
-    "ChatEvent": "._events",
-    "Conversation": "._conversation",
-    "ReplyCache": "._cache",
-    "display_stream": "._notebook",
-    "Usage": "._usage",
+    "AiChatOnline": ".integrations.gpt4free",
+    "BatchResult": "._client.batch",
+    "ChatEvent": "._client.events",
+    "Conversation": "._features.conversation",
+    "ReplyCache": "._client.cache",
+    "display_stream": "._features.notebook",
+    "Usage": "._client.usage",
 }
 
 
@@ -104,3 +106,5 @@ def __dir__() -> list[str]:
 
 
 _redact.logger().addHandler(logging.NullHandler())
+# Pickles of Timeout and RetryPolicy made by 0.1 name the module they lived in then.
+sys.modules.setdefault(f"{__name__}._config", _config)

@@ -33,7 +33,7 @@ if mode == "on":
 if mode == "hook":
     hooks = {name: [lambda event: None] for name in ("chat_start", "first_piece", "chat_end")}
 import aichatonline_sync as aco
-from aichatonline_sync._usage import count_tokens
+from aichatonline_sync._client.usage import count_tokens
 count_tokens("warm up")  # the tokenizer's one-time load is not a chat's cost
 from aichatonline_sync.testing import Emulator
 n = int(sys.argv[2])

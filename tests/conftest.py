@@ -19,7 +19,7 @@ import _netguard
 import pytest
 
 from aichatonline_sync import RetryPolicy
-from aichatonline_sync._api import close_shared_sessions
+from aichatonline_sync._client.api import close_shared_sessions
 from aichatonline_sync.testing import Emulator
 
 REQUIRE_OPTIONAL = os.environ.get("AICHATONLINE_REQUIRE_OPTIONAL", "") not in ("", "0")

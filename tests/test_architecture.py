@@ -21,24 +21,58 @@ import aichatonline_sync
 
 PACKAGE = "aichatonline_sync"
 PACKAGE_DIR = Path(aichatonline_sync.__file__).parent
-#: The library's modules by name (``"__init__"`` is the package itself).
-MODULES: dict[str, Path] = {path.stem: path for path in sorted(PACKAGE_DIR.glob("*.py"))}
-#: The one module allowed to touch internals (house rule 14).
-TRANSPORT = "_transport"
+
+
+def dotted(path: Path) -> str:
+    """``_client/session.py`` -> ``"_client.session"``; ``gateway/__init__.py`` -> ``"gateway"``;
+    the package's own ``__init__.py`` -> ``"__init__"``."""
+    parts = list(path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+#: The library's modules by dotted name below the package (``"__init__"`` is the package itself).
+MODULES: dict[str, Path] = {dotted(path): path for path in sorted(PACKAGE_DIR.rglob("*.py"))}
+#: The one folder allowed to touch internals (house rule 14).
+TRANSPORT = "_transport.transport"
 CORE_MODULES = (
-    "_session",
-    "_stream",
-    "_transport",
-    "_retry",
-    "_config",
-    "_registry",
-    "_token",
-    "_cancel",
-    "_parser",
-    "_framing",
-    "_protocol",
-    "_batch",
+    "_client.session",
+    "_client.stream",
+    "_transport.transport",
+    "_client.retry",
+    "_client.config",
+    "_client.registry",
+    "_client.token",
+    "_transport.cancel",
+    "_wire.parser",
+    "_wire.framing",
+    "_wire.protocol",
+    "_client.batch",
 )
+#: The layers, lowest first. A module imports (when it runs) only from its own layer and below;
+#: ``__init__`` (the public API) sits above the features and below the front ends.
+LAYERS = {
+    "_version": 0,
+    "_wire": 0,
+    "_transport": 1,
+    "_client": 2,
+    "_features": 3,
+    "__init__": 4,
+    "cli": 5,
+    "gateway": 5,
+    "integrations": 5,
+    "testing": 5,
+    "__main__": 6,
+}
+FRONT_ENDS = ("cli", "gateway", "integrations", "testing")
+#: The client modules front ends may use besides the public names, each for a reason.
+FRONT_END_DOORS = {
+    "_client.config": "the option validators every front end applies to its flags and settings",
+    "_client.env": "the AICHATONLINE_* settings that the CLI, the gateway and the llm plugin read",
+    "_client.usage": "the tokenizer the gateway enforces max_tokens with",
+    "_transport.transport": "TEMPORARY: the gateway's is_timeout, until the failure table",
+}
 MAX_SESSION_LINES = 260
 MAX_FUNCTION_LINES = 65
 
@@ -66,8 +100,14 @@ def parse(name: str) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
-def where(name: str, node: ast.AST) -> str:
-    return f"{PACKAGE}/{name}.py:{getattr(node, 'lineno', '?')}"
+def where(name: str, node: Union[ast.AST, Import]) -> str:
+    line = node.line if isinstance(node, Import) else getattr(node, "lineno", "?")
+    return f"{MODULES[name].relative_to(PACKAGE_DIR.parent)}:{line}"
+
+
+def layer_of(name: str) -> str:
+    """The folder (layer or front end) of a module: ``"_client.session"`` -> ``"_client"``."""
+    return name.split(".", maxsplit=1)[0]
 
 
 def is_private(attr: str) -> bool:
@@ -92,21 +132,29 @@ class Import(NamedTuple):
 
 
 class ImportCollector(ast.NodeVisitor):
-    """Every import of a library module: ``from . import _x``, ``from ._x import y``,
-    ``import aichatonline_sync._x``, ``from aichatonline_sync import _x``; at module level and
-    inside functions. Strings (such as ``__init__``'s ``_LAZY`` mapping) are not imports."""
+    """Every import of a library module, as the dotted name of the module imported:
+    ``from . import x``, ``from .x import y``, ``from ..x import y``, ``import aichatonline_sync.x``,
+    ``from aichatonline_sync.x import y``; at module level and inside functions. Strings (such as
+    ``__init__``'s ``_LAZY`` mapping) are not imports. ``here`` is the importing module's package
+    (``""`` for the package's top level)."""
 
-    def __init__(self) -> None:
+    def __init__(self, here: str = "") -> None:
         self.imports: list[Import] = []
+        self.here = here
         self._type_checking = 0
         self._depth = 0
 
     def _add(self, target: str, node: ast.stmt) -> None:
         self.imports.append(Import(target, node.lineno, self._type_checking > 0, self._depth == 0))
 
-    def _package_member(self, name: str) -> str:
-        """``from <package> import name``: the module ``name``, else the package itself."""
-        return name if name in MODULES else "__init__"
+    @staticmethod
+    def _module(package: str, name: str) -> str:
+        """``from <package> import name``: the module ``package.name`` if there is one, else the
+        package itself."""
+        joined = f"{package}.{name}" if package else name
+        if joined in MODULES or not MODULES:
+            return joined
+        return package or "__init__"
 
     def visit_If(self, node: ast.If) -> None:
         if not is_type_checking(node.test):
@@ -137,24 +185,27 @@ class ImportCollector(ast.NodeVisitor):
         for alias in node.names:
             parts = alias.name.split(".")
             if parts[0] == PACKAGE:
-                self._add(parts[1] if len(parts) > 1 else "__init__", node)
+                self._add(".".join(parts[1:]) or "__init__", node)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = node.module or ""
-        if node.level == 0 and module.split(".")[0] != PACKAGE:
-            return  # another package
         if node.level == 0:
-            module = module[len(PACKAGE) + 1 :]  # "aichatonline_sync._x" -> "_x"
-        if module:
-            self._add(module.split(".")[0], node)
+            if module.split(".")[0] != PACKAGE:
+                return  # another package
+            package = module[len(PACKAGE) + 1 :]  # "aichatonline_sync._wire" -> "_wire"
         else:
-            for alias in node.names:
-                self._add(self._package_member(alias.name), node)
+            base = self.here.split(".") if self.here else []
+            base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+            package = ".".join([*base, *([module] if module else [])])
+        for alias in node.names:
+            self._add(self._module(package, alias.name), node)
 
 
 @functools.cache
 def imports_of(name: str) -> tuple[Import, ...]:
-    collector = ImportCollector()
+    is_package = MODULES[name].name == "__init__.py"
+    here = "" if name == "__init__" else name if is_package else name.rpartition(".")[0]
+    collector = ImportCollector(here)
     collector.visit(parse(name))
     return tuple(collector.imports)
 
@@ -204,33 +255,40 @@ def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
 def test_the_collector_sees_every_kind_of_import() -> None:
     source = (
         "from typing import TYPE_CHECKING\n"
-        "from . import _stream\n"
-        "from ._b import thing\n"
-        "import aichatonline_sync._c\n"
+        "from . import stream\n"
+        "from .token import thing\n"
+        "from .._wire import errors\n"
+        "from .._wire.parser import LineParser\n"
+        "from .. import _version\n"
+        "import aichatonline_sync._transport.cancel\n"
         "from aichatonline_sync import Session\n"
         "if TYPE_CHECKING:\n"
-        "    from ._d import Hint\n"
+        "    from .config import Hint\n"
         "def f():\n"
-        "    from ._e import late\n"
+        "    from .batch import late\n"
         "LAZY = {'X': '._f'}\n"
     )
-    collector = ImportCollector()
+    collector = ImportCollector("_client")
     collector.visit(ast.parse(source))
     found = {(item.target, item.type_checking, item.top_level) for item in collector.imports}
-    assert ("_stream", False, True) in found
-    assert ("_b", False, True) in found
-    assert ("_c", False, True) in found
-    assert ("__init__", False, True) in found
-    assert ("_d", True, True) in found
-    assert ("_e", False, False) in found
-    assert not any(target == "_f" for target, _, _ in found)
+    assert found == {
+        ("_client.stream", False, True),
+        ("_client.token", False, True),
+        ("_wire.errors", False, True),
+        ("_wire.parser", False, True),
+        ("_version", False, True),
+        ("_transport.cancel", False, True),
+        ("__init__", False, True),
+        ("_client.config", True, True),
+        ("_client.batch", False, False),
+    }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_the_import_graph_of_the_library_has_no_cycle() -> None:
     graph = import_graph()
-    assert graph["_session"], "the collector found no import at all"
+    assert graph["_client.session"], "the collector found no import at all"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
@@ -248,16 +306,46 @@ def test_modules_loaded_by_the_package_do_not_import_it_back_at_import_time() ->
     assert cycle is None, "import-time cycle through the package: " + " -> ".join(cycle or [])
 
 
+def test_every_module_is_in_a_layer() -> None:
+    assert sorted({layer_of(name) for name in MODULES}) == sorted(LAYERS)
+
+
+def test_imports_point_down_the_layers() -> None:
+    """No module imports (when it runs) from a layer above its own; hints may look up."""
+    upward = [
+        f"{where(name, item)} {name} -> {item.target}"
+        for name in MODULES
+        for item in imports_of(name)
+        if not item.type_checking and LAYERS[layer_of(item.target)] > LAYERS[layer_of(name)]
+    ]
+    assert upward == [], "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def test_front_ends_use_the_public_api() -> None:
+    """A front end imports the package's public names, the wire vocabulary (the emulator speaks
+    the upstream's protocol), its own folder and other front ends; never the client or the
+    transport's modules."""
+    allowed = {"__init__", "_version", "_wire", *FRONT_ENDS}
+    reached = [
+        f"{where(name, item)} {name} -> {item.target}"
+        for name in MODULES
+        if layer_of(name) in FRONT_ENDS
+        for item in imports_of(name)
+        if layer_of(item.target) not in allowed and item.target not in FRONT_END_DOORS
+    ]
+    assert reached == [], "front ends reaching below the public API:\n" + "\n".join(reached)
+
+
 def test_only_main_imports_the_cli() -> None:
     offenders = [
-        f"{PACKAGE}/{name}.py:{item.line}"
+        where(name, item)
         for name in MODULES
-        if name not in ("__main__", "_cli")
+        if name != "__main__" and layer_of(name) != "cli"
         for item in imports_of(name)
-        if item.target == "_cli"
+        if layer_of(item.target) == "cli"
     ]
     assert offenders == [], "the library imports its CLI: " + ", ".join(offenders)
-    assert any(item.target == "_cli" for item in imports_of("__main__"))
+    assert any(item.target == "cli" for item in imports_of("__main__"))
 
 
 # -- private names and internals ----------------------------------------------------------------
@@ -320,7 +408,7 @@ def library_module_names(tree: ast.Module) -> set[str]:
 
 
 def owner_is_allowed(value: ast.expr, modules: set[str]) -> bool:
-    """``self``/``cls`` or one of the library's modules (``aichatonline_sync._session``, too)."""
+    """``self``/``cls`` or one of the library's modules (``aichatonline_sync._client.session``, too)."""
     if isinstance(value, ast.Name):
         return value.id in ("self", "cls") or value.id in modules
     return (
@@ -428,13 +516,13 @@ def span(node: ast.stmt) -> int:
 def test_session_class_is_small() -> None:
     classes = [
         node
-        for node in parse("_session").body
+        for node in parse("_client.session").body
         if isinstance(node, ast.ClassDef) and node.name == "Session"
     ]
     assert len(classes) == 1
     lines = span(classes[0])
     assert lines < MAX_SESSION_LINES, (
-        f"_session.Session is {lines} lines (limit {MAX_SESSION_LINES})"
+        f"Session is {lines} lines (limit {MAX_SESSION_LINES})"
     )
 
 
@@ -459,7 +547,7 @@ def test_every_logger_of_the_package_is_made_by_the_redaction_module() -> None:
     found = [
         where(name, node)
         for name in MODULES
-        if name != "_redact"
+        if name != "_wire.redact"
         for node in ast.walk(parse(name))
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -474,7 +562,7 @@ def test_every_warning_of_the_library_goes_through_the_redaction_module() -> Non
     found = [
         where(name, node)
         for name in MODULES
-        if name != "_redact"
+        if name != "_wire.redact"
         for node in ast.walk(parse(name))
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)

@@ -185,7 +185,7 @@ def test_a_reset_after_text_does_not_say_before_the_reply(
 
 
 def test_a_body_cut_short_after_text_says_so(emulator: MakeEmulator) -> None:
-    from aichatonline_sync._protocol import piece_line
+    from aichatonline_sync._wire.protocol import piece_line
 
     emu = emulator()
     line = piece_line("Hello ")

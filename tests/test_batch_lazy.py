@@ -16,7 +16,7 @@ import pytest
 
 import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, Session
-from aichatonline_sync._batch import in_flight_limit
+from aichatonline_sync._client.batch import in_flight_limit
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]

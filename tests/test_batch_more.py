@@ -28,8 +28,8 @@ from aichatonline_sync import (
     RetryPolicy,
     Session,
     Timeout,
-    _batch,
 )
+from aichatonline_sync._client import batch as _batch
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]
@@ -421,8 +421,7 @@ def test_rate_limit_is_validated(emulator: MakeEmulator) -> None:
 def test_progress_without_tqdm_warns_once_and_runs_the_batch(
     emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aichatonline_sync import _batch
-
+    from aichatonline_sync._client import batch as _batch
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     monkeypatch.setattr(_batch._NoTqdm, "warned", False)
@@ -523,7 +522,7 @@ def test_other_process_executor_gets_plain_settings(emulator: MakeEmulator) -> N
         executor.shutdown()
     assert len(executor.calls) == len(prompts)
     for fn, args, kwargs in executor.calls:
-        assert fn.__module__ == "aichatonline_sync._batch"  # by reference, not a closure
+        assert fn.__module__ == "aichatonline_sync._client.batch"  # by reference, not a closure
         assert _plain(args)
         assert _plain(kwargs)
     assert results[:3] == [echo("p0"), echo("p1"), echo("p2")]

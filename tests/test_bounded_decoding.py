@@ -20,8 +20,8 @@ from aichatonline_sync import (
     ProtocolError,
     Session,
     Timeout,
-    _transport,
 )
+from aichatonline_sync._transport import transport as _transport
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]

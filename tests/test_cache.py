@@ -31,8 +31,8 @@ from aichatonline_sync import (
     Session,
     StreamError,
 )
-from aichatonline_sync._cache import APPLICATION_ID, cache_key, shared_cache
-from aichatonline_sync._registry import shared_session, shared_session_count
+from aichatonline_sync._client.cache import APPLICATION_ID, cache_key, shared_cache
+from aichatonline_sync._client.registry import shared_session, shared_session_count
 from aichatonline_sync.testing import Emulator
 
 PIECES = ["Hel", "lo", ", ", "wor", "ld", "!"]

@@ -39,7 +39,7 @@ from test_cli import (
 )
 
 import aichatonline_sync as aco
-from aichatonline_sync._cli_io import MAX_INPUT_BYTES, read_done
+from aichatonline_sync.cli.io import MAX_INPUT_BYTES, read_done
 from aichatonline_sync.testing import Emulator, default_reply
 
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aichatonline_sync._cli_io import (
+from aichatonline_sync.cli.io import (
     RecordWriter,
     StopSignals,
     Terminated,

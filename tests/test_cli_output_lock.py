@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from aichatonline_sync import _cli_io
-from aichatonline_sync._cli_io import UsageError, lock_output, open_output
+from aichatonline_sync.cli import io as _cli_io
+from aichatonline_sync.cli.io import UsageError, lock_output, open_output
 from aichatonline_sync.testing import Emulator
 
 TIMEOUT = 20.0

@@ -10,7 +10,8 @@ import responses
 
 import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, RetryPolicy, Session, Timeout
-from aichatonline_sync._config import MAX_SECONDS, redact_url, validate_base_url, validate_proxy
+from aichatonline_sync._client.config import MAX_SECONDS, validate_base_url, validate_proxy
+from aichatonline_sync._wire.redact import redact_url
 
 DEFAULT_BASE_URL = "https://aichatonlineorg.erweima.ai"
 ENV = "AICHATONLINE_BASE_URL"
@@ -217,7 +218,7 @@ def test_value_objects_match_and_take_weak_references() -> None:
 def test_module_level_option_names_are_the_session_signatures() -> None:
     import inspect
 
-    from aichatonline_sync._api import CHAT_OPTIONS, SESSION_OPTIONS
+    from aichatonline_sync._client.api import CHAT_OPTIONS, SESSION_OPTIONS
 
     init = inspect.signature(Session.__init__).parameters
     assert frozenset(init) - {"self"} == SESSION_OPTIONS
@@ -238,7 +239,7 @@ def test_import_loads_no_retry_machinery_or_optional_packages() -> None:
     code = (
         "import sys; import aichatonline_sync; "
         "print(sorted(m for m in ('tenacity', 'g4f', 'tqdm', 'aichatonline_sync.testing',"
-        " 'aichatonline_sync._cli') if m in sys.modules))"
+        " 'aichatonline_sync.cli.commands') if m in sys.modules))"
     )
     import os
 

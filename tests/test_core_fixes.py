@@ -12,8 +12,8 @@ import pytest
 import requests
 
 import aichatonline_sync as aco
-from aichatonline_sync._parser import LineParser
-from aichatonline_sync._registry import MAX_SHARED_SESSIONS
+from aichatonline_sync._client.registry import MAX_SHARED_SESSIONS
+from aichatonline_sync._wire.parser import LineParser
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]

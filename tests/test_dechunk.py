@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aichatonline_sync._errors import ProtocolError
-from aichatonline_sync._framing import BodyTruncated
-from aichatonline_sync._framing import dechunk as _dechunk
+from aichatonline_sync._wire.errors import ProtocolError
+from aichatonline_sync._wire.framing import BodyTruncated
+from aichatonline_sync._wire.framing import dechunk as _dechunk
 
 
 def reference(body: bytes) -> bytes:

@@ -920,11 +920,11 @@ def test_https_with_trustme() -> None:
 # --------------------------------------------------------------------------- pytest plugin
 
 _PLUGIN_CONFTEST = """
-import aichatonline_sync.pytest_plugin as plugin
+import aichatonline_sync.testing.pytest_plugin as plugin
 
 def pytest_configure(config):
     if not config.pluginmanager.is_registered(plugin):
-        config.pluginmanager.register(plugin, "aichatonline_sync.pytest_plugin")
+        config.pluginmanager.register(plugin, "aichatonline_sync.testing.pytest_plugin")
 """
 
 

@@ -1,4 +1,4 @@
-"""``aichatonline_sync._env``: the ``AICHATONLINE_*`` settings that the CLI, the llm plugin and the
+"""``aichatonline_sync._client.env``: the ``AICHATONLINE_*`` settings that the CLI, the llm plugin and the
 gateway read from the environment."""
 
 from __future__ import annotations
@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from aichatonline_sync import InvalidRequestError, Session, Timeout
-from aichatonline_sync._env import gateway_key_from_env, session_options_from_env, setting_from_env
+from aichatonline_sync._client.env import (
+    gateway_key_from_env,
+    session_options_from_env,
+    setting_from_env,
+)
 
 
 def test_nothing_set_is_no_options(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,8 @@ import requests
 
 import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, Session
-from aichatonline_sync.pytest_plugin import AiChatOnlineMock
 from aichatonline_sync.testing import Emulator
+from aichatonline_sync.testing.pytest_plugin import AiChatOnlineMock
 
 responses = pytest.importorskip("responses")
 

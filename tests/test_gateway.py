@@ -1161,7 +1161,7 @@ def test_the_command_serves_until_ctrl_c_or_sigterm(sig: signal.Signals) -> None
 #: then; here it always does.
 SIGNAL_WHILE_ACCEPTING = """
 import runpy, signal, sys
-from aichatonline_sync._wsgiserver import GatewayServer
+from aichatonline_sync.gateway.server import GatewayServer
 
 SIG = int(sys.argv[1])
 hand_over = GatewayServer.process_request
@@ -1216,8 +1216,8 @@ def test_the_commands_session_keeps_a_connection_for_each_stream(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from aichatonline_sync import _cli, testing
-
+    from aichatonline_sync import testing
+    from aichatonline_sync.cli import commands as _cli
     made: list[Emulator] = [] if upstream == "--emulator" else [emulator()]
 
     class Recorded(testing.Emulator):

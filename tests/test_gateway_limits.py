@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from aichatonline_sync._gateway_limits import ReplyLimiter
+from aichatonline_sync.gateway.limits import ReplyLimiter
 
 
 def count(text: str) -> int:  # a toy tokenizer: a token per word

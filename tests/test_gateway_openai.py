@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 import aichatonline_sync as aco
-from aichatonline_sync._usage import count_tokens, truncate_to_tokens
+from aichatonline_sync._client.usage import count_tokens, truncate_to_tokens
 from aichatonline_sync.testing import Emulator
 
 openai = pytest.importorskip("openai")

@@ -499,7 +499,6 @@ def test_a_client_that_leaves_a_reply_that_is_not_streamed_closes_its_upstream_c
 
 def test_the_doc_of_the_multiprocess_variable() -> None:
     from aichatonline_sync import gateway
-
     assert gateway.MULTIPROC_ENV == "PROMETHEUS_MULTIPROC_DIR"
     assert "PROMETHEUS_MULTIPROC_DIR" in (gateway.__doc__ or "")
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None  # the test process is single

@@ -1,4 +1,4 @@
-"""The standard library's server of ``aichatonline gateway`` (``aichatonline_sync._wsgiserver``)
+"""The standard library's server of ``aichatonline gateway`` (``aichatonline_sync.gateway.server``)
 and how the command stops: its own errors are OpenAI-shaped JSON, HEAD never gets a body, and
 SIGTERM lets the replies in progress finish (up to ``--graceful-timeout``) before it exits 0."""
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import pytest
 import requests
 
-from aichatonline_sync import _cli
+from aichatonline_sync.cli import commands as _cli
 from aichatonline_sync.gateway import make_server
 from aichatonline_sync.testing import Emulator
 
@@ -362,7 +362,6 @@ def test_cors_origins_reach_make_app_only_when_given(
     monkeypatch: pytest.MonkeyPatch, args: list[str], expected: Optional[list[str]]
 ) -> None:
     from aichatonline_sync import gateway
-
     calls: list[dict[str, Any]] = []
 
     def make_app(session: Any = None, *, api_key: Any = None, cors_origins: Any = ()) -> object:

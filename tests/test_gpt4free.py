@@ -72,7 +72,7 @@ def test_importing_the_package_and_the_class_does_not_import_g4f_or_llm() -> Non
     code = (
         "import sys, aichatonline_sync as aco; aco.AiChatOnline.params; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('g4f', 'llm', 'asyncio')"
-        " or m == 'aichatonline_sync.llm_plugin'))"
+        " or m == 'aichatonline_sync.integrations.llm'))"
     )
     path = [str(Path(aco.__file__).resolve().parent.parent), *sys.path]
     out = subprocess.run(

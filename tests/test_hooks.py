@@ -12,7 +12,7 @@ import pytest
 
 import aichatonline_sync as aco
 from aichatonline_sync import ChatEvent
-from aichatonline_sync._hooks import EVENTS, EventHooks
+from aichatonline_sync._client.hooks import EVENTS, EventHooks
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]
@@ -134,7 +134,7 @@ def test_bad_hooks_are_refused_before_anything_is_sent(hooks: Any, match: str) -
 
 
 def test_module_level_calls_share_a_session_per_hooks(emulator: MakeEmulator) -> None:
-    from aichatonline_sync._registry import shared_session_count
+    from aichatonline_sync._client.registry import shared_session_count
 
     emu = emulator(reply="shared")
     rec = Recorder()
@@ -178,7 +178,7 @@ def test_a_reply_cache_hit_is_a_cache_hit_event_and_sends_nothing(
 
 def test_usage_of_a_stream(emulator: MakeEmulator) -> None:
     pytest.importorskip("bpe_openai", reason="bpe-openai is not installed (the tokens extra)")
-    from aichatonline_sync._usage import count_tokens
+    from aichatonline_sync._client.usage import count_tokens
 
     emu = emulator()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 😀"}]

@@ -1,4 +1,4 @@
-"""The ``llm`` plugin (``aichatonline_sync.llm_plugin``), through the real ``llm`` command line.
+"""The ``llm`` plugin (``aichatonline_sync.integrations.llm``), through the real ``llm`` command line.
 
 Each test runs ``llm`` in a subprocess, against the emulator, with llm's user directory (its
 logs database, its settings) in ``tmp_path``. The subprocess gets the same loopback guard as
@@ -28,7 +28,7 @@ MakeEmulator = Callable[..., Emulator]
 llm = pytest.importorskip("llm", reason="llm is not installed (pip install -e '.[llm]')")
 
 if not any(
-    ep.group == "llm" and ep.name == "aichatonline" and ep.value == "aichatonline_sync.llm_plugin"
+    ep.group == "llm" and ep.name == "aichatonline" and ep.value == "aichatonline_sync.integrations.llm"
     for ep in metadata.distribution("aichatonline-sync").entry_points
 ):
     pytest.skip(
@@ -325,7 +325,7 @@ def test_async_python_api_does_not_block_the_loop(emulator: MakeEmulator, monkey
     """llm's own async API in this process: the loop keeps ticking while the reply streams."""
     import asyncio
 
-    from aichatonline_sync.llm_plugin import AiChatOnlineAsyncModel
+    from aichatonline_sync.integrations.llm import AiChatOnlineAsyncModel
 
     emu = emulator(reply=["one ", "two ", "three"], chunk_delay=0.1)
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)

@@ -9,11 +9,11 @@ import pytest
 pytest_plugins = ["pytester"]
 
 _PLUGIN_CONFTEST = """
-import aichatonline_sync.pytest_plugin as plugin
+import aichatonline_sync.testing.pytest_plugin as plugin
 
 def pytest_configure(config):
     if not config.pluginmanager.is_registered(plugin):
-        config.pluginmanager.register(plugin, "aichatonline_sync.pytest_plugin")
+        config.pluginmanager.register(plugin, "aichatonline_sync.testing.pytest_plugin")
 """
 
 
@@ -256,7 +256,7 @@ def test_a_session_kept_across_tests_gets_a_401_and_one_fresh_token(
         pytester,
         """
         import aichatonline_sync as aco
-        from aichatonline_sync.pytest_plugin import MOCK_BASE_URL
+        from aichatonline_sync.testing.pytest_plugin import MOCK_BASE_URL
 
         KEPT = aco.Session(MOCK_BASE_URL, max_retries=0)   # outlives each test's mock
 
@@ -290,7 +290,7 @@ def test_every_fixture_of_a_double_closes_the_shared_sessions(
         pytester,
         f"""
         import aichatonline_sync as aco
-        from aichatonline_sync._registry import shared_session, shared_session_count
+        from aichatonline_sync._client.registry import shared_session, shared_session_count
 
 
         def test_setup_closes_them():

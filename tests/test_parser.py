@@ -1,4 +1,4 @@
-"""The pure bytes-to-pieces parser (``aichatonline_sync._parser.LineParser``), on byte fixtures."""
+"""The pure bytes-to-pieces parser (``aichatonline_sync._wire.parser.LineParser``), on byte fixtures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aichatonline_sync import ProtocolError
-from aichatonline_sync._parser import ErrorLine, LineParser
+from aichatonline_sync._wire.parser import ErrorLine, LineParser
 
 LOGGER = "aichatonline_sync"
 

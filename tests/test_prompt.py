@@ -10,7 +10,7 @@ import responses
 
 import aichatonline_sync as aco
 from aichatonline_sync import InvalidRequestError, format_prompt, get_random_string
-from aichatonline_sync._prompt import build_prompt, validate_messages
+from aichatonline_sync._wire.prompt import build_prompt, validate_messages
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens on the discard port
 

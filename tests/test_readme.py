@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from aichatonline_sync._cli import UsageError, build_parser
+from aichatonline_sync.cli.commands import UsageError, build_parser
 from aichatonline_sync.testing import Emulator
 
 pytest_plugins = ["pytester"]
@@ -204,10 +204,10 @@ def test_python_blocks_run_against_the_emulator(
 
 def test_blocks_that_define_tests_pass_under_pytest(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
-        "import aichatonline_sync.pytest_plugin as plugin\n\n"
+        "import aichatonline_sync.testing.pytest_plugin as plugin\n\n"
         "def pytest_configure(config):\n"
         "    if not config.pluginmanager.is_registered(plugin):\n"
-        "        config.pluginmanager.register(plugin, 'aichatonline_sync.pytest_plugin')\n"
+        "        config.pluginmanager.register(plugin, 'aichatonline_sync.testing.pytest_plugin')\n"
     )
     count = 0
     for number, block in enumerate(PYTEST):

@@ -167,8 +167,7 @@ def test_a_record_without_secrets_keeps_its_arguments(everything: Everything) ->
 
 
 def test_the_missing_tqdm_warning_points_at_the_callers_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aichatonline_sync import _batch
-
+    from aichatonline_sync._client import batch as _batch
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     monkeypatch.setattr(_batch._NoTqdm, "warned", False)
@@ -189,8 +188,7 @@ def test_display_stream_outside_ipython_closes_the_stream_it_was_given(
 
 
 def test_a_password_stays_masked_after_many_tokens(everything: Everything) -> None:
-    from aichatonline_sync import _redact
-
+    from aichatonline_sync._wire import redact as _redact
     Session("http://127.0.0.1:9", proxy=f"http://user:{PASSWORD}@127.0.0.1:3128").close()
     with Emulator() as emu, Session(emu.url, max_retries=0, timeout=QUICK) as session:
         token = session.grab_token()

@@ -17,8 +17,12 @@ import pytest
 import requests
 
 import aichatonline_sync as aco
-from aichatonline_sync import _registry
-from aichatonline_sync._registry import MAX_SHARED_SESSIONS, shared_session, shared_session_count
+from aichatonline_sync._client import registry as _registry
+from aichatonline_sync._client.registry import (
+    MAX_SHARED_SESSIONS,
+    shared_session,
+    shared_session_count,
+)
 from aichatonline_sync.testing import Emulator, split_pieces
 
 MakeEmulator = Callable[..., Emulator]

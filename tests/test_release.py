@@ -133,5 +133,5 @@ def test_wheel_contents_and_metadata() -> None:
     requires = metadata.get_all("Requires-Dist") or []
     assert any(r.startswith("requests") for r in requires)
     assert any(r.startswith("ipython") and 'extra == "notebook"' in r for r in requires), requires
-    assert "aichatonline = aichatonline_sync._cli:main" in entry_points
-    assert "aichatonline_sync = aichatonline_sync.pytest_plugin" in entry_points
+    assert "aichatonline = aichatonline_sync.cli.commands:main" in entry_points
+    assert "aichatonline_sync = aichatonline_sync.testing.pytest_plugin" in entry_points

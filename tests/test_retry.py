@@ -1,4 +1,4 @@
-"""Retries (``aichatonline_sync._retry``): the predicate, the wait, and the loop, with an injected sleep."""
+"""Retries (``aichatonline_sync._client.retry``): the predicate, the wait, and the loop, with an injected sleep."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from aichatonline_sync import (
     TokenError,
     UpstreamError,
 )
-from aichatonline_sync._retry import backoff, parse_retry_after, retry_reason, run_with_retries
+from aichatonline_sync._client.retry import backoff, retry_reason, run_with_retries
+from aichatonline_sync._wire.protocol import parse_retry_after
 
 LOGGER = "aichatonline_sync"
 NOW = 1_700_000_000.0

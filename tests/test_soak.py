@@ -415,7 +415,6 @@ def test_the_emulator_keeps_the_newest_tokens_valid(
     emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from aichatonline_sync import testing
-
     monkeypatch.setattr(testing, "MAX_TOKENS", 5)
     emu = emulator(reply=PIECES)
     with Session(emu.url, timeout=TIMEOUT, max_retries=0, reuse_token=False) as session:
@@ -441,7 +440,6 @@ def test_the_emulator_keeps_the_newest_tokens_valid(
 
 def test_default_records_are_bounded() -> None:
     from aichatonline_sync import testing
-
     emu = Emulator()
     assert emu.requests == []
     assert testing.DEFAULT_MAX_RECORDS == 1000

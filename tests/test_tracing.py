@@ -1,4 +1,4 @@
-"""OpenTelemetry spans per chat (``aichatonline_sync._tracing``), with the real opentelemetry-sdk
+"""OpenTelemetry spans per chat (``aichatonline_sync._client.tracing``), with the real opentelemetry-sdk
 and its in-memory exporter, over the emulator. The tracer provider is set once for this module
 (OpenTelemetry allows one global provider per process) and shut down after it."""
 

@@ -1,5 +1,5 @@
 """The transport's public fallbacks: what runs when the internals of urllib3 and http.client that
-``aichatonline_sync._transport`` reads are not what it expects (its docstring lists each one).
+``aichatonline_sync._transport.transport`` reads are not what it expects (its docstring lists each one).
 
 Each test forces one fallback and runs real chats against the emulator over sockets.
 """
@@ -13,7 +13,8 @@ import pytest
 import requests
 import urllib3
 
-from aichatonline_sync import IncompleteStreamError, Session, Timeout, _transport
+from aichatonline_sync import IncompleteStreamError, Session, Timeout
+from aichatonline_sync._transport import transport as _transport
 from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]

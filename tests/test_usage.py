@@ -1,4 +1,4 @@
-"""Token counting (``aichatonline_sync._usage``): counts against an independent o200k_base
+"""Token counting (``aichatonline_sync._client.usage``): counts against an independent o200k_base
 reference on thousands of varied strings, truncation to a token budget, and the behaviour without
 the ``tokens`` extra (in a subprocess where bpe-openai cannot be imported)."""
 
@@ -13,7 +13,7 @@ import _tokentext
 import pytest
 
 from aichatonline_sync import InvalidRequestError
-from aichatonline_sync._usage import (
+from aichatonline_sync._client.usage import (
     Usage,
     count_tokens,
     encoding_for_model,
@@ -126,7 +126,7 @@ class Block:
         if name == "bpe_openai" or name.startswith("bpe_openai."):
             raise ImportError("blocked")
 sys.meta_path.insert(0, Block())
-from aichatonline_sync._usage import count_tokens, tokens_available, truncate_to_tokens
+from aichatonline_sync._client.usage import count_tokens, tokens_available, truncate_to_tokens
 assert tokens_available() is False
 assert count_tokens("Hello world") is None
 assert truncate_to_tokens("Hello world", 1) == "Hello world"
@@ -148,7 +148,7 @@ def test_import_of_the_package_imports_no_tokenizer() -> None:
 
 def test_truncation_finds_the_longest_prefix_past_the_dips_of_merged_tokens() -> None:
     pytest.importorskip("bpe_openai")
-    from aichatonline_sync._usage import count_tokens, truncate_to_tokens
+    from aichatonline_sync._client.usage import count_tokens, truncate_to_tokens
 
     rng = random.Random(7)
     words = ["international", "emulator", "the", "interna", "tion", "😀", "中文字", "code()", "  "]

@@ -1,0 +1,1 @@
+"""Features built on the public client: conversations and notebook display."""
