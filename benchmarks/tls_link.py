@@ -333,9 +333,9 @@ def loopback_only() -> None:
         check(self, address)
         return real_connect_ex(self, address)
 
-    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
-    socket.socket.connect = connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+    socket.getaddrinfo = getaddrinfo
+    socket.socket.connect = connect  # type: ignore[method-assign, assignment]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign, assignment]
 
 
 # --- the clients --------------------------------------------------------------------------------
@@ -407,7 +407,8 @@ class G4FTLS:
         module, error = load_g4f()
         if module is None:
             raise RuntimeError(error)
-        sys.modules["g4f.debug"].version_check = False  # no call home, ever
+        debug: Any = sys.modules["g4f.debug"]
+        debug.version_check = False  # no call home, ever
         self.module = module
         self.inner = G4F(base_url)
         self.context = ssl.create_default_context(cafile=ca)
