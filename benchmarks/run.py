@@ -1102,8 +1102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tracer",
             "import",
             "gateway",
+            "tls",
         ],
-        help="run only these sections (repeatable); `gateway` (gateway_bench.py) runs only when named",
+        help="run only these sections (repeatable); `gateway` (gateway_bench.py) and `tls` "
+        "(tls_link.py) run only when named",
     )
     args = parser.parse_args(argv)
     if args.lib:
@@ -1141,6 +1143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gateway_bench import bench_gateway
 
         bench_gateway(report, args.quick)
+    failed = False
+    if "tls" in sections:
+        from tls_link import bench_tls, loopback_only
+
+        loopback_only()
+        failed = bool(bench_tls(report, args.quick))
     report("## Targets")
     report()
     report.table(
@@ -1155,7 +1163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.write:
         with open(args.write, "w", encoding="utf-8") as fh:
             fh.write("\n".join(report.lines) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
