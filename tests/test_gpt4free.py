@@ -35,7 +35,7 @@ HISTORY = [
 HISTORY_PROMPT = "System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: How are you?\nAssistant:"
 PIECES = ["Hel", "lo ", "wörld", "!"]
 WORKER = "aichatonline-g4f"
-README = Path(__file__).resolve().parent.parent / "README.rst"
+MANUAL_PAGE = Path(__file__).resolve().parent.parent / "docs" / "integrations.rst"
 
 
 def provider_for(emu: Emulator) -> type[AiChatOnline]:
@@ -423,8 +423,9 @@ def test_chat_completion_create_async(emulator: MakeEmulator, g4f: ModuleType) -
 
 
 def readme_example() -> str:
-    """The gpt4free example of README.rst (a literal block, run here where g4f is installed)."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+    """The gpt4free example of docs/integrations.rst (a literal block, run here where g4f is
+    installed)."""
+    lines = MANUAL_PAGE.read_text(encoding="utf-8").splitlines()
     start = lines.index("installed. The tests run this example against the emulator::") + 1
     body: list[str] = []
     for line in lines[start:]:
@@ -442,7 +443,7 @@ def test_the_readme_example_runs(
 ) -> None:
     emu = emulator(reply=PIECES)
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
-    exec(compile(readme_example(), "README.rst", "exec"), {"messages": HISTORY})
+    exec(compile(readme_example(), str(MANUAL_PAGE), "exec"), {"messages": HISTORY})
     text = "".join(PIECES)
     assert capsys.readouterr().out == f"{text}{text}\n{text}{text}"
     assert [r.prompt for r in emu.chat_requests] == [HISTORY_PROMPT] * 4
@@ -458,7 +459,7 @@ def test_the_readme_example_turns_the_version_check_off_before_g4f_would_ask_pyp
     monkeypatch.setattr(g4f.debug, "version_check", True)  # as g4f starts: the example, copied
     monkeypatch.setattr(g4f.version.utils, "check_version", lambda *a: checks.append("PyPI"))
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emulator(reply=PIECES).url)
-    exec(compile(readme_example(), "README.rst", "exec"), {"messages": HISTORY})
+    exec(compile(readme_example(), str(MANUAL_PAGE), "exec"), {"messages": HISTORY})
     assert checks == []
 
 

@@ -1,9 +1,11 @@
-"""README.rst cannot rot: every Python block runs against the emulator, the blocks that define tests
-run under pytest with the package's fixtures, every console session is replayed and its output
-compared, and every other ``aichatonline`` command line in it must parse."""
+"""The README and the manual cannot rot: every Python block of README.rst and of each page of
+docs/ runs against the emulator, the blocks that define tests run under pytest with the package's
+fixtures, every console session is replayed and its output compared, and every other
+``aichatonline`` command line in them must parse."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -19,28 +21,62 @@ from typing import Any, Callable
 
 import pytest
 
-from aichatonline_sync.cli.commands import UsageError, build_parser
+import aichatonline_sync.__main__ as entry
 from aichatonline_sync.testing import Emulator
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parent.parent / "README.rst"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.rst"
+DOCS = ROOT / "docs"
+#: README.rst, then every page of the manual.
+PAGES = [README, *sorted(DOCS.glob("*.rst"))]
 NEWCOMER_COMMANDS = (
     'pip install . && aichatonline chat --emulator "Hello"',
     'pip install -e ".[test]" && python -m pytest',
 )
 #: Blocks marked ``.. skip-test`` (each needs something the tests cannot have); keep it small.
 MAX_SKIPPED = 1
+#: ``::`` blocks of Python that this file does not run, each with the test that does.
+RUN_ELSEWHERE = {
+    ("docs/integrations.rst", "import g4f.debug"): "tests/test_gpt4free.py (needs g4f)",
+    ("docs/features.rst", "from opentelemetry import trace"): (
+        "test_the_tracing_example_prints_a_span, in a fresh interpreter (it sets the process's "
+        "one tracer provider)"
+    ),
+}
 
 _DIRECTIVE = re.compile(r"^\.\. code-block::\s*(\S+)\s*$")
+# The command module behind ``aichatonline`` and ``python -m aichatonline_sync``, wherever it lives.
+_cli = sys.modules[entry.main.__module__]
+
+
+def page_name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
 @dataclass(frozen=True)
 class Block:
+    page: str  # "README.rst", "docs/sessions.rst", ...
     kind: str  # "python", "console", ... or "literal" for a ``::`` block
     line: int  # 1-based line of the first line of code
     code: str
     skip: bool
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+    @property
+    def is_literal_python(self) -> bool:
+        """A ``::`` block that is a Python program (shell lines and configuration files are not)."""
+        if self.kind != "literal":
+            return False
+        try:
+            tree = ast.parse(self.code)
+        except SyntaxError:
+            return False
+        return any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body)
 
 
 def _indented_block(lines: list[str], start: int) -> tuple[int, str]:
@@ -59,8 +95,8 @@ def _indented_block(lines: list[str], start: int) -> tuple[int, str]:
     return first + 1, "\n".join(x[indent:] for x in body) + "\n"
 
 
-def read_blocks() -> list[Block]:
-    lines = README.read_text(encoding="utf-8").splitlines()
+def read_blocks(path: Path) -> list[Block]:
+    lines = path.read_text(encoding="utf-8").splitlines()
     blocks = []
     for index, text in enumerate(lines):
         match = _DIRECTIVE.match(text)
@@ -72,17 +108,31 @@ def read_blocks() -> list[Block]:
             continue
         previous = next((x for x in reversed(lines[:index]) if x.strip()), "")
         line, code = _indented_block(lines, index)
-        blocks.append(Block(kind, line, code, previous.startswith(".. skip-test")))
+        blocks.append(Block(page_name(path), kind, line, code, previous.startswith(".. skip-test")))
     return blocks
 
 
-BLOCKS = read_blocks()
-PYTHON = [b for b in BLOCKS if b.kind == "python" and not b.skip and "def test_" not in b.code]
-PYTEST = [b for b in BLOCKS if b.kind == "python" and not b.skip and "def test_" in b.code]
-CONSOLE = [b for b in BLOCKS if b.kind == "console" and not b.skip]
+BLOCKS = {page_name(path): read_blocks(path) for path in PAGES}
+ALL_BLOCKS = [b for blocks in BLOCKS.values() for b in blocks]
 
 
-# --- the shape of the manual ------------------------------------------------------------------
+def python_blocks(page: str) -> list[Block]:
+    """The page's Python blocks that run in one namespace, in order."""
+    return [
+        b for b in BLOCKS[page] if b.kind == "python" and not b.skip and "def test_" not in b.code
+    ]
+
+
+def pytest_blocks(page: str) -> list[Block]:
+    return [b for b in BLOCKS[page] if b.kind == "python" and not b.skip and "def test_" in b.code]
+
+
+PAGES_WITH_PYTHON = [page for page in BLOCKS if python_blocks(page)]
+PYTEST = [b for page in BLOCKS for b in pytest_blocks(page)]
+CONSOLE = [b for b in ALL_BLOCKS if b.kind == "console" and not b.skip]
+
+
+# --- the shape of the README and the manual ---------------------------------------------------
 
 
 def test_newcomer_commands_come_first_exactly() -> None:
@@ -92,34 +142,98 @@ def test_newcomer_commands_come_first_exactly() -> None:
     assert head.index(NEWCOMER_COMMANDS[0]) < head.index(NEWCOMER_COMMANDS[1])
 
 
+def test_readme_is_an_introduction_not_the_manual() -> None:
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert 100 <= lines <= 220, f"README.rst has {lines} lines: the manual belongs in docs/"
+
+
 def test_only_checkable_blocks_and_few_skips() -> None:
-    assert {b.kind for b in BLOCKS} <= {"python", "console", "literal"}
-    assert PYTHON
+    assert {b.kind for b in ALL_BLOCKS} <= {"python", "console", "literal"}
+    assert PAGES_WITH_PYTHON
     assert PYTEST
     assert CONSOLE
-    skipped = [b for b in BLOCKS if b.skip]
-    assert len(skipped) <= MAX_SKIPPED, [b.line for b in skipped]
+    skipped = [b.where for b in ALL_BLOCKS if b.skip]
+    assert len(skipped) <= MAX_SKIPPED, skipped
+
+
+@pytest.mark.parametrize("page", list(BLOCKS))
+def test_every_python_example_of_the_page_is_run(page: str) -> None:
+    """No example is skipped silently: each Python block of the page runs here (or under pytest),
+    or is one of the few ``RUN_ELSEWHERE`` names, or is marked ``.. skip-test``."""
+    blocks = BLOCKS[page]
+    run_here = python_blocks(page) + pytest_blocks(page)
+    elsewhere = [
+        b for b in blocks if b.is_literal_python and (page, b.code.splitlines()[0]) in RUN_ELSEWHERE
+    ]
+    not_run = [
+        b.where
+        for b in blocks
+        if (b.kind == "python" or b.is_literal_python)
+        and not b.skip
+        and b not in run_here
+        and b not in elsewhere
+    ]
+    assert not_run == [], "Python examples that no test runs (use '.. code-block:: python')"
+    if any(b.kind == "python" or b.is_literal_python for b in blocks):
+        assert run_here, f"{page} has Python examples and none of them runs here"
+
+
+def test_run_elsewhere_names_blocks_that_exist() -> None:
+    found = {(b.page, b.code.splitlines()[0]) for b in ALL_BLOCKS if b.is_literal_python}
+    assert set(RUN_ELSEWHERE) <= found, set(RUN_ELSEWHERE) - found
+
+
+def test_every_manual_page_is_in_the_toctree_and_linked_from_the_readme() -> None:
+    index = (DOCS / "index.rst").read_text(encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
+    toctree = set(re.findall(r"^   (\w+)$", index, re.M))
+    for path in DOCS.glob("*.rst"):
+        if path.stem == "index":
+            continue
+        assert path.stem in toctree, f"docs/index.rst: no {path.stem} in a toctree"
+        assert f"<docs/{path.name}>`__" in readme, f"README.rst does not link docs/{path.name}"
 
 
 @pytest.mark.parametrize(
-    "section",
+    ("page", "section"),
     [
-        "Quickstart",
-        "Notebooks",
-        "Conversations",
-        "Batches",
-        "Command line",
-        "The emulator, and testing your own code",
-        "Errors",
-        "Retries",
-        "Timeouts, proxies and TLS",
-        "Logging",
-        "Benchmarks",
-        "Moving from gpt4free",
+        ("README.rst", "A short tour"),
+        ("README.rst", "Benchmarks"),
+        ("README.rst", "The manual"),
+        ("docs/install.rst", "What CI tests"),
+        ("docs/sessions.rst", "Quickstart"),
+        ("docs/sessions.rst", "Session"),
+        ("docs/sessions.rst", "ChatStream"),
+        ("docs/sessions.rst", "Cancelling a chat from another thread"),
+        ("docs/sessions.rst", "Shared sessions"),
+        ("docs/sessions.rst", "Text encoding"),
+        ("docs/conversations.rst", "Notebooks"),
+        ("docs/conversations.rst", "Conversations"),
+        ("docs/batch.rst", "Batches"),
+        ("docs/cli.rst", "Command line"),
+        ("docs/testing.rst", "The emulator, and testing your own code"),
+        ("docs/testing.rst", "Reliability: the faults tried"),
+        ("docs/errors.rst", "Errors"),
+        ("docs/errors.rst", "Retries"),
+        ("docs/errors.rst", "Timeouts, proxies and TLS"),
+        ("docs/features.rst", "Reply cache"),
+        ("docs/features.rst", "Token usage"),
+        ("docs/features.rst", "Event hooks"),
+        ("docs/features.rst", "Tracing with OpenTelemetry"),
+        ("docs/logging.rst", "Logging"),
+        ("docs/benchmarks.rst", "Benchmarks"),
+        ("docs/integrations.rst", "Moving from gpt4free"),
+        ("docs/integrations.rst", "The llm plugin"),
+        ("docs/gateway.rst", "An OpenAI-compatible gateway"),
+        ("docs/gateway.rst", "Operating it"),
+        ("docs/deploy.rst", "Deploying behind a proxy"),
+        ("docs/deploy.rst", "The gateway behind nginx, under systemd"),
+        ("docs/api.rst", "API reference"),
     ],
 )
-def test_sections(section: str) -> None:
-    assert f"\n{section}\n{'-' * len(section)}\n" in README.read_text(encoding="utf-8")
+def test_sections(page: str, section: str) -> None:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    assert re.search(rf"^{re.escape(section)}\n[-=~]{{{len(section)}}}\n", text, re.M), section
 
 
 # --- Python blocks ----------------------------------------------------------------------------
@@ -170,12 +284,49 @@ def restore_logging() -> Iterator[None]:
 
 
 def run_block(block: Block, namespace: dict[str, Any]) -> None:
-    # Padded with newlines so that a traceback names the README's own line numbers.
-    code = compile("\n" * (block.line - 1) + block.code, str(README), "exec")
+    # Padded with newlines so that a traceback names the page's own line numbers.
+    code = compile("\n" * (block.line - 1) + block.code, str(ROOT / block.page), "exec")
     exec(code, namespace)
 
 
+def check_quickstart(out: str, shown: list[str], folder: Path) -> None:
+    assert "This is the AiChatOnline emulator" in out
+
+
+def check_errors(out: str, shown: list[str], folder: Path) -> None:
+    assert "alice:***@proxy.example:3128" in out
+
+
+def check_conversations(out: str, shown: list[str], folder: Path) -> None:
+    assert any('You said: "Write a haiku about HTTP"' in text for text in shown)
+    assert all(text.endswith("one line per piece.") for text in shown)  # the final update
+    assert (folder / "conversation.json").is_file()
+
+
+def check_features(out: str, shown: list[str], folder: Path) -> None:
+    assert "1 replies stored" in out
+    assert "first piece after" in out
+
+
+#: What each page's examples must print or leave behind, beyond running without an error.
+PAGE_CHECKS: dict[str, Callable[[str, list[str], Path], None]] = {
+    "README.rst": check_quickstart,
+    "docs/sessions.rst": check_quickstart,
+    "docs/errors.rst": check_errors,
+    "docs/conversations.rst": check_conversations,
+    "docs/features.rst": check_features,
+    "docs/gateway.rst": check_quickstart,
+}
+_CHATS = re.compile(r"\b(chat|complete|say|ask|batch|batch_iter|display_stream|create)\(")
+
+
+def test_page_checks_name_pages_with_python() -> None:
+    assert set(PAGE_CHECKS) <= set(PAGES_WITH_PYTHON)
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_PYTHON)
 def test_python_blocks_run_against_the_emulator(
+    page: str,
     emulator: Callable[..., Emulator],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -183,23 +334,47 @@ def test_python_blocks_run_against_the_emulator(
     fake_ipython: FakeKernelDisplay,
     restore_logging: None,
 ) -> None:
+    """The page's Python blocks, in order, in one namespace (a page reads top to bottom)."""
     emu = emulator()
     monkeypatch.setenv("AICHATONLINE_BASE_URL", emu.url)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "readme"}
-    for block in PYTHON:
+    blocks = python_blocks(page)
+    for block in blocks:
         run_block(block, namespace)
     out = capsys.readouterr().out
 
-    assert "This is the AiChatOnline emulator" in out
-    assert "alice:***@proxy.example:3128" in out
     assert "s3cret" not in out
-    shown = list(fake_ipython.shown.values())
-    assert any('You said: "Write a haiku about HTTP"' in text for text in shown)
-    assert all(text.endswith("one line per piece.") for text in shown)  # the final update
-    assert (tmp_path / "conversation.json").is_file()
-    # The examples did reach the emulator, not the real service.
-    assert len(emu.chat_requests) >= len(PYTHON)
+    if page in PAGE_CHECKS:
+        PAGE_CHECKS[page](out, list(fake_ipython.shown.values()), tmp_path)
+    # The examples did reach the emulator, not the real service (those that make their own
+    # emulator aside).
+    chatting = [b for b in blocks if _CHATS.search(b.code) and "Emulator(" not in b.code]
+    assert len(emu.chat_requests) >= len(chatting)
+
+
+def test_the_tracing_example_prints_a_span(
+    emulator: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """docs/features.rst's OpenTelemetry example, in a fresh interpreter: it sets the process's
+    one tracer provider, which the tests of this process must not inherit."""
+    pytest.importorskip("opentelemetry.sdk")
+    block = next(
+        b for b in BLOCKS["docs/features.rst"] if b.code.startswith("from opentelemetry import")
+    )
+    env = shell_env(tmp_path)
+    env["AICHATONLINE_BASE_URL"] = emulator().url
+    result = subprocess.run(
+        [sys.executable, "-c", "import aichatonline_sync as aco\n" + block.code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"name": "chat gpt-4o-mini"' in result.stdout, result.stdout
 
 
 def test_blocks_that_define_tests_pass_under_pytest(pytester: pytest.Pytester) -> None:
@@ -211,7 +386,7 @@ def test_blocks_that_define_tests_pass_under_pytest(pytester: pytest.Pytester) -
     )
     count = 0
     for number, block in enumerate(PYTEST):
-        pytester.makepyfile(**{f"test_readme_block_{number}": block.code})
+        pytester.makepyfile(**{f"test_manual_block_{number}": block.code})
         count += len(re.findall(r"^def test_", block.code, re.M))
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=count)
@@ -236,7 +411,7 @@ def console_steps(block: Block) -> list[Step]:
                 steps.append(Step(command, "\n".join(expected)))
             command, expected = text[2:], []
         else:
-            assert command is not None, f"README.rst:{block.line}: output before any '$ ' command"
+            assert command is not None, f"{block.where}: output before any '$ ' command"
             expected.append(text)
     if command is not None:
         steps.append(Step(command, "\n".join(expected)))
@@ -261,7 +436,7 @@ def shell_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("block", CONSOLE, ids=lambda b: f"README.rst:{b.line}")
+@pytest.mark.parametrize("block", CONSOLE, ids=lambda b: b.where)
 def test_console_sessions_replay(block: Block, tmp_path: Path) -> None:
     steps = console_steps(block)
     script = ["set +e"]
@@ -289,15 +464,15 @@ def test_console_sessions_replay(block: Block, tmp_path: Path) -> None:
     for step, output in zip(steps, outputs):
         actual = output.rstrip("\n")
         assert matches(step.expected, actual), (
-            f"$ {step.command}\n--- README.rst:{block.line} shows:\n{step.expected}\n"
+            f"$ {step.command}\n--- {block.where} shows:\n{step.expected}\n"
             f"--- the command printed:\n{actual}"
         )
 
 
-def command_lines() -> list[tuple[int, list[str]]]:
+def command_lines() -> list[tuple[str, list[str]]]:
     """Every ``aichatonline ...`` invocation in literal blocks (those of console blocks are run)."""
     found = []
-    for block in BLOCKS:
+    for block in ALL_BLOCKS:
         if block.kind != "literal":
             continue
         for offset, text in enumerate(block.code.splitlines()):
@@ -311,7 +486,7 @@ def command_lines() -> list[tuple[int, list[str]]]:
             for token in [*tokens, ";"]:
                 if token in ("|", "||", "&&", ";", "&"):
                     if command and command[0] == "aichatonline":
-                        found.append((block.line + offset, command[1:]))
+                        found.append((f"{block.page}:{block.line + offset}", command[1:]))
                     command = []
                 else:
                     command.append(token)
@@ -321,12 +496,12 @@ def command_lines() -> list[tuple[int, list[str]]]:
 def test_every_command_line_parses() -> None:
     commands = command_lines()
     assert commands
-    parser = build_parser()
-    for line, args in commands:
+    parser = _cli.build_parser()
+    for where, args in commands:
         while ">" in args or "<" in args:  # drop redirections and their targets
             at = next(i for i, a in enumerate(args) if a in (">", "<"))
             del args[at : at + 2]
         try:
             parser.parse_args(args)
-        except UsageError as exc:  # pragma: no cover - the message says what rotted
-            pytest.fail(f"README.rst:{line}: aichatonline {shlex.join(args)}: {exc}")
+        except _cli.UsageError as exc:  # pragma: no cover - the message says what rotted
+            pytest.fail(f"{where}: aichatonline {shlex.join(args)}: {exc}")

@@ -72,6 +72,7 @@ def test_manifest_ships_docs_types_tests_and_examples() -> None:
         "include aichatonline_sync/py.typed",
         "recursive-include tests *.py",
         "recursive-include examples *.ipynb",
+        "recursive-include docs *.rst *.py *.conf *.service",
     ):
         assert line in manifest.splitlines()
 
@@ -107,11 +108,16 @@ def test_sdist_contents() -> None:
         "tests/conftest.py",
         "tests/test_readme.py",
         "examples/quickstart.ipynb",
+        "docs/conf.py",  # the manual (tests/test_readme.py runs its examples)
+        "docs/index.rst",
+        "docs/sessions.rst",
+        "docs/api.rst",
         "docs/deploy/nginx.conf",  # (tests/test_deploy_nginx.py runs it)
         "docs/deploy/aichatonline-gateway.service",
     }
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.endswith((".pyc", ".pyo")) or "__pycache__" in n]
+    assert not [n for n in names if n.startswith("docs/_build/")]
 
 
 @needs_dist
