@@ -23,8 +23,9 @@ one loop (``wasyncore``) and runs the application in a pool of threads. Its sett
 uses (``serve_forever``, ``shutdown``, ``server_close``, ``server_address``) and adds a graceful
 stop (:meth:`~GatewayServer.drain`). It uses waitress's public API: ``create_server`` with a map
 and a socket of its own, the dispatchers' ``accepting``/``del_channel``/``handle_close``, the
-server's ``active_channels`` and ``task_dispatcher``, and each channel's ``requests`` (read under
-its ``requests_lock``) and ``will_close``, as waitress's own idle-channel maintenance does.
+server's ``active_channels`` and ``task_dispatcher``, and each channel's ``requests`` and
+``total_outbufs_len`` (read under its ``requests_lock`` and ``outbuf_lock``) and ``will_close``,
+as waitress's own idle-channel maintenance does.
 """
 
 from __future__ import annotations
@@ -239,11 +240,17 @@ class GatewayServer:
             self._server.socket.close()
 
     def _end_idle_connections(self) -> None:
-        """Close each connection that has no request and nothing left to send."""
+        """Close each connection that has no request and nothing left to send. Runs in the loop's
+        thread, the only one that adds a request to a channel: a channel found without one has
+        no thread of the application writing to it, until this thread reads from it again."""
         for channel in list(self._server.active_channels.values()):
             with channel.requests_lock:
-                idle = not channel.requests and not channel.total_outbufs_len
-            if idle:
+                busy = bool(channel.requests)
+            if busy:
+                continue
+            with channel.outbuf_lock:
+                unsent = channel.total_outbufs_len
+            if not unsent:
                 channel.will_close = True
 
     def drain(self, timeout: float) -> int:
