@@ -11,7 +11,7 @@ absolute schedule and puts the ``time.perf_counter_ns()`` stamp taken just befor
 ``sendall`` into the piece itself, so that every piece of every concurrent stream carries its own
 send time; CLOCK_MONOTONIC is the same clock in every process); and, for each of the two
 configurations below, gunicorn (``-k gthread``) serving ``aichatonline_sync.gateway:app`` and
-``aichatonline gateway`` (the standard library's server), all four on the one upstream.
+``aichatonline gateway`` (on waitress), all four on the one upstream.
 
 - Features off: no metrics and no CORS. The gateway's metrics are on whenever ``prometheus_client``
   can be imported, so these two gateways start with a ``PYTHONPATH`` entry first in line that
@@ -42,6 +42,11 @@ two configurations side by side, and checks its target for both.
    through the other gunicorn, and straight to the upstream from one Session (direct, off, on,
    direct, on, off): every stream must complete, and no piece be held more than 10 ms longer than
    direct.
+4. Only with ``--only servers`` (``--former REF`` adds our former server from that git commit):
+   the server under the gateway, waitress (``aichatonline gateway``) and gunicorn gthread (1
+   worker), each with 256 threads: the time to the first piece and per piece of one stream at a
+   time, non-streamed chats per second from 8 threads, and 64 and 256 streams at once (lateness,
+   the server's CPU per piece, its resident memory).
 """
 
 from __future__ import annotations
@@ -939,10 +944,305 @@ def bench_concurrent(report: Any, procs: Processes, quick: bool) -> None:
         )
 
 
+# --- 4. the servers under `aichatonline gateway` -------------------------------------------------
+
+#: The servers compared, by the key that names them, and their labels.
+SERVERS = {
+    "former": "our former HTTP/1.1 server (`http.server`, a thread per connection)",
+    "waitress": "waitress (`aichatonline gateway` now)",
+    "gunicorn": "gunicorn gthread (1 worker)",
+}
+
+
+def _serve_main(kind: str, former: str) -> None:
+    """``--serve waitress|former FILE``: the gateway from the environment on one server, in this
+    process; prints its port."""
+    from aichatonline_sync.gateway import app_from_env, make_server
+
+    app = app_from_env()
+    if kind == "former":
+        import importlib.util
+
+        # Loaded as a module of the gateway package, so that its relative imports resolve.
+        spec = importlib.util.spec_from_file_location("aichatonline_sync.gateway._former", former)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        server: Any = module.GatewayServer(app, HOST, 0)
+    else:
+        server = make_server(app, HOST, 0)
+    sys.stdout.write(f"{server.server_address[1]}\n")
+    sys.stdout.flush()
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+def _former_source(ref: str, scratch: str) -> str:
+    """The file of our former server at the git commit ``ref``."""
+    text = subprocess.run(
+        ["git", "-C", os.path.dirname(HERE), "show", f"{ref}:aichatonline_sync/gateway/server.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = os.path.join(scratch, "former_server.py")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+class ServerProcesses:
+    """The upstream, and the gateway on each of :data:`SERVERS` (its own process each)."""
+
+    def __init__(self, former_ref: Optional[str], threads: int) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.scratch = tempfile.mkdtemp(prefix="gateway-servers-")
+        self.urls: dict[str, str] = {}
+        self.pids: dict[str, list[int]] = {}
+        try:
+            upstream = self._start([sys.executable, os.path.abspath(__file__), "--upstream"], None)
+            self.upstream = f"http://{HOST}:{upstream.stdout.readline().strip()}"
+            env = _child_env(self.upstream)
+            if former_ref:
+                former = _former_source(former_ref, self.scratch)
+                self._own("former", [former], env)
+            self._own("waitress", [], env)
+            gunicorn = self._start(
+                [
+                    sys.executable, "-m", "gunicorn", "-k", "gthread", "--workers", "1",
+                    "--threads", str(threads), "--bind", f"{HOST}:0", "--backlog", "4096",
+                    "aichatonline_sync.gateway:app",
+                ],
+                env,
+                pipe="stderr",
+            )  # fmt: skip
+            port, pids = "", []
+            while not pids:
+                line = gunicorn.stderr.readline()
+                if not line:
+                    raise RuntimeError("gunicorn ended without a word")
+                found = re.search(r"Listening at: http://[\d.]+:(\d+)", line)
+                port = found.group(1) if found else port
+                booted = re.search(r"Booting worker with pid: (\d+)", line)
+                if booted:
+                    pids.append(int(booted.group(1)))
+            threading.Thread(target=gunicorn.stderr.read, daemon=True).start()
+            self.urls["gunicorn"] = f"http://{HOST}:{port}/v1"
+            self.pids["gunicorn"] = [gunicorn.pid, *pids]
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, kind: str, args: list[str], env: dict[str, str]) -> None:
+        proc = self._start(
+            [sys.executable, os.path.abspath(__file__), "--serve", kind, *args], env
+        )
+        port = proc.stdout.readline().strip()
+        if not port:
+            raise RuntimeError(f"the {kind} server ended without a word")
+        self.urls[kind] = f"http://{HOST}:{port}/v1"
+        self.pids[kind] = [proc.pid]
+
+    def _start(
+        self, args: list[str], env: Optional[dict[str, str]], pipe: str = "stdout"
+    ) -> Any:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe == "stdout" else subprocess.DEVNULL,
+            stderr=subprocess.PIPE if pipe == "stderr" else None,
+            text=True,
+            env=env,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def memory(self, kind: str) -> tuple[float, float]:
+        """The server's resident memory now and at its peak, MiB (its processes summed)."""
+        now = peak = 0
+        for pid in self.pids[kind]:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        now += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        peak += int(line.split()[1])
+        return now / 1024, peak / 1024
+
+    def cpu_seconds(self, kind: str) -> float:
+        total = 0
+        for pid in self.pids[kind]:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _first_and_rest(client: Lean, prompt: str) -> tuple[float, list[float]]:
+    """One stream: the time from sending the request to the first piece's arrival, and each
+    piece's arrival after the upstream sent it, ms."""
+    started = time.perf_counter_ns()
+    pieces = client.stream(prompt)
+    first = (pieces[0][1] - started) / 1e6 if pieces else float("inf")
+    return first, _ms([arrival - stamp for stamp, arrival, _ in pieces])
+
+
+def _throughput(client: Lean, prompt: str, count: int, threads: int) -> float:
+    """Non-streamed chats per second, ``count`` of them from ``threads`` threads."""
+    barrier = threading.Barrier(threads + 1)
+    errors: list[str] = []
+
+    def run(share: int) -> None:
+        barrier.wait(WAIT)
+        try:
+            for _ in range(share):
+                client.complete(prompt)
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    workers = [
+        threading.Thread(target=run, args=(count // threads,), daemon=True) for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    barrier.wait(WAIT)
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join(WAIT * 4)
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} chats failed: {errors[0]}")
+    return (count // threads) * threads / wall
+
+
+def bench_servers(report: Any, quick: bool, former_ref: Optional[str]) -> None:
+    """Our former server, waitress and gunicorn gthread under the same gateway, side by side."""
+    threads = 256
+    procs = ServerProcesses(former_ref, threads)
+    kinds = list(procs.urls)
+    clients = {kind: Lean("", procs.urls[kind]) for kind in kinds}
+    try:
+        report(
+            "### 4. The server under the gateway: "
+            + ", ".join(SERVERS[kind] for kind in kinds)
+            + f", each in its own process with {threads} threads, the clients (`http.client`, a "
+            "kept-alive connection per thread) in this one; round-robin, in turn"
+        )
+        report()
+        for client in clients.values():  # warm: threads, connections, the token
+            _concurrently(client, 16, _spec(3, 0.01))
+        gc.collect()
+        gc.freeze()
+        # a. one stream at a time
+        rounds = 10 if quick else 40
+        first: dict[str, list[float]] = {kind: [] for kind in kinds}
+        piece: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for number in range(rounds):
+            for kind in _rotated(kinds, number):
+                f, p = _first_and_rest(clients[kind], _spec(20, 0.02))
+                first[kind].append(f)
+                piece[kind].extend(p)
+        report(
+            f"a. One stream at a time ({rounds} each, 20 pieces 20 ms apart): the time from the "
+            "request to the first piece, and each piece's arrival after the upstream sent it, ms"
+        )
+        report()
+        report.table(
+            ["server", "first piece median", "p90", "per piece median", "p99", "worst"],
+            [
+                [
+                    SERVERS[kind],
+                    f"{statistics.median(first[kind]):.2f}",
+                    f"{_pct(first[kind], 0.9):.2f}",
+                    f"{statistics.median(piece[kind]):.3f}",
+                    f"{_pct(piece[kind], 0.99):.3f}",
+                    f"{max(piece[kind]):.2f}",
+                ]
+                for kind in kinds
+            ],
+        )
+        # b. throughput of chats that are not streamed
+        count, senders = (200, 8) if quick else (800, 8)
+        rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for number in range(2):
+            for kind in _rotated(kinds, number):
+                rates[kind].append(_throughput(clients[kind], _spec(20, 0), count, senders))
+        report(
+            f"b. Chats not streamed (20 pieces each, unpaced), {count} from {senders} threads at "
+            "once, two runs each: chats per second"
+        )
+        report()
+        report.table(
+            ["server", "run 1", "run 2"],
+            [[SERVERS[kind], *(f"{rate:.0f}" for rate in rates[kind])] for kind in kinds],
+        )
+        # c. many streams at once
+        pieces, delay, spread = (20, 0.1, 1.0) if quick else (40, 0.1, 1.0)
+        rows = []
+        for count in (64, 256):
+            for kind in kinds:
+                cpu = procs.cpu_seconds(kind)
+                started = time.perf_counter()
+                done, errors = _concurrently(
+                    Lean("", procs.urls[kind]), count, _spec(pieces, delay), spread
+                )
+                wall = time.perf_counter() - started
+                spent = procs.cpu_seconds(kind) - cpu
+                late = sorted(_ms([a - s for sample in done for s, a, _ in sample]))
+                whole = sum(len(sample) == pieces for sample in done)
+                now, peak = procs.memory(kind)
+                rows.append(
+                    [
+                        str(count),
+                        SERVERS[kind],
+                        f"{whole}/{count}" + (f" ({len(errors)} errors)" if errors else ""),
+                        f"{statistics.median(late):.2f}" if late else "",
+                        f"{_pct(late, 0.99):.2f}" if late else "",
+                        f"{_pct(late, 0.999):.2f}" if late else "",
+                        f"{late[-1]:.2f}" if late else "",
+                        f"{wall:.1f}",
+                        f"{spent * 1e6 / max(1, whole * pieces):.0f}",
+                        f"{now:.0f} / {peak:.0f}",
+                    ]
+                )
+        report(
+            f"c. Many streams at once ({pieces} pieces {delay * 1000:.0f} ms apart, started over "
+            f"{spread:g} s): each piece's arrival after the upstream sent it, ms; the server's "
+            "CPU per piece; its resident memory after the run and at its peak (gunicorn: master "
+            "and worker)"
+        )
+        report()
+        report.table(
+            [
+                "streams", "server", "complete", "median ms", "p99 ms", "p99.9 ms", "worst ms",
+                "wall s", "CPU µs per piece", "RSS MiB now / peak",
+            ],
+            rows,
+        )  # fmt: skip
+    finally:
+        for client in clients.values():
+            client.close()
+        procs.close()
+
+
 # --- the whole run -----------------------------------------------------------------------------
 
 
 SECTIONS = ("latency", "short", "concurrent")
+#: Run only when named: ``--only servers``.
+EXTRA_SECTIONS = ("servers",)
 
 
 def bench_gateway(
@@ -1012,14 +1312,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
     parser.add_argument("--write", metavar="FILE", help="also write the markdown report to FILE")
     parser.add_argument(
-        "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)"
+        "--only",
+        action="append",
+        choices=SECTIONS + EXTRA_SECTIONS,
+        help="run only these sections (repeatable); 'servers' runs only when named",
+    )
+    parser.add_argument(
+        "--former",
+        metavar="REF",
+        help="with --only servers: also measure our former server, from this git commit",
     )
     parser.add_argument(
         "--workers", type=int, default=2, help="gunicorn's worker processes (default: 2)"
     )
     args = parser.parse_args(argv)
     report = Report()
-    bench_gateway(report, args.quick, args.only or SECTIONS, args.workers)
+    sections = args.only or SECTIONS
+    if any(section in SECTIONS for section in sections):
+        bench_gateway(report, args.quick, sections, args.workers)
+    if "servers" in sections:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        report(f"{os.cpu_count()} CPUs, shared; load average at the start: {load}.")
+        report()
+        bench_servers(report, args.quick, args.former)
+        report(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
+        report()
     report("### Targets")
     report()
     report.table(
@@ -1035,4 +1352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--upstream"]:
         _upstream_main()
+    if sys.argv[1:2] == ["--serve"]:
+        _serve_main(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
+        sys.exit(0)
     sys.exit(main())

@@ -4,7 +4,7 @@ Code written for OpenAI's API (the official ``openai`` client, and everything bu
 the service by changing its ``base_url``. Serve the gateway with any WSGI server, for example::
 
     gunicorn -k gthread --threads 32 'aichatonline_sync.gateway:app'
-    aichatonline gateway --port 8000          # the standard library's server, for one machine
+    aichatonline gateway --port 8000          # on waitress, for one machine
 
 then::
 
@@ -44,8 +44,9 @@ or the total deadline). A failure after the first streamed chunk ends the stream
 ``data: {"error": {...}}`` (of the same ``type`` and ``code``), so that OpenAI's clients raise
 instead of returning half a reply as if it were whole. When the client goes away in the middle of a
 stream (the server's write fails, and it closes the body), the upstream chat is closed at once; so
-it is for a reply that is not streamed, under a server that puts the client's socket in the
-environ (gunicorn's ``gunicorn.socket``), checked every 50 ms while the reply comes. HEAD answers
+it is for a reply that is not streamed, under a server that tells (waitress's
+``waitress.client_disconnected``) or puts the client's socket in the environ (gunicorn's
+``gunicorn.socket``), checked every 50 ms while the reply comes. HEAD answers
 have no body.
 
 CORS is off unless origins are configured (``make_app(cors_origins=...)``,
@@ -984,17 +985,24 @@ class _EventStream:
 
 # -- the client's socket ------------------------------------------------------------------------
 
-#: Where WSGI servers put the client's socket in the environ (gunicorn; the project's own).
-_SOCKET_KEYS = ("gunicorn.socket", "aichatonline_sync.socket")
+#: Where WSGI servers put the client's socket in the environ (gunicorn).
+_SOCKET_KEYS = ("gunicorn.socket",)
+#: Where waitress puts a function that tells whether the client went away.
+_DISCONNECTED_KEY = "waitress.client_disconnected"
 #: How often a reply that is not streamed checks that its client is still there.
 _CLIENT_CHECK_SECONDS = 0.05
 
 
-def _client_socket(environ: WSGIEnvironment) -> Optional[socket.socket]:
+def _client_check(environ: WSGIEnvironment) -> Optional[Callable[[], bool]]:
+    """A function that tells whether the client went away, when the server gives a way to see it
+    (waitress's own, or the client's socket)."""
+    check = environ.get(_DISCONNECTED_KEY)
+    if callable(check):
+        return lambda: bool(check())
     for key in _SOCKET_KEYS:
         sock = environ.get(key)
         if isinstance(sock, socket.socket):
-            return sock
+            return lambda: _client_gone(sock)
     return None
 
 
@@ -1398,8 +1406,8 @@ class GatewayApp:
     def _read_whole(stream: ChatStream, limiter: ReplyLimiter, environ: WSGIEnvironment) -> str:
         """The reply's text; when the client goes away meanwhile, the upstream chat is closed
         at once (a 499 that no one reads, for the log and the metrics)."""
-        sock = _client_socket(environ)
-        if sock is None:
+        gone = _client_check(environ)
+        if gone is None:
             return "".join(_limited(stream, limiter))
         parts = []
         checked = time.monotonic()
@@ -1408,7 +1416,7 @@ class GatewayApp:
             now = time.monotonic()
             if now - checked >= _CLIENT_CHECK_SECONDS:
                 checked = now
-                if _client_gone(sock):
+                if gone():
                     stream.close()
                     raise _Refusal(499, "the client went away before the reply was complete")
         return "".join(parts)
@@ -1568,14 +1576,16 @@ def app_from_env(environ: Optional[Mapping[str, str]] = None) -> GatewayApp:
 def make_server(
     application: WSGIApplication, host: str = "127.0.0.1", port: int = 8000
 ) -> GatewayServer:
-    """A threaded HTTP/1.1 server of the standard library for ``application``, bound but not yet
-    serving: call its ``serve_forever()`` (and ``shutdown()`` from another thread, then
-    ``server_close()``). Its ``url`` is the address it listens on (``port=0`` picks a free port).
+    """``application`` on waitress (:class:`~aichatonline_sync.gateway.server.GatewayServer`),
+    bound and listening but not yet serving: call its ``serve_forever()`` (and ``shutdown()`` from
+    another thread, then ``server_close()``). Its ``url`` is the address it listens on (``port=0``
+    picks a free port).
 
     Connections are kept alive; a streamed body is sent with chunked encoding, each piece of the
     application's iterable at once; when a client goes away, the iterable is closed.
 
     :raises OSError: the address cannot be bound.
+    :raises ImportError: waitress is not installed (``pip install "aichatonline-sync[gateway]"``).
     """
     from .server import GatewayServer
 

@@ -1,406 +1,294 @@
-"""A small threaded HTTP/1.1 WSGI server on :mod:`http.server`, for ``aichatonline gateway``.
+"""The server of ``aichatonline gateway``: the WSGI application on waitress, set up for streaming.
 
-Why not :mod:`wsgiref.simple_server`: it speaks HTTP/1.0, one request per connection, and a body of
-unknown length (a stream) ends when the connection closes, so that a client cannot tell a reply cut
-short from a whole one. This server keeps connections alive, sends such a body with chunked
-encoding (each item of the application's iterable in its own chunk, written at once, with
-``TCP_NODELAY``), and calls the iterable's ``close()`` when writing to the client fails, so that a
-streamed chat upstream ends when its client goes away. Its own errors (a request it cannot parse,
-a chunked request body, an application that failed before answering) are JSON in OpenAI's shape,
-as the application's are, and a HEAD request never gets a body. :meth:`GatewayServer.drain` stops
-it gracefully: no new connection or request, the replies in progress finish (up to a timeout).
+`waitress <https://docs.pylonsproject.org/projects/waitress/>`_ reads and writes every socket in
+one loop (``wasyncore``) and runs the application in a pool of threads. Its settings here, and why:
 
-Only the public API of :mod:`http.server` and :mod:`socketserver` is used.
+- ``threads``: a streamed reply holds its thread until its last piece, so the pool is as many
+  streams as are served at a time (:data:`THREADS`, as many as the command's upstream pool keeps
+  connections); a request beyond them waits in waitress's queue.
+- ``connection_limit``: idle kept-alive connections count too (:data:`CONNECTION_LIMIT`).
+- ``send_bytes`` is left at waitress's default of 1 (the setting is deprecated): each write of the
+  application is sent from its own thread at once, so every SSE event goes out when it is made;
+  waitress sets ``TCP_NODELAY``. ``outbuf_high_watermark`` stays at 16 MiB: beyond it, a thread
+  writing to a client that reads slowly waits.
+- ``channel_request_lookahead``: the loop keeps reading a connection whose request is being
+  answered, so that a client that goes away is seen while a reply that is not streamed is made
+  (``environ["waitress.client_disconnected"]``, which the gateway polls).
+- ``asyncore_use_poll``: ``select()`` cannot watch a descriptor numbered above 1023.
+- ``channel_timeout``: an idle kept-alive connection is closed after 75 s; a reply in progress is
+  never cut by it.
+- ``log_socket_errors`` off: a client that resets its connection is normal, not a traceback.
+
+:class:`GatewayServer` keeps the interface of :class:`socketserver.BaseServer` that the command
+uses (``serve_forever``, ``shutdown``, ``server_close``, ``server_address``) and adds a graceful
+stop (:meth:`~GatewayServer.drain`). It uses waitress's public API: ``create_server`` with a map
+and a socket of its own, the dispatchers' ``accepting``/``del_channel``/``handle_close``, the
+server's ``active_channels`` and ``task_dispatcher``, and each channel's ``requests`` and
+``total_outbufs_len`` (read under its ``requests_lock`` and ``outbuf_lock``) and ``will_close``,
+as waitress's own idle-channel maintenance does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import io
 import json
 import socket
-import socketserver
 import sys
 import threading
-import urllib.parse
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Optional
 
 from .._version import __version__
 from .._wire import redact as _redact
 
-__all__ = ["GatewayServer"]
+try:
+    from waitress import wasyncore  # type: ignore[import-untyped]
+    from waitress.server import create_server  # type: ignore[import-untyped]
+except ImportError as exc:
+    raise ImportError(
+        "the gateway's server is waitress, which is not installed: "
+        'pip install "aichatonline-sync[gateway]"'
+    ) from exc
+
+__all__ = ["CONNECTION_LIMIT", "THREADS", "GatewayServer"]
 
 logger = _redact.logger("aichatonline_sync.gateway")
 
-#: A body the application did not read is read and dropped up to this size (the connection is
-#: kept); a larger one closes the connection.
-_DISCARD_LIMIT = 16 * 1024 * 1024
-_BLOCK = 65536
+#: Replies (streams included) answered at a time.
+THREADS = 256
+#: Connections open at a time, idle kept-alive ones included.
+CONNECTION_LIMIT = 1024
+#: How long one turn of the socket loop waits when nothing happens; ``shutdown`` wakes it sooner.
+_LOOP_SECONDS = 1.0
+#: How long ``server_close`` waits for the application threads to see their connections closed.
+_THREADS_GRACE = 1.0
+
+_SETTINGS: dict[str, Any] = {
+    "threads": THREADS,
+    "connection_limit": CONNECTION_LIMIT,
+    "channel_request_lookahead": 1,
+    "asyncore_use_poll": True,
+    "channel_timeout": 75,
+    "log_socket_errors": False,
+    "ident": f"aichatonline-gateway/{__version__}",
+}
+
+def _error(message: str, code: str) -> bytes:
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
 
 
-class _ClientGone(Exception):
-    """Writing to the client failed: it closed the connection, or stopped reading."""
+_SHUTTING_DOWN = _error("the gateway is shutting down: send the request again", "service_unavailable")
+_FAILED = _error("the gateway failed on this request (its log says why)", "internal_server_error")
+
+
+class _Replies:
+    """The application as the server calls it: counts the replies in progress (from the call to
+    the body's ``close``), answers HEAD without a body, a failure of the application before its
+    answer with a 500 in OpenAI's shape, and, while the server drains, a new request with a 503
+    (the drain then closes its connection)."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self._app = app
+        self._count = 0
+        self.draining = False
+        self.changed = threading.Condition()  #: guards ``_count`` and ``draining``
+
+    @property
+    def count(self) -> int:
+        with self.changed:
+            return self._count
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        with self.changed:
+            refused = self.draining
+            if not refused:
+                self._count += 1
+        if refused:
+            return _answer(start_response, "503 Service Unavailable", _SHUTTING_DOWN, environ)
+        try:
+            result = self._app(environ, start_response)
+        except Exception:
+            self._ended()
+            logger.exception(
+                "the WSGI application failed on %s %s",
+                environ.get("REQUEST_METHOD"),
+                environ.get("PATH_INFO"),
+            )
+            return _answer(
+                start_response, "500 Internal Server Error", _FAILED, environ, sys.exc_info()
+            )
+        except BaseException:
+            self._ended()
+            raise
+        body = _Body(result, self._ended)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            body.close()
+            return []
+        return body
+
+    def _ended(self) -> None:
+        with self.changed:
+            self._count -= 1
+            self.changed.notify_all()
+
+
+def _answer(
+    start_response: Callable[..., Any],
+    status: str,
+    body: bytes,
+    environ: dict[str, Any],
+    exc_info: Any = None,
+) -> list[bytes]:
+    """A JSON answer of the server itself."""
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    start_response(status, headers, exc_info)
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 class _Body:
-    """``wsgi.input``: the request body, never read past its Content-Length."""
+    """The application's body, with a ``close`` that also counts the reply out (once)."""
 
-    def __init__(self, rfile: io.BufferedIOBase, length: int) -> None:
-        self._rfile = rfile
-        self.remaining = length
-
-    def read(self, size: Optional[int] = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        wanted = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        data = self._rfile.read(wanted)
-        self.remaining = self.remaining - len(data) if len(data) == wanted else 0
-        return data
-
-    def readline(self, size: Optional[int] = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        wanted = self.remaining if size is None or size < 0 else min(size, self.remaining)
-        data = self._rfile.readline(wanted)
-        self.remaining = self.remaining - len(data) if data else 0
-        return data
-
-    def readlines(self, hint: int = -1) -> list[bytes]:
-        lines = []
-        total = 0
-        for line in self:
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                break
-        return lines
+    def __init__(self, result: Iterable[bytes], ended: Callable[[], None]) -> None:
+        self._result = result
+        self._ended: Optional[Callable[[], None]] = ended
+        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
+        return iter(self._result)
 
-    def discard(self) -> bool:
-        """Read and drop what is left; ``False`` when too much is left to keep the connection."""
-        if self.remaining > _DISCARD_LIMIT:
-            return False
-        while self.read(_BLOCK):
-            pass
-        return True
-
-
-class _Response:
-    """``start_response`` and the writes of one response: the head once, then the body."""
-
-    def __init__(self, handler: _Handler) -> None:
-        self._handler = handler
-        self.status: Optional[str] = None
-        self.headers: list[tuple[str, str]] = []
-        self.sent = False  #: the head was written
-        self.chunked = False
-        self.head_only = handler.command == "HEAD"
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Callable[[bytes], None]:
-        if exc_info is not None:
-            if self.sent:
-                raise exc_info[1].with_traceback(exc_info[2])
-        elif self.status is not None:
-            raise RuntimeError("start_response was called twice without exc_info")
-        self.status, self.headers = status, list(headers)
-        return self.write
-
-    def _send_head(self) -> None:
-        handler = self._handler
-        if self.status is None:
-            raise RuntimeError("the application wrote a body before calling start_response")
-        code, _, reason = self.status.partition(" ")
-        status = int(code)
-        handler.send_response(status, reason)
-        for name, value in self.headers:
-            handler.send_header(name, value)
-        sized = any(name.lower() == "content-length" for name, _ in self.headers)
-        if not sized and not self.head_only and status not in (204, 304):
-            if handler.request_version == "HTTP/1.1":
-                handler.send_header("Transfer-Encoding", "chunked")
-                self.chunked = True
-            else:
-                handler.close_connection = True  # the body ends when the connection does
+    def close(self) -> None:
         try:
-            handler.end_headers()
-        except OSError as exc:
-            raise _ClientGone(exc) from exc
-        self.sent = True
-
-    def write(self, data: bytes) -> None:
-        if not self.sent:
-            self._send_head()
-        if not data or self.head_only:
-            return
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        try:
-            self._handler.wfile.write(data)  # unbuffered: one sendall
-        except OSError as exc:
-            raise _ClientGone(exc) from exc
-
-    def finish(self) -> None:
-        if not self.sent:
-            self._send_head()
-        if self.chunked:
-            try:
-                self._handler.wfile.write(b"0\r\n\r\n")
-            except OSError as exc:
-                raise _ClientGone(exc) from exc
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"aichatonline-gateway/{__version__}"
-    disable_nagle_algorithm = True  # each chunk goes out at once, not after the previous ACK
-    timeout = 75  # seconds: an idle kept-alive connection, or a client that stops reading
-    server: GatewayServer
-
-    def do_GET(self) -> None:
-        self._run()
-
-    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
-
-    def send_error(
-        self, code: int, message: Optional[str] = None, explain: Optional[str] = None
-    ) -> None:
-        """Every error of the server itself (a request it cannot parse, a chunked body, an
-        application that failed before its answer) in OpenAI's shape, as the application's own
-        errors are; no body for HEAD, also when the request line was too broken to parse. The
-        connection is closed after it: where the next request would begin is not known (after
-        ``GET /a b HTTP/1.1`` :mod:`http.server` would take the next header line for a request)."""
-        self.close_connection = True
-        command: Optional[str] = self.command  # (None until the request line is parsed)
-        if command is None and self.request_version == "HTTP/0.9":
-            # A request line refused before its version was taken (``HTTP/9.0``): answered with a
-            # status line and headers all the same (HTTP/0.9 has neither).
-            self.request_version = "HTTP/1.0"
-        reason = self.responses.get(code, ("Error", ""))[0]
-        self.log_error("code %d, message %s", code, message or reason)
-        # (``command`` is not set when the request line could not be parsed)
-        head = (command or getattr(self, "requestline", "").split(" ", 1)[0]) == "HEAD"
-        error = {
-            "message": explain or message or reason,
-            "type": "server_error" if code >= 500 else "invalid_request_error",
-            "param": None,
-            "code": "_".join(reason.lower().replace("-", " ").split()),
-        }
-        body = json.dumps({"error": error}).encode()
-        self.send_response(code, message or reason)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s - %s", self.address_string(), format % args)
-
-    def _environ(self, body: _Body, length: Optional[str]) -> dict[str, Any]:
-        path, _, query = self.path.partition("?")
-        host, port = self.server.server_address[:2]
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": self.command,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": urllib.parse.unquote(path, "iso-8859-1"),
-            "QUERY_STRING": query,
-            "SERVER_NAME": str(host),
-            "SERVER_PORT": str(port),
-            "SERVER_PROTOCOL": self.request_version,
-            "SERVER_SOFTWARE": self.server_version,
-            "REMOTE_ADDR": self.client_address[0],
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": body,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-            # The gateway polls it to see a client that went away while a reply is made.
-            "aichatonline_sync.socket": self.connection,
-        }
-        if self.headers.get("Content-Type"):
-            environ["CONTENT_TYPE"] = self.headers["Content-Type"]
-        if length is not None:
-            environ["CONTENT_LENGTH"] = length
-        for name, value in self.headers.items():
-            if "_" in name:
-                continue  # X_Forwarded_For would pass for X-Forwarded-For (as wsgiref does)
-            key = "HTTP_" + name.upper().replace("-", "_")
-            if key in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
-                continue
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
-        return environ
-
-    def _run(self) -> None:
-        length = self.headers.get("Content-Length")
-        try:
-            size = int(length) if length is not None else 0
-        except ValueError:
-            size = -1
-        if "Transfer-Encoding" in self.headers:  # a chunked request body is not read here
-            self.close_connection = True
-            self.send_error(
-                411,
-                "Length Required",
-                "a chunked request body is not supported by this server: send a Content-Length",
-            )
-            return
-        if not self.server.reply_begins(self.connection):
-            self.close_connection = True  # draining: it was idle when the drain began
-            return
-        try:
-            self._answer(length, size)
-        finally:
-            if self.server.reply_ends(self.connection):
-                self.close_connection = True  # draining: no more requests on it
-
-    def _answer(self, length: Optional[str], size: int) -> None:
-        body = _Body(self.rfile, max(size, 0))
-        response = _Response(self)
-        result: Iterable[bytes] = ()
-        try:
-            result = self.server.app(self._environ(body, length), response.start_response)
-            for data in result:
-                response.write(data)
-            response.finish()
-        except _ClientGone as exc:
-            logger.debug("the client %s went away: %s", self.address_string(), exc.__cause__)
-            self.close_connection = True
-            return
-        except Exception:
-            logger.exception("the WSGI application failed on %s %s", self.command, self.path)
-            self.close_connection = True
-            if not response.sent:
-                with contextlib.suppress(OSError):
-                    self.send_error(500)
-            return
-        finally:
-            close = getattr(result, "close", None)
+            close = getattr(self._result, "close", None)
             if close is not None:
                 close()
-        try:
-            kept = size >= 0 and body.discard()
-        except OSError:
-            kept = False
-        if not kept:
-            self.close_connection = True
+        finally:
+            with self._lock:
+                ended, self._ended = self._ended, None
+            if ended is not None:
+                ended()
 
 
-class GatewayServer(http.server.ThreadingHTTPServer):
-    """A threaded HTTP/1.1 server of one WSGI application (a thread per connection)."""
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``: bound here, so that an address in use is an
+    ``OSError`` before any of waitress's threads start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    daemon_threads = True  # at exit, requests in progress do not hold the process
-    allow_reuse_address = True
-    # socketserver's default listen backlog is 5: a burst of clients connecting at once (16
-    # openai clients starting together) overflows it, and the kernel drops their SYNs, which are
-    # sent again only after 1, 2, 4... seconds. 128 is what the emulator and most servers use.
-    request_queue_size = 128
+
+class GatewayServer:
+    """A WSGI application on waitress, bound and listening, served by :meth:`serve_forever`."""
 
     def __init__(
         self, app: Callable[..., Iterable[bytes]], host: str = "127.0.0.1", port: int = 8000
     ) -> None:
-        self.app = app
-        self._connections: set[socket.socket] = set()
-        self._busy: set[socket.socket] = set()  #: connections with a reply in progress
-        self._draining = False
-        self._changed = threading.Condition()  #: guards the three above
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Handler)
+        sock = _listening_socket(host, port)
+        self.server_address: tuple[Any, ...] = sock.getsockname()
+        self._replies = _Replies(app)
+        self._map: dict[int, Any] = {}
+        try:
+            self._server = create_server(self._replies, map=self._map, sockets=[sock], **_SETTINGS)
+        except BaseException:
+            sock.close()
+            raise
+        self._listening = True
+        self._closed = False
+        self._lock = threading.Lock()  #: guards ``_stop``
+        self._stop = False
+        self._idle = threading.Event()  #: set while ``serve_forever`` is not running
+        self._idle.set()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._changed:
-            self._connections.add(request)
-        super().process_request(request, client_address)
+    def _turn(self, timeout: float) -> None:
+        wasyncore.loop(timeout=timeout, map=self._map, use_poll=True, count=1)
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._changed:
-            self._connections.discard(request)
-        super().shutdown_request(request)
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` is called from another thread (or an exception, such as
+        ``KeyboardInterrupt`` from a signal handler, ends it)."""
+        with self._lock:
+            self._stop = False
+            self._idle.clear()
+        try:
+            while True:
+                with self._lock:
+                    if self._stop:
+                        return
+                self._turn(_LOOP_SECONDS)
+        finally:
+            self._idle.set()
 
-    def reply_begins(self, connection: socket.socket) -> bool:
-        """A request was read on ``connection``; ``False`` when it is not to be answered (the
-        server is draining, and the connection was idle when the drain began)."""
-        with self._changed:
-            if self._draining and connection not in self._busy:
-                return False
-            self._busy.add(connection)
-            return True
+    def shutdown(self) -> None:
+        """Make :meth:`serve_forever` return, and wait until it has (at once when it is not
+        running). Call it from another thread."""
+        with self._lock:
+            self._stop = True
+        if not self._closed:
+            self._server.pull_trigger()  # the loop's wait ends now
+        self._idle.wait()
 
-    def reply_ends(self, connection: socket.socket) -> bool:
-        """The reply on ``connection`` ended; ``True`` when the connection is to be closed now
-        (the server is draining)."""
-        with self._changed:
-            self._busy.discard(connection)
-            self._changed.notify_all()
-            return self._draining
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            self._server.accepting = False
+            self._server.del_channel()
+            self._server.socket.close()
+
+    def _end_idle_connections(self) -> None:
+        """Close each connection that has no request and nothing left to send. Runs in the loop's
+        thread, the only one that adds a request to a channel: a channel found without one has
+        no thread of the application writing to it, until this thread reads from it again."""
+        for channel in list(self._server.active_channels.values()):
+            with channel.requests_lock:
+                busy = bool(channel.requests)
+            if busy:
+                continue
+            with channel.outbuf_lock:
+                unsent = channel.total_outbufs_len
+            if not unsent:
+                channel.will_close = True
 
     def drain(self, timeout: float) -> int:
-        """Stop listening and taking requests, and wait up to ``timeout`` seconds for the replies
-        in progress (streams included) to end, as gunicorn's graceful stop does. A kept-alive idle
+        """Stop listening and taking requests, and serve the replies in progress (streams
+        included) up to ``timeout`` seconds, as gunicorn's graceful stop does: an idle kept-alive
         connection is closed at once, a busy one after its reply. Call it once ``serve_forever``
-        has returned, then :meth:`server_close`. Returns how many replies are still in progress.
-        """
-        socketserver.TCPServer.server_close(self)  # new connections are refused from now on
-        with self._changed:
-            self._draining = True
-            idle = self._connections - self._busy
-        for connection in idle:
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                connection.shutdown(socket.SHUT_RDWR)
-        with self._changed:
-            self._changed.wait_for(lambda: not self._busy, timeout)
-            return len(self._busy)
+        has returned, in the thread that ran it, then :meth:`server_close`. Returns how many
+        replies are still in progress."""
+        self._stop_listening()
+        with self._replies.changed:
+            self._replies.draining = True
+        deadline = time.monotonic() + timeout
+        while True:
+            self._end_idle_connections()
+            left = deadline - time.monotonic()
+            if not self._server.active_channels or left <= 0:
+                return self._replies.count
+            self._turn(min(left, 0.05))
 
     @property
     def replies_in_progress(self) -> int:
         """How many replies are being answered now."""
-        with self._changed:
-            return len(self._busy)
+        return self._replies.count
 
     def server_close(self) -> None:
-        """Stop listening, and end the connections still open: a kept-alive idle one at once (it
-        would otherwise wait out its 75 s idle timeout, a thread and a socket each), a reply in
-        progress at its next write (its upstream chat is then closed)."""
-        super().server_close()
-        with self._changed:
-            self._draining = True
-            still_open = list(self._connections)
-        for connection in still_open:
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                connection.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection's thread failed outside the application (socketserver would print it).
-
-        A client that resets or drops a kept-alive connection, or times out, is normal: a debug
-        record. Anything else is logged with its traceback.
-        """
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
-            logger.debug("the connection of %s ended: %r", client_address, exc)
-        else:
-            logger.exception("the gateway server failed on a connection of %s", client_address)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind would look up the host's full name (a DNS query): not needed.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
+        """Stop listening, and end the connections still open: a kept-alive idle one at once, a
+        reply in progress at its next write (its upstream chat is then closed). Call it once
+        ``serve_forever`` has returned."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_listening()
+        with self._replies.changed:
+            self._replies.draining = True
+        for channel in list(self._server.active_channels.values()):
+            channel.handle_close()
+        self._server.close()  # its trigger
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=_THREADS_GRACE)
 
     @property
     def url(self) -> str:
