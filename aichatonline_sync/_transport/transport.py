@@ -664,11 +664,11 @@ class Failure(NamedTuple):
     #: The error before the first piece of a reply. A timeout exactly when it is an APITimeoutError.
     cls: type[AiChatOnlineError]
     sentence: str
-    #: Why a reply stopped after its first piece: "the reply from ... stopped after N characters: <after>".
+    #: Why a reply stopped after its first piece ("... stopped after N characters: <after>").
     after: str = _BROKE
     #: ``APIConnectionError.retryable``: ``False`` when asking again cannot help.
     retryable: bool = True
-    #: The row holds only while the request is prepared: nothing was sent, so the fault is the caller's.
+    #: Holds only while the request is prepared: nothing was sent, so the fault is the caller's.
     preparing_only: bool = False
 
     @property
