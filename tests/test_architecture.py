@@ -71,7 +71,6 @@ FRONT_END_DOORS = {
     "_client.config": "the option validators every front end applies to its flags and settings",
     "_client.env": "the AICHATONLINE_* settings that the CLI, the gateway and the llm plugin read",
     "_client.usage": "the tokenizer the gateway enforces max_tokens with",
-    "_transport.transport": "TEMPORARY: the gateway's is_timeout, until the failure table",
 }
 MAX_SESSION_LINES = 260
 MAX_FUNCTION_LINES = 65

@@ -14,10 +14,7 @@ import requests
 from .._transport.cancel import Cancellation
 from .._transport.transport import (
     BodyTruncated,
-    Cancelled,
-    DeadlineExceeded,
     abort,
-    break_reason,
     iter_body,
     scrub,
     scrub_quote,
@@ -26,8 +23,6 @@ from .._transport.transport import (
 from .._wire import redact as _redact
 from .._wire.errors import (
     AiChatOnlineError,
-    APIConnectionError,
-    APITimeoutError,
     IncompleteStreamError,
     ProtocolError,
     UpstreamError,
@@ -285,33 +280,12 @@ class Reply:
         )
 
     def _failure(self, exc: Exception, started: bool) -> AiChatOnlineError:
-        """What a failure of the body is to the user: before the first piece, the error itself (a
-        ProtocolError, or the transport's); after it, an IncompleteStreamError with the text so far."""
-        if self.aborted or isinstance(exc, Cancelled):
-            reason = self.abort_reason or "the chat was aborted (cancelled, or its batch was stopped)"
-            if not started:  # the socket was shut down on purpose: no retry, no warning
-                return APIConnectionError(f"{reason} before its first piece", url=self._url, retryable=False)
-        elif isinstance(exc, ProtocolError):
-            if not started:  # (its body quotes the reply, which may echo the token)
-                body = None if exc.body is None else scrub_quote(exc.body, self._secrets)
-                return ProtocolError(f"the reply from {self._url} is unreadable: {exc}", body=body)
-            reason = str(exc)
-        else:
-            translated = translate_exception(
-                exc, url=self._url, secrets=self._secrets, timeout=self._read_timeout
-            )
-            if not started:
-                return translated
-            if isinstance(exc, DeadlineExceeded):
-                reason = "the total deadline passed"
-            elif isinstance(translated, APITimeoutError) and self._read_timeout:
-                reason = f"no data for {self._read_timeout:g} s (read timeout)"
-            else:
-                reason = break_reason(exc, secrets=self._secrets)
-        partial = self.text
-        return IncompleteStreamError(
-            f"the reply from {self._url} stopped after {self._handed_count()}: {reason}",
-            partial=partial,
+        """What a failure of the body is to the user (:func:`translate_exception`): before the first
+        piece, the error itself; after it, an IncompleteStreamError with the text so far."""
+        return translate_exception(
+            exc, url=self._url, stage="reply", secrets=self._secrets, timeout=self._read_timeout,
+            stopped_after=self._handed_count() if started else None, partial=self.text,
+            aborted=self.abort_reason or self.aborted,
         )
 
     def _handed_count(self) -> str:

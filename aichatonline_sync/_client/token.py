@@ -14,7 +14,7 @@ import requests
 from .._transport.cancel import Cancellation
 from .._transport.transport import Transport, iter_body, translate_exception
 from .._wire import redact as _redact
-from .._wire.errors import AiChatOnlineError, APITimeoutError, ProtocolError, TokenError
+from .._wire.errors import APITimeoutError, TokenError
 from .._wire.prompt import get_random_string
 from .._wire.protocol import upstream_code
 from .config import RetryPolicy, Timeout
@@ -284,13 +284,11 @@ class TokenStore:
                         f"the token reply from {self._shown_url} is larger than "
                         f"{_TOKEN_BODY_LIMIT} bytes; not a token"
                     )
-        except ProtocolError as exc:
-            raise TokenError(f"the token reply from {self._shown_url} is unreadable: {exc}") from exc
-        except AiChatOnlineError:
+        except TokenError:
             raise
         except Exception as exc:
             raise translate_exception(
-                exc, url=self._shown_url, proxy=self._transport.proxy
+                exc, url=self._shown_url, stage="token", proxy=self._transport.proxy
             ) from exc
         finally:
             response.close()

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import requests
 import urllib3
@@ -48,8 +48,10 @@ from .._wire.errors import (
     AiChatOnlineError,
     APIConnectionError,
     APITimeoutError,
+    IncompleteStreamError,
     InvalidRequestError,
     ProtocolError,
+    TokenError,
     status_error,
 )
 from .._wire.framing import READ_SIZE, BodyTruncated, Decoder, dechunk, make_decoder
@@ -63,9 +65,12 @@ __all__ = [
     "DeadlineExceeded",
     "Endpoint",
     "Transport",
+    "ABORTED",
+    "FAILURES",
+    "Failure",
+    "Stage",
     "abort",
-    "break_reason",
-    "is_timeout",
+    "classify",
     "iter_body",
     "read_start",
     "scrub",
@@ -268,7 +273,7 @@ class Endpoint:
                 prepared.prepare_cookies(cookies)
         except Exception as exc:
             raise translate_exception(
-                exc, url=self.shown_url, secrets=secrets, preparing=True
+                exc, url=self.shown_url, secrets=secrets, stage="preparing"
             ) from exc
         return self._transport.send(
             prepared, timeout=timeout, shown_url=self.shown_url, secrets=secrets
@@ -606,130 +611,245 @@ def _hostname_mismatch_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-#: urllib3's own "invalid" errors (a header or URL it refuses; 2.x has InvalidHeader).
-_URLLIB3_INVALID: tuple[type[BaseException], ...] = tuple(
-    error
-    for error in (getattr(urllib3.exceptions, "InvalidHeader", None), urllib3.exceptions.LocationParseError)
-    if isinstance(error, type)
+#: Headers and URLs that requests, urllib3 (2.x has InvalidHeader) or the encoder refuse.
+_INVALID: tuple[type[BaseException], ...] = (
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.InvalidURL,
+    UnicodeEncodeError,
+    urllib3.exceptions.LocationParseError,
+    *(
+        error
+        for error in (getattr(urllib3.exceptions, "InvalidHeader", None),)
+        if isinstance(error, type)
+    ),
 )
 _NAME_RESOLUTION = getattr(urllib3.exceptions, "NameResolutionError", socket.gaierror)  # urllib3 2
 
-#: The mapping, in order: the first rule that matches any exception of the chain gives the kind
-#: of failure; the message is made from the kind and the detail.
-_RULES: tuple[tuple[str, Callable[[BaseException], bool]], ...] = (
-    ("deadline", _is(DeadlineExceeded)),
-    ("proxy", _socks_error),
-    ("proxy", _is(requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)),
-    ("untrusted", _is(ssl.SSLCertVerificationError, *_hostname_mismatch_types())),
-    ("tls", _is(ssl.SSLError, requests.exceptions.SSLError, urllib3.exceptions.SSLError)),
-    ("refused", _is(ConnectionRefusedError)),
-    ("unresolved", _is(socket.gaierror, _NAME_RESOLUTION)),
-    ("connect-timeout", _connect_timeout),
-    ("timeout", _timeout),
-    ("invalid", _is(
-        requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeEncodeError,
-        *_URLLIB3_INVALID,
-    )),
-    ("truncated", _is(BodyTruncated, http.client.IncompleteRead)),
-    ("reset", _is(ConnectionResetError, BrokenPipeError, ConnectionAbortedError)),
+
+def _proxy_error(item: BaseException) -> bool:
+    return _socks_error(item) or isinstance(
+        item, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)
+    )
+
+
+def _any_timeout(item: BaseException) -> bool:
+    return _timeout(item) or _connect_timeout(item)
+
+
+#: Why a reply stopped after its first piece, when no row says more.
+_BROKE = "the connection broke ({detail})"
+#: Why a reply that stalled after its first piece stopped; without a read timeout there is no
+#: number to name, and the reply is said to have broken (still ``timed_out``).
+_NO_DATA = "no data for {read_seconds} s (read timeout)"
+#: Why a chat ended when it was aborted without a reason of its own.
+_ABORTED = "the chat was aborted (cancelled, or its batch was stopped)"
+
+#: Where a failure happened: the request was being prepared (nothing sent), sent (no reply yet),
+#: or the body of the token reply, or of a chat reply, was being read.
+Stage = Literal["preparing", "sending", "token", "reply"]
+
+
+class Failure(NamedTuple):
+    """One row of :data:`FAILURES`: a kind of failure and what it is to the user.
+
+    The sentence is a :meth:`str.format` template over ``{url}`` (without credentials),
+    ``{detail}`` (the system's words, without secrets), ``{proxy}`` (``" <proxy URL>"`` or ``""``),
+    ``{aborted}`` (the reason a chat was aborted), ``{connect_after}`` and ``{read_after}``
+    (``" after N s"``, or ``""`` without that timeout) and ``{read_seconds}``.
+    """
+
+    kind: str
+    #: Each test holds for some exception of the chain (a cause, context or reason of another).
+    tests: tuple[Callable[[BaseException], bool], ...]
+    #: The error before the first piece of a reply. A timeout exactly when it is an APITimeoutError.
+    cls: type[AiChatOnlineError]
+    sentence: str
+    #: Why a reply stopped after its first piece ("... stopped after N characters: <after>").
+    after: str = _BROKE
+    #: ``APIConnectionError.retryable``: ``False`` when asking again cannot help.
+    retryable: bool = True
+    #: Holds only while the request is prepared: nothing was sent, so the fault is the caller's.
+    preparing_only: bool = False
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether this kind of failure is a timeout (``.timed_out`` of its error)."""
+        return issubclass(self.cls, APITimeoutError)
+
+
+#: A chat aborted from another thread (its stream's abort(), its Cancellation, its batch stopped):
+#: the socket was shut down on purpose, so nothing is retried.
+ABORTED = Failure(
+    "aborted", (_is(Cancelled),), APIConnectionError, "{aborted} before its first piece",
+    after="{aborted}", retryable=False,
+)
+
+#: Every failure of requests, urllib3, PySocks and the socket layer, in order: the first row whose
+#: tests hold for the exception's chain gives the failure. Classified by types, never by message.
+FAILURES: tuple[Failure, ...] = (
+    ABORTED,
+    Failure(
+        "deadline", (_is(DeadlineExceeded),), APITimeoutError,
+        "the total deadline passed while waiting for {url}", after="the total deadline passed",
+    ),
+    Failure(
+        "proxy-timeout", (_proxy_error, _any_timeout), APITimeoutError,
+        "timed out reaching {url} through the proxy{proxy}", after=_NO_DATA,
+    ),
+    Failure(
+        "proxy", (_proxy_error,), APIConnectionError,
+        "could not reach {url} through the proxy{proxy} ({detail}). Check the proxy URL, its user "
+        "name and password, and that the proxy is running.",
+    ),
+    Failure(
+        "untrusted", (_is(ssl.SSLCertVerificationError, *_hostname_mismatch_types()),),
+        APIConnectionError,
+        "TLS failed for {url}: certificate verify failed ({detail}). If the server's certificate "
+        "is signed by your own CA, pass verify='/path/to/ca.pem' or set REQUESTS_CA_BUNDLE.",
+        retryable=False,  # a certificate does not get better by asking again
+    ),
+    Failure(
+        "tls", (_is(ssl.SSLError, requests.exceptions.SSLError, urllib3.exceptions.SSLError),),
+        APIConnectionError, "TLS failed for {url}: {detail}",
+    ),
+    Failure(
+        "refused", (_is(ConnectionRefusedError),), APIConnectionError,
+        "could not connect to {url}: connection refused. Is the service (or the emulator) "
+        "running, and is the URL right?",
+    ),
+    Failure(
+        "unresolved", (_is(socket.gaierror, _NAME_RESOLUTION),), APIConnectionError,
+        "could not connect to {url}: the host name does not resolve ({detail})",
+    ),
+    Failure(
+        "connect-timeout", (_connect_timeout,), APITimeoutError,
+        "timed out connecting to {url}{connect_after}", after=_NO_DATA,
+    ),
+    Failure(
+        "timeout", (_timeout,), APITimeoutError, "timed out waiting for {url}{read_after}",
+        after=_NO_DATA,
+    ),
+    Failure(
+        "invalid", (_is(*_INVALID),), InvalidRequestError, "invalid request to {url}: {detail}",
+        preparing_only=True,
+    ),
+    Failure("invalid", (_is(*_INVALID),), ProtocolError, "malformed reply from {url}: {detail}"),
+    Failure(
+        "truncated", (_is(BodyTruncated, http.client.IncompleteRead),), APIConnectionError,
+        "the connection to {url} closed before the reply was complete ({detail})",
+        after="the connection closed before the end of the body ({detail})",
+    ),
+    Failure(
+        "reset", (_is(ConnectionResetError, BrokenPipeError, ConnectionAbortedError),),
+        APIConnectionError, "the connection to {url} was reset by the server ({detail})",
+        after="the server reset the connection ({detail})",
+    ),
+    Failure("connection", (), APIConnectionError, "the connection to {url} failed: {detail}"),
 )
 
 
-def _kind(chain: list[BaseException]) -> str:
-    for kind, matches in _RULES:
-        if any(matches(item) for item in chain):
-            return kind
-    return "connection"
+def classify(exc: BaseException, *, preparing: bool = False) -> Failure:
+    """The row of :data:`FAILURES` for ``exc`` (``preparing``: nothing was sent yet)."""
+    return _row(_chain(exc), preparing=preparing)
 
 
-def is_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` or an exception of its chain (causes, contexts, reasons) is a timeout: our
-    :class:`APITimeoutError`, the total deadline, or a connect or read timeout of the socket,
-    urllib3 or requests. An :class:`IncompleteStreamError` of a stalled reply is one."""
-    return any(
-        isinstance(item, (APITimeoutError, DeadlineExceeded)) or _timeout(item) or _connect_timeout(item)
-        for item in _chain(exc)
-    )
+def _row(chain: list[BaseException], *, preparing: bool) -> Failure:
+    for row in FAILURES:
+        if row.preparing_only and not preparing:
+            continue
+        if all(any(test(item) for item in chain) for test in row.tests):
+            return row
+    raise AssertionError("the last row of FAILURES holds for every exception")  # pragma: no cover
+
+
+#: What an error of ours found in a body (bad framing or content encoding) is, by what was read.
+_UNREADABLE: dict[str, tuple[type[AiChatOnlineError], str]] = {
+    "token": (TokenError, "the token reply"),
+    "reply": (ProtocolError, "the reply"),
+}
 
 
 def translate_exception(
     exc: BaseException,
     *,
     url: str,
+    stage: Stage = "sending",
     secrets: Iterable[Optional[str]] = (),
     timeout: Union[TimeoutPair, float, None] = None,
     proxy: Optional[str] = None,
-    preparing: bool = False,
+    stopped_after: Optional[str] = None,
+    partial: str = "",
+    aborted: Union[str, bool] = False,
 ) -> AiChatOnlineError:
-    """Turn a ``requests``, ``urllib3``, PySocks or socket exception into ours: the one place that
-    does. Classified by the types in the exception and its causes (never by message text).
+    """The error of ours for a failure of a request or a reply: the one place that says what a
+    failure is (by :data:`FAILURES`): its class, its sentence, and whether it timed out.
 
-    The caller raises the result ``from exc``. Messages are sentences naming the URL without
-    credentials. ``preparing``: nothing was sent, so an invalid URL or header is the caller's
-    (:class:`InvalidRequestError`); once sent, it is the reply's (:class:`ProtocolError`).
+    The caller raises the result ``from exc``. Messages name the URL without credentials, and
+    neither ``secrets`` nor the proxy's password.
+
+    :param stage: where it failed. ``"preparing"``: nothing was sent, so an invalid URL or header
+        is the caller's (:class:`InvalidRequestError`); later it is the reply's
+        (:class:`ProtocolError`). ``"token"`` and ``"reply"``: a body was being read, and a
+        :class:`ProtocolError` found in it (bad framing or encoding) makes that reply unreadable.
+        Any other error of ours is returned as it is.
+    :param timeout: the ``(connect, read)`` timeouts, or one for both, named in the sentences.
+    :param stopped_after: how much of a reply was handed out (``"12 characters"``), once its
+        first piece was: the error is then an :class:`IncompleteStreamError` that keeps
+        ``partial``, and ``timed_out`` when the reply stalled.
+    :param aborted: the reason a chat was aborted, or ``True`` when it was aborted without one.
     """
-    if isinstance(exc, AiChatOnlineError):
+    if aborted is False and isinstance(exc, ProtocolError) and stage in _UNREADABLE:
+        return _unreadable(exc, url, stage, secrets, stopped_after, partial)
+    if aborted is False and isinstance(exc, AiChatOnlineError) and stopped_after is None:
         return exc
-    shown = redact_url(url)
     chain = _chain(exc)
-    kind = _kind(chain)
-    detail = scrub(_detail(chain), [*secrets, *_password_of(proxy)])
+    row = ABORTED if aborted is not False else _row(chain, preparing=stage == "preparing")
     connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-    if kind == "deadline":
-        return APITimeoutError(f"the total deadline passed while waiting for {shown}", url=shown)
-    if kind == "proxy" and any(_timeout(item) or _connect_timeout(item) for item in chain):
-        return APITimeoutError(
-            f"timed out reaching {shown} through the proxy {redact_url(proxy or '')}".rstrip(),
-            url=shown,
-        )
-    if kind == "proxy":
-        where = f" {redact_url(proxy)}" if proxy else ""
-        return APIConnectionError(
-            f"could not reach {shown} through the proxy{where} ({detail}). Check the proxy URL, "
-            "its user name and password, and that the proxy is running.",
-            url=shown,
-        )
-    if kind == "untrusted":
-        return APIConnectionError(
-            f"TLS failed for {shown}: certificate verify failed ({detail}). If the server's "
-            "certificate is signed by your own CA, pass verify='/path/to/ca.pem' or set "
-            "REQUESTS_CA_BUNDLE.",
-            url=shown,
-            retryable=False,  # a certificate does not get better by asking again
-        )
-    if kind == "tls":
-        return APIConnectionError(f"TLS failed for {shown}: {detail}", url=shown)
-    if kind in ("connect-timeout", "timeout"):
-        seconds = connect if kind == "connect-timeout" else read
-        after = f" after {seconds:g} s" if seconds else ""
-        what = "connecting to" if kind == "connect-timeout" else "waiting for"
-        return APITimeoutError(f"timed out {what} {shown}{after}", url=shown)
-    if kind == "invalid":
-        cls = InvalidRequestError if preparing else ProtocolError
-        return cls(f"{'invalid request to' if preparing else 'malformed reply from'} {shown}: {detail}")
-    messages = {
-        "truncated": f"the connection to {shown} closed before the reply was complete ({detail})",
-        "refused": f"could not connect to {shown}: connection refused. Is the service (or the "
-        "emulator) running, and is the URL right?",
-        "unresolved": f"could not connect to {shown}: the host name does not resolve ({detail})",
-        "reset": f"the connection to {shown} was reset by the server ({detail})",
+    shown = redact_url(url)
+    fields = {
+        "url": shown,
+        "detail": scrub(_detail(chain), [*secrets, *_password_of(proxy)]),
+        "proxy": f" {redact_url(proxy)}" if proxy else "",
+        "aborted": aborted if isinstance(aborted, str) and aborted else _ABORTED,
+        "connect_after": f" after {connect:g} s" if connect else "",
+        "read_after": f" after {read:g} s" if read else "",
+        "read_seconds": f"{read:g}" if read else "",
     }
-    return APIConnectionError(
-        messages.get(kind, f"the connection to {shown} failed: {detail}"), url=shown
+    if stopped_after is not None:
+        after = _BROKE if row.after == _NO_DATA and not read else row.after
+        return _stopped(shown, stopped_after, after.format(**fields), partial, row.timed_out)
+    message = row.sentence.format(**fields)
+    if issubclass(row.cls, APIConnectionError):
+        return row.cls(message, url=shown, retryable=row.retryable)
+    return row.cls(message)
+
+
+def _unreadable(
+    exc: ProtocolError,
+    url: str,
+    stage: str,
+    secrets: Iterable[Optional[str]],
+    stopped_after: Optional[str],
+    partial: str,
+) -> AiChatOnlineError:
+    """A body that broke our framing or encoding rules: its reply is unreadable."""
+    if stopped_after is not None:
+        return _stopped(redact_url(url), stopped_after, str(exc), partial, timed_out=False)
+    cls, what = _UNREADABLE[stage]
+    message = f"{what} from {redact_url(url)} is unreadable: {exc}"
+    if cls is ProtocolError:  # its body quotes the reply, which may echo the token
+        return ProtocolError(message, body=exc.body and scrub_quote(exc.body, secrets))
+    return cls(message)
+
+
+def _stopped(
+    shown: str, stopped_after: str, reason: str, partial: str, timed_out: bool
+) -> IncompleteStreamError:
+    return IncompleteStreamError(
+        f"the reply from {shown} stopped after {stopped_after}: {reason}",
+        partial=partial,
+        timed_out=timed_out,
     )
-
-
-def break_reason(exc: BaseException, *, secrets: Iterable[Optional[str]] = ()) -> str:
-    """Why a reply broke off after some of its text had arrived, in words for "the reply stopped
-    after N characters: ..." (no "before the reply": part of it did arrive)."""
-    chain = _chain(exc)
-    kind = _kind(chain)
-    detail = scrub(_detail(chain), secrets)
-    if kind == "reset":
-        return f"the server reset the connection ({detail})"
-    if kind == "truncated":
-        return f"the connection closed before the end of the body ({detail})"
-    return f"the connection broke ({detail})"
 
 
 def _password_of(proxy: Optional[str]) -> tuple[Optional[str], ...]:

@@ -1,7 +1,9 @@
 """The exceptions of ``aichatonline_sync``.
 
 Every error the library raises is an :class:`AiChatOnlineError`; no ``requests`` or ``urllib3``
-exception escapes the public API (the original is kept as ``__cause__``)::
+exception escapes the public API (the original is kept as ``__cause__``). Whether a failure was a
+timeout is ``.timed_out`` on every error (``True`` for an :class:`APITimeoutError`, and for an
+:class:`IncompleteStreamError` of a reply that stalled)::
 
     AiChatOnlineError
     ├── InvalidRequestError (also a ValueError)  bad messages or options; raised before any network I/O
@@ -69,7 +71,15 @@ class AiChatOnlineError(Exception):
 
     Errors pickle with their attributes (``.partial``, ``.status_code``, ...), so a batch run in
     other processes hands them back whole.
+
+    :ivar timed_out: ``True`` when the failure was a timeout: every :class:`APITimeoutError` (a
+        connect or read timeout, or the total deadline, before the first piece), and an
+        :class:`IncompleteStreamError` whose reply stalled after its first piece, past the read
+        timeout or the total deadline. ``False`` for every other error. Decide on it, never on the
+        message: the gateway answers 504 for it, 502 for other upstream failures.
     """
+
+    timed_out: bool = False
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*map(_masked, args))
@@ -100,7 +110,12 @@ class APIConnectionError(AiChatOnlineError):
 
 
 class APITimeoutError(APIConnectionError):
-    """A connect or read timeout, or the total deadline, before the first piece of text."""
+    """A connect or read timeout, or the total deadline, before the first piece of text.
+
+    Its :attr:`~AiChatOnlineError.timed_out` is ``True``.
+    """
+
+    timed_out = True
 
 
 class APIStatusError(AiChatOnlineError):
@@ -175,7 +190,15 @@ class StreamError(AiChatOnlineError):
 
 
 class IncompleteStreamError(StreamError):
-    """The connection dropped, or a read timed out, in the middle of a reply."""
+    """The connection dropped, or a read timed out, in the middle of a reply.
+
+    :ivar timed_out: ``True`` when the reply stalled: no data within the read timeout, or the total
+        deadline passed; ``False`` when the connection broke or the stream was closed.
+    """
+
+    def __init__(self, message: str, *, partial: str = "", timed_out: bool = False) -> None:
+        super().__init__(message, partial=partial)
+        self.timed_out = timed_out
 
 
 class UpstreamError(StreamError):

@@ -86,12 +86,9 @@ from .. import ChatStream, Session
 from .._client import env as _env
 from .._client import usage as _usage
 from .._client.env import BASE_URL_ENV, GATEWAY_KEY_ENV, MAX_RETRIES_ENV, PROXY_ENV, TIMEOUT_ENV
-from .._transport.transport import is_timeout
 from .._wire import redact as _redact
 from .._wire.errors import (
     AiChatOnlineError,
-    APITimeoutError,
-    IncompleteStreamError,
     InvalidRequestError,
     RateLimitError,
     UpstreamError,
@@ -230,9 +227,7 @@ def _refusal_for(exc: AiChatOnlineError) -> _Refusal:
         return _Refusal(
             429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=headers
         )
-    if isinstance(exc, APITimeoutError) or (
-        isinstance(exc, IncompleteStreamError) and is_timeout(exc)
-    ):  # a reply that stalled after its first piece (read timeout, total deadline) too
+    if exc.timed_out:  # also a reply that stalled after its first piece
         return _Refusal(504, message, type="timeout_error", code="upstream_timeout")
     return _Refusal(502, message, type="upstream_error", code="upstream_error")
 
