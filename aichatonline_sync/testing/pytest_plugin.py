@@ -13,11 +13,12 @@ when it is torn down, so no token or pooled connection of one test reaches the n
     A callable taking :class:`~aichatonline_sync.testing.Emulator` keyword arguments and returning
     a started emulator; every emulator it made is stopped after the test.
 ``aichatonline_mock``
-    An :class:`AiChatOnlineMock`: a strict :class:`responses.RequestsMock` (needs
-    ``pip install responses``) that answers the token request (any ``canvas``) and the chat request
-    at :attr:`AiChatOnlineMock.base_url` (``https://aichatonline.test``). Requests to loopback
-    addresses (``127.x.x.x``, ``localhost``, ``[::1]``: an :class:`~aichatonline_sync.testing.Emulator`,
-    any local server) pass through to the real server, so the mock and a real emulator work in
+    An :class:`~aichatonline_sync.testing.AiChatOnlineMock` (:mod:`.mock`): a strict
+    :class:`responses.RequestsMock` (needs ``pip install responses``) that answers the token
+    request (any ``canvas``) and the chat request at :attr:`AiChatOnlineMock.base_url`
+    (``https://aichatonline.test``). Requests to loopback addresses (``127.x.x.x``,
+    ``localhost``, ``[::1]``: an :class:`~aichatonline_sync.testing.Emulator`, any local
+    server) pass through to the real server, so the mock and a real emulator work in
     one test; requests to any other URL fail with a :class:`requests.ConnectionError`. The mock
     judges a chat as the emulator does (one model, :mod:`aichatonline_sync.testing.faults`): a
     ``UniqueId`` other than :attr:`AiChatOnlineMock.token` is answered with HTTP 401 (so the
@@ -33,8 +34,8 @@ exception: once the test calls :meth:`AiChatOnlineMock.set_reply` it has asked f
 test fails at teardown if no chat was made. :meth:`AiChatOnlineMock.require` states such
 expectations explicitly. A queued fault that no request used fails the test at teardown too.
 
-Importing this module is cheap: neither ``responses`` nor the emulator is imported until a fixture
-needs it.
+Importing this module does not import ``responses``: the mock fixture does, when a test uses
+it.
 """
 
 from __future__ import annotations
