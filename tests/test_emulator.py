@@ -999,3 +999,30 @@ def test_plugin_mock_without_responses(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*pip install responses*"])
+
+
+def test_recorded_request_repr_masks_the_token(emu: Emulator, client_factory: Any) -> None:
+    client = client_factory(emu)
+    token = client.token()
+    client.chat("hi", token)
+    assert client.read_head()[0] == 200
+    [*_, chat] = emu.chat_requests
+    assert chat.unique_id == token
+    shown = repr(chat)
+    assert token not in shown
+    assert "uniqueid" in shown
+    assert "***" in shown
+    assert "'prompt': 'hi'" in shown
+
+
+def test_malformed_request_line_gets_a_json_400_with_a_status_line(
+    emu: Emulator, client_factory: Any
+) -> None:
+    client = client_factory(emu)
+    client.sock.sendall(b"GET / HTTP/1.1 extra\r\n\r\n")
+    status, headers = client.read_head()
+    assert status == 400
+    assert headers["connection"] == "close"
+    body = json.loads(b"".join(client.body(headers).lines()))
+    assert (body["code"], body["data"]) == (400, None)
+    assert client.rfile.read() == b""  # then closed

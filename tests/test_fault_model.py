@@ -202,3 +202,16 @@ def test_a_callable_reply_answers_each_prompt_alike_from_both_doubles(
         via_emulator = aco.complete("Hi there", base_url=emu.url)
     assert via_mock == via_emulator
     assert "Hi there" in via_mock
+
+
+@pytest.mark.parametrize("kind", ["emulator", "mock"])
+def test_a_reply_callable_returning_no_str_is_answered_500_by_both_doubles(
+    doubles: tuple[Emulator, AiChatOnlineMock], kind: str
+) -> None:
+    emu, mock = doubles
+    for double in doubles:
+        double.set_reply(lambda prompt: ["not", "a", "str"])  # type: ignore[arg-type,return-value]
+    base = emu.url if kind == "emulator" else mock.base_url
+    status, _, body, _ = exchange(base, "chat", BODY, True)
+    assert status == 500
+    assert b"reply callable failed" in body

@@ -415,7 +415,9 @@ def test_the_emulator_keeps_the_newest_tokens_valid(
     emulator: MakeEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from aichatonline_sync import testing
-    monkeypatch.setattr(testing, "MAX_TOKENS", 5)
+    from aichatonline_sync.testing import emulator as emulator_module
+
+    monkeypatch.setattr(emulator_module, "MAX_TOKENS", 5)
     emu = emulator(reply=PIECES)
     with Session(emu.url, timeout=TIMEOUT, max_retries=0, reuse_token=False) as session:
         assert session.complete("p0") == TEXT

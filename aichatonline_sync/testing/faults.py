@@ -1,10 +1,11 @@
 """One model of the service and its faults, shared by both test doubles: the emulator
-(:mod:`.testing`, a real server on loopback) and the ``responses`` mock (:mod:`.pytest_plugin`).
+(:mod:`.emulator`, a real server on loopback) and the ``responses`` mock (:mod:`.mock`).
 
-Both build their faults with the functions here and queue them in a :class:`FaultQueue`, and both
-judge a chat request with :func:`chat_rejection`. So the two accept the same arguments, refuse the
-same ones with the same error (:class:`~aichatonline_sync.InvalidRequestError`, a ``ValueError``),
-and answer the same request with the same status and body. A fault only a socket can play
+Both take their reply with :func:`reply_source`, build their faults with the functions here and
+queue them in a :class:`FaultQueue`, and judge a chat request with :func:`chat_rejection`. So the
+two accept the same arguments, refuse the same ones with the same error
+(:class:`~aichatonline_sync.InvalidRequestError`, a ``ValueError``), and answer the same request
+with the same status and body. A fault only a socket can play
 (:class:`Stall`, :class:`Raw`) is modelled here too; only the emulator offers it.
 
 Faults:
@@ -27,7 +28,7 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .._client.config import check_bool, check_int
 from .._wire.errors import InvalidRequestError
@@ -43,6 +44,7 @@ __all__ = [
     "FaultQueue",
     "Raw",
     "Reply",
+    "ReplySource",
     "Stall",
     "chat_rejection",
     "check_content_type",
@@ -55,6 +57,7 @@ __all__ = [
     "html",
     "raw",
     "reply_pieces",
+    "reply_source",
     "split_pieces",
     "stall",
     "token_reply",
@@ -242,6 +245,42 @@ def reply_pieces(reply: object) -> list[str]:
     return pieces
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplySource:
+    """What a double answers chats with: fixed ``pieces``, or ``func`` of the prompt (a str,
+    split by :func:`split_pieces`)."""
+
+    pieces: tuple[str, ...] = ()
+    func: Optional[Callable[[str], str]] = None
+
+    def pieces_for(self, prompt: str) -> list[str]:
+        """The pieces of the reply to ``prompt``; ``"".join()`` of them is the whole reply.
+
+        :raises TypeError: if ``func`` returns something other than a str.
+        """
+        if self.func is None:
+            return list(self.pieces)
+        text = self.func(prompt)
+        if not isinstance(text, str):
+            raise TypeError(f"the reply callable returned {type(text).__name__}, not str")
+        return split_pieces(text)
+
+
+def reply_source(reply: object, default: Union[str, Callable[[str], str]]) -> ReplySource:
+    """The one check of a double's ``reply=`` and ``set_reply()``.
+
+    :param reply: None for ``default``; a str (split by :func:`split_pieces`); a callable taking
+        the prompt and returning a str; or any other iterable of str pieces (read once, here).
+    :param default: the double's own reply when ``reply`` is None.
+    :raises InvalidRequestError: for anything else, or a piece that is no str.
+    """
+    if reply is None:
+        reply = default
+    if callable(reply) and not isinstance(reply, (str, bytes, bytearray, Mapping)):
+        return ReplySource(func=reply)
+    return ReplySource(pieces=tuple(reply_pieces(reply)))
+
+
 # --- the service's own answers ----------------------------------------------------------------
 
 
@@ -322,8 +361,7 @@ def error_line(
     code: object, message: object = "upstream error", *, after: object = 0, key: object = "message"
 ) -> ErrorLine:
     """``after`` pieces, then ``{"code": code, key: message, "data": null}``."""
-    if isinstance(code, bool) or not isinstance(code, int):
-        raise InvalidRequestError(f"code must be an int, not {code!r}")
+    check_int("code", code, low=-(2**31), high=2**31 - 1)
     if not isinstance(message, str) or not isinstance(key, str):
         raise InvalidRequestError("message and key must be str")
     count = check_int("after", after)
