@@ -1,7 +1,7 @@
 """``_cli_io`` in-process: its bounded reads of INPUT and stdin (with small bounds), and its record
 writer under a stop signal: a SIGTERM that comes while a record is written waits for its end, and
 what the batch counts is what was written (the summary line of ``aichatonline batch`` is made from
-those counts). The command itself is tested in tests/test_cli_edges.py."""
+those counts). The command itself is tested in tests/test_cli_input.py and test_cli_output.py."""
 
 from __future__ import annotations
 
