@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .registry import (
     CHAT_OPTIONS,
     SESSION_OPTIONS,
     close_shared_sessions,
+    resolve_session,
     shared_session,
     split_options,
-    using_shared_session,
 )
 from .session import Session
 from .stream import ChatStream
@@ -47,14 +47,14 @@ def chat(messages: Any, **options: Any) -> ChatStream:
     :raises InvalidRequestError: bad messages or options, before anything is sent.
     """
     session_options, chat_options = split_options(options)
-    with using_shared_session(**session_options) as session:
+    with resolve_session(None, session_options, what="chat()") as session:
         return session.chat(messages, **chat_options)
 
 
 def complete(messages: Any, **options: Any) -> str:
     """Send a chat and return the whole reply as one str (same options as :func:`chat`)."""
     session_options, chat_options = split_options(options)
-    with using_shared_session(**session_options) as session:
+    with resolve_session(None, session_options, what="complete()") as session:
         return session.complete(messages, **chat_options)
 
 
@@ -177,22 +177,15 @@ def batch(
         )
 
 
-@contextlib.contextmanager
 def _batch_session(
     session: Optional[Session],
     session_options: dict[str, Any],
     executor: Optional[concurrent.futures.Executor],
-) -> Iterator[Optional[Session]]:
-    """The session a batch runs on, kept open for the whole batch: the one given, else the shared
-    one for ``session_options`` (leased, so that the registry cannot close it meanwhile). ``None``
-    for an executor of other processes, which find their own from the options."""
+) -> contextlib.AbstractContextManager[Optional[Session]]:
+    """The session a batch runs on, kept open for the whole batch (see :func:`resolve_session`);
+    ``None`` for an executor of other processes, which find their own from the options."""
     import concurrent.futures
 
-    remote = executor is not None and not isinstance(
-        executor, concurrent.futures.ThreadPoolExecutor
-    )
-    if session is not None or remote:
-        yield session
-        return
-    with using_shared_session(**session_options) as shared:
-        yield shared
+    if executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return contextlib.nullcontext(session)
+    return resolve_session(session, session_options, what="batch()")

@@ -24,13 +24,13 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from .._transport.cancel import Cancellation
 from .._wire import redact as _redact
 from .._wire.errors import AiChatOnlineError, BatchError, InvalidRequestError
 from .._wire.prompt import build_prompt
-from .config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int
+from .config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int, is_number
 
 if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
     from .session import Session
@@ -188,15 +188,11 @@ def _run_remote(
 
 def _check(max_workers: object, rate_limit: object) -> None:
     check_int("max_workers", max_workers, low=1, high=MAX_CONNECTIONS)
-    if rate_limit is not None and (
-        isinstance(rate_limit, bool)
-        or not isinstance(rate_limit, (int, float))
-        or not rate_limit > 0
-    ):
+    if rate_limit is not None and (not is_number(rate_limit) or not cast(float, rate_limit) > 0):
         raise InvalidRequestError(
             f"rate_limit must be a positive number of requests per second, not {rate_limit!r}"
         )
-    if rate_limit is not None and 1 / rate_limit > MAX_SECONDS:  # (no wait can be that long)
+    if rate_limit is not None and 1 / cast(float, rate_limit) > MAX_SECONDS:  # (no wait can be that long)
         raise InvalidRequestError(
             f"rate_limit must allow one request a year at least ({1 / MAX_SECONDS:.3g} per "
             f"second), not {rate_limit!r}"

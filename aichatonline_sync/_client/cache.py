@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 
 from .._wire import redact as _redact
 from .._wire.errors import AiChatOnlineError, InvalidRequestError
+from .config import is_number
 
 __all__ = [
     "APPLICATION_ID",
@@ -242,8 +243,7 @@ class ReplyCache:
         :raises InvalidRequestError: ``older_than`` is not a number of seconds >= 0.
         """
         if older_than is not None and (
-            isinstance(older_than, bool)
-            or not isinstance(older_than, (int, float))
+            not is_number(older_than)
             or not math.isfinite(older_than)
             or older_than < 0
         ):

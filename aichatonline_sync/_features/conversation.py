@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .._client.registry import split_options, using_shared_session
+from .._client.registry import check_session_options, resolve_session, split_options
 from .._client.session import Session
 from .._client.stream import ChatStream
 from .._wire import redact as _redact
@@ -127,11 +127,7 @@ class Conversation:
                 f"session must be an aichatonline_sync.Session, not {type(session).__name__}"
             )
         session_options, chat_options = split_options(options)
-        if session is not None and session_options:
-            raise InvalidRequestError(
-                f"give session options ({', '.join(sorted(session_options))}) to the Session, "
-                "not to a Conversation together with session="
-            )
+        check_session_options(session, session_options, what="a Conversation")
         if "keep_text" in chat_options:
             raise InvalidRequestError(
                 "a Conversation keeps the reply text: keep_text is not an option"
@@ -257,11 +253,9 @@ class Conversation:
             self._discard_pending()
             generation, messages = self._snapshot()
             messages.append(question)
-            if self._session is not None:
-                stream = self._session.chat(messages, **options)
-            else:  # leased while the chat opens; the stream then reads on even if it is closed
-                with using_shared_session(**self._session_options) as session:
-                    stream = session.chat(messages, **options)
+            # Leased while the chat opens; the stream then reads on even if the session is closed.
+            with resolve_session(self._session, self._session_options, what="a Conversation") as session:
+                stream = session.chat(messages, **options)
             return self._track(stream, question, generation)
 
     def _check_turn(self) -> None:
