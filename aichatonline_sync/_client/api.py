@@ -17,7 +17,7 @@ from .registry import (
 from .session import Session
 from .stream import ChatStream
 
-if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need it)
+if TYPE_CHECKING:  # concurrent.futures costs ms to import, and only batches need it
     import concurrent.futures
 
     from .batch import BatchResult

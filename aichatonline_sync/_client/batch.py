@@ -86,7 +86,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
-        self.interval = 1 / rate  # (not 1.0 / rate: a huge int is no float)
+        self.interval = 1 / rate  # true division: a huge int need not fit a float
         self._next = 0.0
         self._lock = threading.Lock()
         self._clock = clock
@@ -192,7 +192,7 @@ def _check(max_workers: object, rate_limit: object) -> None:
         raise InvalidRequestError(
             f"rate_limit must be a positive number of requests per second, not {rate_limit!r}"
         )
-    if rate_limit is not None and 1 / cast(float, rate_limit) > MAX_SECONDS:  # (no wait can be that long)
+    if rate_limit is not None and 1 / cast(float, rate_limit) > MAX_SECONDS:
         raise InvalidRequestError(
             f"rate_limit must allow one request a year at least ({1 / MAX_SECONDS:.3g} per "
             f"second), not {rate_limit!r}"
@@ -412,7 +412,7 @@ def iter_batch(
     bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
     try:
         run = _Run(plan, bar)
-    except BaseException:  # (the shared session, or the pool, could not be had)
+    except BaseException:  # no session or pool: the bar must not stay open
         if bar is not None:
             bar.close()
         raise
@@ -457,7 +457,7 @@ class _Run:
         """Pull, submit and hand out the results as they finish; stop early when left early."""
         finished = False
         try:
-            source = enumerate(prompts)  # (iter() may raise: the pool and bar are closed then too)
+            source = enumerate(prompts)  # inside the try: iter() may raise, and _close must run
             more = True
             while True:
                 more = more and self._fill(source)
@@ -499,7 +499,7 @@ class _Run:
     def _submit(self, index: int, prompt: Any) -> concurrent.futures.Future[Any]:
         plan = self._plan
         if plan.remote:
-            assert plan.shared is not None  # (a Session given is refused by _check_batch)
+            assert plan.shared is not None  # _check_batch refuses a Session with other processes
             return self._pool.submit(
                 _run_remote, plan.shared, plan.session_options, index, prompt, plan.chat_options
             )

@@ -196,7 +196,7 @@ class RetryPolicy:
             value = getattr(self, name)
             if not is_number(value) or not value >= 0:
                 raise InvalidRequestError(f"{name} must be a number >= 0, not {_shown(value)}")
-            if value > MAX_SECONDS:  # (time.sleep cannot take an infinite wait)
+            if value > MAX_SECONDS:  # time.sleep cannot take an infinite wait
                 raise InvalidRequestError(
                     f"{name} must be at most {MAX_SECONDS:.0f} seconds (a year), not {_shown(value)}"
                 )
@@ -309,7 +309,7 @@ def validate_verify(verify: Any) -> Union[bool, str]:
                 "'1a2b3c4d.0', as c_rehash makes them); give a PEM file or such a folder"
             )
         return path
-    if not os.path.isfile(path):  # (a FIFO or a device would block or never end)
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
         raise InvalidRequestError(f"verify={path!r} is not a regular file or folder")
     import ssl  # loaded here, so that a wrong file fails now, not at every chat's handshake
 
@@ -376,7 +376,7 @@ def _check_url_text(source: str, url: str) -> None:
             f"{source} contains {'white space' if bad.isspace() else 'a control character'} "
             f"({bad!r}): {redact_url(url)!r}"
         )
-    import requests  # (the transport's own check, so that both agree)
+    import requests  # the transport's own check, so that both agree
 
     try:
         requests.PreparedRequest().prepare_url(url + "/", None)

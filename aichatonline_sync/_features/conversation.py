@@ -56,7 +56,7 @@ def _check_unicode(data: Mapping[str, Any]) -> None:
                 f"{exc.object[exc.start]!r}, which UTF-8 cannot hold"
             ) from None
         except (TypeError, ValueError):
-            continue  # (not JSON at all: said by the caller's own checks)
+            continue  # not JSON at all: the caller's own checks say so
 
 
 def _check_content(content: Any, what: str) -> Any:
@@ -315,7 +315,7 @@ class Conversation:
             stream, self._pending = self._pending, None
         if stream is not None and not stream.closed:
             logger.debug("conversation: closed an unfinished reply; it is not added")
-            stream.abort(_SUPERSEDED)  # (from any thread; iterating it raises from now on)
+            stream.abort(_SUPERSEDED)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -370,7 +370,7 @@ class Conversation:
                 f"a saved conversation is a JSON object, not {type(data).__name__}"
             )
         version = data.get("version")
-        if isinstance(version, bool) or version != FILE_VERSION:  # (True == 1)
+        if isinstance(version, bool) or version != FILE_VERSION:  # True == 1, but is no version
             raise InvalidRequestError(
                 f"unknown saved conversation version {version!r} (this library reads version "
                 f"{FILE_VERSION}; is the file from a newer aichatonline-sync?)"

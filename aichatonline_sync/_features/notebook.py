@@ -85,8 +85,8 @@ def display_stream(
     try:
         return _display(stream_or_messages, session, min_interval, options)
     finally:
-        # A stream given here is ours to close, also when it is refused before any display
-        # (its request was sent already: leaving it open would hold its connection).
+        # A stream given here is ours to close, also when it is refused before any display: its
+        # request was sent already, and leaving it open would hold its connection.
         if not isinstance(stream_or_messages, (str, Sequence)):
             close = getattr(stream_or_messages, "close", None)
             if callable(close):
