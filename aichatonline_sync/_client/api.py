@@ -112,8 +112,11 @@ def batch_iter(
     :param options: :class:`Session` options (without ``session``) and :meth:`Session.chat` options.
     :raises InvalidRequestError: a bad prompt or option, before anything is sent.
     """
-    from .batch import iter_batch
+    from .batch import BatchOptions, iter_batch
 
+    run = BatchOptions(
+        max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit
+    )
     session_options, chat_options = split_options(options)
     with _batch_session(session, session_options, executor) as client:
         yield from iter_batch(
@@ -121,11 +124,8 @@ def batch_iter(
             session=client,
             session_options=session_options if client is session else {},
             chat_options=chat_options,
+            options=run,
             shared=shared_session,
-            max_workers=max_workers,
-            progress=progress,
-            executor=executor,
-            rate_limit=rate_limit,
         )
 
 
@@ -158,8 +158,12 @@ def batch(
 
     The other parameters are those of :func:`batch_iter`.
     """
-    from .batch import run_batch
+    from .batch import BatchOptions, run_batch
 
+    run = BatchOptions(
+        max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit,
+        return_exceptions=return_exceptions, on_result=on_result,
+    )
     session_options, chat_options = split_options(options)
     with _batch_session(session, session_options, executor) as client:
         return run_batch(
@@ -167,13 +171,8 @@ def batch(
             session=client,
             session_options=session_options if client is session else {},
             chat_options=chat_options,
+            options=run,
             shared=shared_session,
-            max_workers=max_workers,
-            progress=progress,
-            return_exceptions=return_exceptions,
-            executor=executor,
-            rate_limit=rate_limit,
-            on_result=on_result,
         )
 
 
