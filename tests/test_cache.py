@@ -32,7 +32,7 @@ from aichatonline_sync import (
     StreamError,
 )
 from aichatonline_sync._client.cache import APPLICATION_ID, cache_key, shared_cache
-from aichatonline_sync._client.registry import shared_session, shared_session_count
+from aichatonline_sync._client.registry import _registry, shared_session
 from aichatonline_sync.testing import Emulator
 
 PIECES = ["Hel", "lo", ", ", "wor", "ld", "!"]
@@ -224,7 +224,7 @@ def test_every_front_end_of_the_library_takes_the_option(emu: Emulator, path: Pa
     conversation = aco.Conversation(base_url=emu.url, cache=str(path))
     assert "".join(conversation.ask("Hi")) == TEXT
     assert sent(emu) == before
-    assert shared_session_count() == 1  # one shared session for these options
+    assert len(_registry) == 1  # one shared session for these options
     assert shared_session(base_url=emu.url, cache=str(path)).cache is shared_cache(path)
     assert "".join(conversation.ask("And then?")) == TEXT  # the whole history: a new key
     assert emu.request_count > before[0]

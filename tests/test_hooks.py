@@ -134,14 +134,14 @@ def test_bad_hooks_are_refused_before_anything_is_sent(hooks: Any, match: str) -
 
 
 def test_module_level_calls_share_a_session_per_hooks(emulator: MakeEmulator) -> None:
-    from aichatonline_sync._client.registry import shared_session_count
+    from aichatonline_sync._client.registry import _registry
 
     emu = emulator(reply="shared")
     rec = Recorder()
     hooks = {"chat_end": [rec]}
     assert aco.complete("Hi", base_url=emu.url, event_hooks=hooks) == "shared"
     assert aco.complete("Hi", base_url=emu.url, event_hooks={"chat_end": [rec]}) == "shared"
-    assert shared_session_count() == 1
+    assert len(_registry) == 1
     assert rec.names == ["chat_end", "chat_end"]
     assert len(emu.token_requests) == 1
 

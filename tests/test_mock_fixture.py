@@ -290,22 +290,22 @@ def test_every_fixture_of_a_double_closes_the_shared_sessions(
         pytester,
         f"""
         import aichatonline_sync as aco
-        from aichatonline_sync._client.registry import shared_session, shared_session_count
+        from aichatonline_sync._client.registry import _registry, shared_session
 
 
         def test_setup_closes_them():
             kept = shared_session(base_url="http://127.0.0.1:9")   # no request is made
-            assert shared_session_count() == 1
+            assert len(_registry) == 1
 
 
         def test_uses_a_double({fixture}):
-            assert shared_session_count() == 0
+            assert len(_registry) == 0
             assert aco.complete("Hi", base_url={base_url}, max_retries=0)
-            assert shared_session_count() == 1
+            assert len(_registry) == 1
 
 
         def test_teardown_closed_them():
-            assert shared_session_count() == 0
+            assert len(_registry) == 0
         """,
     )
     result.assert_outcomes(passed=3)

@@ -21,7 +21,6 @@ from aichatonline_sync._client import registry as _registry
 from aichatonline_sync._client.registry import (
     MAX_SHARED_SESSIONS,
     shared_session,
-    shared_session_count,
 )
 from aichatonline_sync.testing import Emulator, split_pieces
 
@@ -75,7 +74,7 @@ def test_same_settings_make_one_token_request_and_one_connection(emu: Emulator) 
     assert len(emu.token_requests) == 1
     assert emu.connections == 1
     assert len(emu.chat_requests) == 2
-    assert shared_session_count() == 1
+    assert len(_registry._registry) == 1
 
 
 def test_shared_session_is_the_one_module_level_calls_use(emu: Emulator) -> None:
@@ -96,9 +95,9 @@ def test_per_call_headers_keep_at_most_max_sessions_and_close_the_dropped(emu: E
         options = headers_options(emu, index)
         sessions.append(shared_session(**options))  # the session this call is about to use
         assert aco.complete("hi", **options) == REPLY
-        assert shared_session_count() <= MAX_SHARED_SESSIONS
+        assert len(_registry._registry) <= MAX_SHARED_SESSIONS
 
-    assert shared_session_count() == MAX_SHARED_SESSIONS
+    assert len(_registry._registry) == MAX_SHARED_SESSIONS
     assert len({id(session) for session in sessions}) == calls  # one per distinct header
     dropped, kept = sessions[:-MAX_SHARED_SESSIONS], sessions[-MAX_SHARED_SESSIONS:]
     assert [session.closed for session in dropped] == [True] * len(dropped)
@@ -121,7 +120,7 @@ def test_least_recently_used_session_is_dropped_first(emu: Emulator) -> None:
     shared_session(**headers_options(emu, MAX_SHARED_SESSIONS))  # one too many: drops number 1
 
     assert not first.closed
-    assert shared_session_count() == MAX_SHARED_SESSIONS
+    assert len(_registry._registry) == MAX_SHARED_SESSIONS
     assert shared_session(**headers_options(emu, 0)) is first
 
 
@@ -133,9 +132,9 @@ def test_a_new_requests_session_per_call_stays_bounded(emu: Emulator) -> None:
         for http in https:
             sessions.append(shared_session(base_url=emu.url, http=http))
             assert aco.complete("hi", base_url=emu.url, http=http) == REPLY
-            assert shared_session_count() <= MAX_SHARED_SESSIONS
+            assert len(_registry._registry) <= MAX_SHARED_SESSIONS
 
-        assert shared_session_count() == MAX_SHARED_SESSIONS
+        assert len(_registry._registry) == MAX_SHARED_SESSIONS
         assert len({id(session) for session in sessions}) == calls
         dropped = sessions[:-MAX_SHARED_SESSIONS]
         assert [session.closed for session in dropped] == [True] * len(dropped)
@@ -186,7 +185,7 @@ def test_open_stream_keeps_reading_after_its_session_is_dropped(
         assert gate.reached.wait(5)  # the server holds the rest of the reply
         for index in range(MAX_SHARED_SESSIONS + 1):
             assert aco.complete("hi", **headers_options(fast, index)) == REPLY
-        assert shared_session_count() == MAX_SHARED_SESSIONS
+        assert len(_registry._registry) == MAX_SHARED_SESSIONS
         assert shared_session(base_url=slow.url) is not session  # it was dropped...
         assert not stream.closed  # ... while the stream was open
 
@@ -245,16 +244,16 @@ def test_close_shared_sessions_closes_them_all_and_the_next_call_works(emu: Emul
     aco.close_shared_sessions()
 
     assert [session.closed for session in sessions] == [True, True, True]
-    assert shared_session_count() == 0
+    assert len(_registry._registry) == 0
     assert open_connections_to(emu.port) == 0
 
     assert aco.complete("hi", base_url=emu.url) == REPLY
-    assert shared_session_count() == 1
+    assert len(_registry._registry) == 1
     assert emu.tokens_issued == 4  # a new session, with a new token
     assert open_connections_to(emu.port) == 1
     aco.close_shared_sessions()
     aco.close_shared_sessions()  # idempotent
-    assert shared_session_count() == 0
+    assert len(_registry._registry) == 0
 
 
 def test_close_shared_sessions_is_the_registry_function() -> None:
@@ -284,7 +283,7 @@ def test_a_shared_session_dropped_while_its_chat_opens_stays_open_for_that_chat(
             dropped.append(shared_session(base_url=emu.url, http=http))
             for index in range(MAX_SHARED_SESSIONS + 1):
                 aco.complete("hi", **headers_options(other, index))
-            assert shared_session_count() == MAX_SHARED_SESSIONS
+            assert len(_registry._registry) == MAX_SHARED_SESSIONS
 
     http.hooks["response"].append(drop_it_now)
     if front == "conversation":

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .registry import (
     CHAT_OPTIONS,
     SESSION_OPTIONS,
     close_shared_sessions,
+    resolve_session,
     shared_session,
     split_options,
-    using_shared_session,
 )
 from .session import Session
 from .stream import ChatStream
 
-if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need it)
+if TYPE_CHECKING:  # concurrent.futures costs ms to import, and only batches need it
     import concurrent.futures
 
     from .batch import BatchResult
@@ -47,14 +47,14 @@ def chat(messages: Any, **options: Any) -> ChatStream:
     :raises InvalidRequestError: bad messages or options, before anything is sent.
     """
     session_options, chat_options = split_options(options)
-    with using_shared_session(**session_options) as session:
+    with resolve_session(None, session_options, what="chat()") as session:
         return session.chat(messages, **chat_options)
 
 
 def complete(messages: Any, **options: Any) -> str:
     """Send a chat and return the whole reply as one str (same options as :func:`chat`)."""
     session_options, chat_options = split_options(options)
-    with using_shared_session(**session_options) as session:
+    with resolve_session(None, session_options, what="complete()") as session:
         return session.complete(messages, **chat_options)
 
 
@@ -112,8 +112,11 @@ def batch_iter(
     :param options: :class:`Session` options (without ``session``) and :meth:`Session.chat` options.
     :raises InvalidRequestError: a bad prompt or option, before anything is sent.
     """
-    from .batch import iter_batch
+    from .batch import BatchOptions, iter_batch
 
+    run = BatchOptions(
+        max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit
+    )
     session_options, chat_options = split_options(options)
     with _batch_session(session, session_options, executor) as client:
         yield from iter_batch(
@@ -121,11 +124,8 @@ def batch_iter(
             session=client,
             session_options=session_options if client is session else {},
             chat_options=chat_options,
+            options=run,
             shared=shared_session,
-            max_workers=max_workers,
-            progress=progress,
-            executor=executor,
-            rate_limit=rate_limit,
         )
 
 
@@ -158,8 +158,12 @@ def batch(
 
     The other parameters are those of :func:`batch_iter`.
     """
-    from .batch import run_batch
+    from .batch import BatchOptions, run_batch
 
+    run = BatchOptions(
+        max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit,
+        return_exceptions=return_exceptions, on_result=on_result,
+    )
     session_options, chat_options = split_options(options)
     with _batch_session(session, session_options, executor) as client:
         return run_batch(
@@ -167,32 +171,20 @@ def batch(
             session=client,
             session_options=session_options if client is session else {},
             chat_options=chat_options,
+            options=run,
             shared=shared_session,
-            max_workers=max_workers,
-            progress=progress,
-            return_exceptions=return_exceptions,
-            executor=executor,
-            rate_limit=rate_limit,
-            on_result=on_result,
         )
 
 
-@contextlib.contextmanager
 def _batch_session(
     session: Optional[Session],
     session_options: dict[str, Any],
     executor: Optional[concurrent.futures.Executor],
-) -> Iterator[Optional[Session]]:
-    """The session a batch runs on, kept open for the whole batch: the one given, else the shared
-    one for ``session_options`` (leased, so that the registry cannot close it meanwhile). ``None``
-    for an executor of other processes, which find their own from the options."""
+) -> contextlib.AbstractContextManager[Optional[Session]]:
+    """The session a batch runs on, kept open for the whole batch (see :func:`resolve_session`);
+    ``None`` for an executor of other processes, which find their own from the options."""
     import concurrent.futures
 
-    remote = executor is not None and not isinstance(
-        executor, concurrent.futures.ThreadPoolExecutor
-    )
-    if session is not None or remote:
-        yield session
-        return
-    with using_shared_session(**session_options) as shared:
-        yield shared
+    if executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return contextlib.nullcontext(session)
+    return resolve_session(session, session_options, what="batch()")

@@ -24,18 +24,18 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from .._transport.cancel import Cancellation
 from .._wire import redact as _redact
 from .._wire.errors import AiChatOnlineError, BatchError, InvalidRequestError
 from .._wire.prompt import build_prompt
-from .config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int
+from .config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int, is_number
 
 if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
     from .session import Session
 
-__all__ = ["BatchResult", "RateLimiter", "check_prompts", "in_flight_limit", "iter_batch", "run_batch"]
+__all__ = ["BatchOptions", "BatchResult", "RateLimiter", "check_prompts", "in_flight_limit", "iter_batch", "run_batch"]
 
 logger = _redact.logger("aichatonline_sync")
 
@@ -86,7 +86,7 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
-        self.interval = 1 / rate  # (not 1.0 / rate: a huge int is no float)
+        self.interval = 1 / rate  # true division: a huge int need not fit a float
         self._next = 0.0
         self._lock = threading.Lock()
         self._clock = clock
@@ -188,15 +188,11 @@ def _run_remote(
 
 def _check(max_workers: object, rate_limit: object) -> None:
     check_int("max_workers", max_workers, low=1, high=MAX_CONNECTIONS)
-    if rate_limit is not None and (
-        isinstance(rate_limit, bool)
-        or not isinstance(rate_limit, (int, float))
-        or not rate_limit > 0
-    ):
+    if rate_limit is not None and (not is_number(rate_limit) or not cast(float, rate_limit) > 0):
         raise InvalidRequestError(
             f"rate_limit must be a positive number of requests per second, not {rate_limit!r}"
         )
-    if rate_limit is not None and 1 / rate_limit > MAX_SECONDS:  # (no wait can be that long)
+    if rate_limit is not None and 1 / cast(float, rate_limit) > MAX_SECONDS:
         raise InvalidRequestError(
             f"rate_limit must allow one request a year at least ({1 / MAX_SECONDS:.3g} per "
             f"second), not {rate_limit!r}"
@@ -300,6 +296,35 @@ def _prompt_error(index: int, prompt: Any) -> Optional[InvalidRequestError]:
 
 
 @dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs, checked once when made: the options of :func:`aichatonline_sync.batch`
+    (``return_exceptions`` and ``on_result`` apply to it alone) and of ``batch_iter``.
+
+    :raises InvalidRequestError: a bad option.
+    """
+
+    max_workers: int = 8
+    progress: bool = False
+    executor: Optional[concurrent.futures.Executor] = None
+    rate_limit: Optional[float] = None
+    return_exceptions: bool = False
+    on_result: Optional[Callable[[BatchResult], object]] = None
+
+    def __post_init__(self) -> None:
+        check_bool("progress", self.progress)
+        check_bool("return_exceptions", self.return_exceptions)
+        if self.on_result is not None and not callable(self.on_result):
+            raise InvalidRequestError(f"on_result must be callable, not {self.on_result!r}")
+        _check(self.max_workers, self.rate_limit)
+        if self.executor is not None and not isinstance(
+            self.executor, concurrent.futures.Executor
+        ):
+            raise InvalidRequestError(
+                f"executor must be a concurrent.futures.Executor, not {type(self.executor).__name__}"
+            )
+
+
+@dataclass(frozen=True)
 class _Plan:
     """A batch's arguments, checked by :func:`_check_batch`: what its run needs to know."""
 
@@ -322,9 +347,7 @@ def _check_batch(
     session_options: dict[str, Any],
     chat_options: dict[str, Any],
     shared: Optional[Callable[..., Session]],
-    max_workers: int,
-    executor: Optional[concurrent.futures.Executor],
-    rate_limit: Optional[float],
+    options: BatchOptions,
 ) -> _Plan:
     """Check everything about a batch that can be checked before any I/O (the arguments of
     :func:`iter_batch`), and take ``cancel`` out of a copy of ``chat_options``.
@@ -332,7 +355,7 @@ def _check_batch(
     :raises InvalidRequestError: a bad prompt (of a sequence) or option.
     """
     check_prompts(prompts)
-    _check(max_workers, rate_limit)
+    max_workers, executor, rate_limit = options.max_workers, options.executor, options.rate_limit
     if session is not None and session.closed:  # every prompt would fail the same way
         raise AiChatOnlineError(
             "batch() on a closed Session: create a new Session (or leave session= out)"
@@ -347,10 +370,6 @@ def _check_batch(
         raise InvalidRequestError(
             f"give session options ({', '.join(sorted(session_options))}) to the Session, "
             "not to batch() together with session="
-        )
-    if executor is not None and not isinstance(executor, concurrent.futures.Executor):
-        raise InvalidRequestError(
-            f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}"
         )
     remote = executor is not None and not isinstance(
         executor, concurrent.futures.ThreadPoolExecutor
@@ -385,11 +404,8 @@ def iter_batch(
     session: Optional[Session],
     session_options: dict[str, Any],
     chat_options: dict[str, Any],
+    options: BatchOptions,
     shared: Optional[Callable[..., Session]] = None,
-    max_workers: int = 8,
-    progress: bool = False,
-    executor: Optional[concurrent.futures.Executor] = None,
-    rate_limit: Optional[float] = None,
 ) -> Generator[BatchResult, None, None]:
     """The engine of :func:`aichatonline_sync.batch_iter` (which documents it): options split
     already; ``shared(**session_options)`` finds a process's shared session when no ``session``
@@ -402,21 +418,19 @@ def iter_batch(
     ``cancel`` given in ``chat_options`` is cancelled, every prompt of a sequence not yet done
     fails at once (each is accounted for), and an iterator is pulled no further.
     """
-    check_bool("progress", progress)
     plan = _check_batch(
         prompts,
         session=session,
         session_options=session_options,
         chat_options=chat_options,
         shared=shared,
-        max_workers=max_workers,
-        executor=executor,
-        rate_limit=rate_limit,
+        options=options,
     )
-    bar = _progress_bar(len(prompts) if isinstance(prompts, Sized) else None) if progress else None
+    total = len(prompts) if isinstance(prompts, Sized) else None
+    bar = _progress_bar(total) if options.progress else None
     try:
         run = _Run(plan, bar)
-    except BaseException:  # (the shared session, or the pool, could not be had)
+    except BaseException:  # no session or pool: the bar must not stay open
         if bar is not None:
             bar.close()
         raise
@@ -461,7 +475,7 @@ class _Run:
         """Pull, submit and hand out the results as they finish; stop early when left early."""
         finished = False
         try:
-            source = enumerate(prompts)  # (iter() may raise: the pool and bar are closed then too)
+            source = enumerate(prompts)  # inside the try: iter() may raise, and _close must run
             more = True
             while True:
                 more = more and self._fill(source)
@@ -503,7 +517,7 @@ class _Run:
     def _submit(self, index: int, prompt: Any) -> concurrent.futures.Future[Any]:
         plan = self._plan
         if plan.remote:
-            assert plan.shared is not None  # (a Session given is refused by _check_batch)
+            assert plan.shared is not None  # _check_batch refuses a Session with other processes
             return self._pool.submit(
                 _run_remote, plan.shared, plan.session_options, index, prompt, plan.chat_options
             )
@@ -572,23 +586,16 @@ def in_flight_limit(max_workers: int) -> int:
     return 2 * max_workers
 
 
-def run_batch(
-    prompts: Iterable[Any],
-    *,
-    return_exceptions: bool = False,
-    on_result: Optional[Callable[[BatchResult], object]] = None,
-    **engine: Any,
-) -> list[Any]:
-    """The engine of :func:`aichatonline_sync.batch` (which documents it); ``engine`` are the
-    arguments of :func:`iter_batch`."""
-    check_bool("return_exceptions", return_exceptions)
-    if on_result is not None and not callable(on_result):
-        raise InvalidRequestError(f"on_result must be callable, not {on_result!r}")
+def run_batch(prompts: Iterable[Any], *, options: BatchOptions, **engine: Any) -> list[Any]:
+    """The engine of :func:`aichatonline_sync.batch` (which documents it): the results of
+    :func:`iter_batch` (given ``options`` and ``engine``, its other arguments) collected in
+    input order."""
+    return_exceptions, on_result = options.return_exceptions, options.on_result
     check_prompts(prompts)
     items = list(prompts)
     results: list[Any] = [None] * len(items)
     errors: dict[int, BaseException] = {}
-    results_iter = iter_batch(items, **engine)
+    results_iter = iter_batch(items, options=options, **engine)
     try:
         for result in results_iter:
             if result.error is None:

@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 
 from .._wire import redact as _redact
 from .._wire.errors import AiChatOnlineError, InvalidRequestError
+from .config import is_number
 
 __all__ = [
     "APPLICATION_ID",
@@ -201,7 +202,7 @@ class ReplyCache:
         :returns: whether it was stored; a failure (a full disk, a read-only file, a closed cache)
             is logged as a warning, never raised: the reply itself is not lost.
         """
-        data = json.dumps(pieces)  # (ASCII: any str, even a lone surrogate, is stored as it is)
+        data = json.dumps(pieces)  # ASCII, so any str, even a lone surrogate, is stored as it is
         try:
             with self._lock:
                 self._database().execute(
@@ -213,7 +214,7 @@ class ReplyCache:
             return False
         return True
 
-    def __bool__(self) -> bool:  # (an empty cache is a cache: ``if cache:`` runs no query)
+    def __bool__(self) -> bool:  # an empty cache is a cache, and ``if cache:`` runs no query
         return True
 
     @contextlib.contextmanager
@@ -242,8 +243,7 @@ class ReplyCache:
         :raises InvalidRequestError: ``older_than`` is not a number of seconds >= 0.
         """
         if older_than is not None and (
-            isinstance(older_than, bool)
-            or not isinstance(older_than, (int, float))
+            not is_number(older_than)
             or not math.isfinite(older_than)
             or older_than < 0
         ):
@@ -308,7 +308,7 @@ def _open(path: str) -> sqlite3.Connection:
                 raise
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")  # (WAL: durable at each checkpoint, never corrupt)
+        db.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable at each checkpoint, never corrupt
     except sqlite3.DatabaseError as exc:
         db.close()
         if "readonly" in str(exc):
@@ -367,12 +367,12 @@ def shared_cache(path: PathTypes) -> ReplyCache:
     :raises InvalidRequestError: as :class:`ReplyCache` does.
     """
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-        return ReplyCache(path)  # (its error)
-    if "\0" in os.fspath(path):  # (Python 3.9's realpath takes it; sqlite3 then refuses it)
+        return ReplyCache(path)
+    if "\0" in os.fspath(path):  # Python 3.9's realpath takes a NUL, and sqlite3 then refuses it
         raise InvalidRequestError(f"cache: not a usable path (embedded null byte): {path!r}")
     try:
         key = (os.getpid(), os.path.realpath(os.fspath(path)))
-    except ValueError as exc:  # (a NUL in the path)
+    except ValueError as exc:
         raise InvalidRequestError(f"cache: not a usable path ({exc}): {path!r}") from None
     with _SHARED_LOCK:
         cache = _SHARED.get(key)

@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional, TypeVar, Union
+from typing import Any, ClassVar, Optional, TypeVar, Union, cast
 from urllib.parse import urlsplit
 
 from .._wire.errors import InvalidRequestError
@@ -42,10 +42,10 @@ MAX_SECONDS = 365 * 24 * 3600.0
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> Optional[float]:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise InvalidRequestError(f"{name} must be a number of seconds, not {value!r}")
     try:
-        seconds = float(value)
+        seconds = float(cast(float, value))
     except OverflowError:  # an int too large for a float
         seconds = math.inf
     if math.isnan(seconds) or seconds <= 0:
@@ -69,17 +69,23 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def is_number(value: object, kinds: tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``value`` is an instance of ``kinds`` and no ``bool`` (``True`` is an ``int``, but
+    never a count or a number of seconds).
+    """
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 def check_int(name: str, value: object, *, low: int = 0, high: Optional[int] = None) -> int:
     """``value`` if it is a whole number (not a ``bool``) with ``low <= value <= high``.
 
     :raises InvalidRequestError: anything else, naming the option and its bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-        high is not None and value > high
-    ):
+    number = cast(int, value)
+    if not is_number(value, (int,)) or number < low or (high is not None and number > high):
         bounds = f">= {low}" if high is None else f"from {low} to {high}"
         raise InvalidRequestError(f"{name} must be a whole number {bounds}, not {_shown(value)}")
-    return value
+    return number
 
 
 def _shown(value: object) -> str:
@@ -108,8 +114,6 @@ class Timeout:
     read: Optional[float] = 60.0
     total: Optional[float] = None
 
-    __match_args__: ClassVar[tuple[str, ...]] = ("connect", "read", "total")  # (3.9 has none)
-
     def __post_init__(self) -> None:
         for name in ("connect", "read", "total"):
             object.__setattr__(self, name, _check_seconds(f"timeout {name}", getattr(self, name)))
@@ -131,11 +135,6 @@ class Timeout:
             return cls(connect=value[0], read=value[1])
         seconds = _check_seconds("timeout", value, allow_none=False)
         return cls(connect=seconds, read=seconds)
-
-    @property
-    def requests_timeout(self) -> tuple[Optional[float], Optional[float]]:
-        """The ``(connect, read)`` pair that ``requests`` takes."""
-        return (self.connect, self.read)
 
     def within(self, deadline: Optional[float]) -> tuple[Optional[float], Optional[float]]:
         """The ``(connect, read)`` pair for a request, shortened to what is left before
@@ -188,10 +187,6 @@ class RetryPolicy:
     max_retry_after: float = 60.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
 
-    __match_args__: ClassVar[tuple[str, ...]] = (
-        "max_retries", "initial_delay", "max_delay", "max_retry_after", "sleep"
-    )  # (dataclasses make it on 3.10+ only)
-
     #: HTTP statuses (and error-line codes) that are retried.
     RETRY_STATUSES: ClassVar[frozenset[int]] = RETRY_STATUSES
 
@@ -199,9 +194,9 @@ class RetryPolicy:
         check_int("max_retries", self.max_retries, high=MAX_RETRIES)
         for name in ("initial_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if not is_number(value) or not value >= 0:
                 raise InvalidRequestError(f"{name} must be a number >= 0, not {_shown(value)}")
-            if value > MAX_SECONDS:  # (time.sleep cannot take an infinite wait)
+            if value > MAX_SECONDS:  # time.sleep cannot take an infinite wait
                 raise InvalidRequestError(
                     f"{name} must be at most {MAX_SECONDS:.0f} seconds (a year), not {_shown(value)}"
                 )
@@ -314,7 +309,7 @@ def validate_verify(verify: Any) -> Union[bool, str]:
                 "'1a2b3c4d.0', as c_rehash makes them); give a PEM file or such a folder"
             )
         return path
-    if not os.path.isfile(path):  # (a FIFO or a device would block or never end)
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
         raise InvalidRequestError(f"verify={path!r} is not a regular file or folder")
     import ssl  # loaded here, so that a wrong file fails now, not at every chat's handshake
 
@@ -381,7 +376,7 @@ def _check_url_text(source: str, url: str) -> None:
             f"{source} contains {'white space' if bad.isspace() else 'a control character'} "
             f"({bad!r}): {redact_url(url)!r}"
         )
-    import requests  # (the transport's own check, so that both agree)
+    import requests  # the transport's own check, so that both agree
 
     try:
         requests.PreparedRequest().prepare_url(url + "/", None)

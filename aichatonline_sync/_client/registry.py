@@ -14,9 +14,10 @@ import atexit
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Optional
 
+from .._wire.errors import InvalidRequestError
 from .config import RetryPolicy, validate_base_url
 from .session import CHAT_OPTIONS, SESSION_OPTIONS, Session, split_options
 
@@ -24,7 +25,9 @@ __all__ = [
     "CHAT_OPTIONS",
     "MAX_SHARED_SESSIONS",
     "SESSION_OPTIONS",
+    "check_session_options",
     "close_shared_sessions",
+    "resolve_session",
     "shared_session",
     "split_options",
     "using_shared_session",
@@ -126,6 +129,36 @@ def using_shared_session(**session_options: Any) -> Iterator[Session]:
         _registry.release(entry)
 
 
+def resolve_session(
+    session: Optional[Session], session_options: dict[str, Any], *, what: str
+) -> AbstractContextManager[Session]:
+    """The session a call runs on: ``session`` if one is given, else the shared session for
+    ``session_options``, leased while the block runs so that the registry cannot close it
+    meanwhile. The options are checked at once, before the block is entered.
+
+    :param what: the caller as the error names it (``"batch()"``).
+    :raises InvalidRequestError: both a ``session`` and session options are given.
+    """
+    check_session_options(session, session_options, what=what)
+    if session is None:
+        return using_shared_session(**session_options)
+    return nullcontext(session)
+
+
+def check_session_options(
+    session: Optional[Session], session_options: dict[str, Any], *, what: str
+) -> None:
+    """Refuse session options given together with a ``session``: they would be ignored.
+
+    :raises InvalidRequestError: naming the options and where they belong.
+    """
+    if session is not None and session_options:
+        raise InvalidRequestError(
+            f"give session options ({', '.join(sorted(session_options))}) to the Session, "
+            f"not to {what} together with session="
+        )
+
+
 def shared_session(**session_options: Any) -> Session:
     """The shared :class:`Session` for these options (made on first use, then reused).
 
@@ -135,11 +168,6 @@ def shared_session(**session_options: Any) -> Session:
     entry = _registry.acquire(session_options)
     _registry.release(entry)
     return entry.session
-
-
-def shared_session_count() -> int:
-    """How many shared sessions are kept (for tests and diagnostics)."""
-    return len(_registry)
 
 
 def close_shared_sessions() -> None:

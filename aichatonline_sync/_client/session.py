@@ -291,20 +291,16 @@ class Session:
         **chat_options: Any,
     ) -> list[Any]:
         """Run many prompts concurrently on this session; see :func:`aichatonline_sync.batch`."""
-        from .batch import run_batch
+        from .batch import BatchOptions, run_batch
 
+        run = BatchOptions(
+            max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit,
+            return_exceptions=return_exceptions, on_result=on_result,
+        )
         session_options, chat_options = split_options(chat_options)
         return run_batch(
-            prompts,
-            session=self,
-            session_options=session_options,
-            chat_options=chat_options,
-            max_workers=max_workers,
-            progress=progress,
-            return_exceptions=return_exceptions,
-            executor=executor,
-            rate_limit=rate_limit,
-            on_result=on_result,
+            prompts, session=self, session_options=session_options, chat_options=chat_options,
+            options=run,
         )
 
     def _open(self, chat: _Chat, token: str, call: Optional[ChatCall] = None) -> ChatStream:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from .._wire.errors import InvalidRequestError
+from .config import check_int
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -64,8 +65,7 @@ class Usage:
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidRequestError(f"Usage.{name} must be an int >= 0, got {value!r}")
+            check_int(f"Usage.{name}", value)
         if self.total_tokens != self.prompt_tokens + self.completion_tokens:
             raise InvalidRequestError(
                 f"Usage.total_tokens must be prompt_tokens + completion_tokens "
@@ -165,8 +165,7 @@ def truncate_to_tokens(text: str, max_tokens: int, model: str = DEFAULT_MODEL) -
         model's tokenizer is unknown.
     """
     text = _check_text(text)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise InvalidRequestError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+    check_int("max_tokens", max_tokens)
     tokenizer = _tokenizer(model)
     if tokenizer is None:
         return text

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .._client.registry import split_options, using_shared_session
+from .._client.registry import check_session_options, resolve_session, split_options
 from .._client.session import Session
 from .._client.stream import ChatStream
 from .._wire import redact as _redact
@@ -56,7 +56,7 @@ def _check_unicode(data: Mapping[str, Any]) -> None:
                 f"{exc.object[exc.start]!r}, which UTF-8 cannot hold"
             ) from None
         except (TypeError, ValueError):
-            continue  # (not JSON at all: said by the caller's own checks)
+            continue  # not JSON at all: the caller's own checks say so
 
 
 def _check_content(content: Any, what: str) -> Any:
@@ -127,11 +127,7 @@ class Conversation:
                 f"session must be an aichatonline_sync.Session, not {type(session).__name__}"
             )
         session_options, chat_options = split_options(options)
-        if session is not None and session_options:
-            raise InvalidRequestError(
-                f"give session options ({', '.join(sorted(session_options))}) to the Session, "
-                "not to a Conversation together with session="
-            )
+        check_session_options(session, session_options, what="a Conversation")
         if "keep_text" in chat_options:
             raise InvalidRequestError(
                 "a Conversation keeps the reply text: keep_text is not an option"
@@ -257,11 +253,9 @@ class Conversation:
             self._discard_pending()
             generation, messages = self._snapshot()
             messages.append(question)
-            if self._session is not None:
-                stream = self._session.chat(messages, **options)
-            else:  # leased while the chat opens; the stream then reads on even if it is closed
-                with using_shared_session(**self._session_options) as session:
-                    stream = session.chat(messages, **options)
+            # Leased while the chat opens; the stream then reads on even if the session is closed.
+            with resolve_session(self._session, self._session_options, what="a Conversation") as session:
+                stream = session.chat(messages, **options)
             return self._track(stream, question, generation)
 
     def _check_turn(self) -> None:
@@ -321,7 +315,7 @@ class Conversation:
             stream, self._pending = self._pending, None
         if stream is not None and not stream.closed:
             logger.debug("conversation: closed an unfinished reply; it is not added")
-            stream.abort(_SUPERSEDED)  # (from any thread; iterating it raises from now on)
+            stream.abort(_SUPERSEDED)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -376,7 +370,7 @@ class Conversation:
                 f"a saved conversation is a JSON object, not {type(data).__name__}"
             )
         version = data.get("version")
-        if isinstance(version, bool) or version != FILE_VERSION:  # (True == 1)
+        if isinstance(version, bool) or version != FILE_VERSION:  # True == 1, but is no version
             raise InvalidRequestError(
                 f"unknown saved conversation version {version!r} (this library reads version "
                 f"{FILE_VERSION}; is the file from a newer aichatonline-sync?)"

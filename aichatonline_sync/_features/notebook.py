@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
-from .._client.registry import split_options, using_shared_session
+from .._client.config import is_number
+from .._client.registry import resolve_session, split_options
 from .._client.session import Session
 from .._wire import redact as _redact
 from .._wire.errors import InvalidRequestError
@@ -84,8 +85,8 @@ def display_stream(
     try:
         return _display(stream_or_messages, session, min_interval, options)
     finally:
-        # A stream given here is ours to close, also when it is refused before any display
-        # (its request was sent already: leaving it open would hold its connection).
+        # A stream given here is ours to close, also when it is refused before any display: its
+        # request was sent already, and leaving it open would hold its connection.
         if not isinstance(stream_or_messages, (str, Sequence)):
             close = getattr(stream_or_messages, "close", None)
             if callable(close):
@@ -96,8 +97,7 @@ def _display(
     stream_or_messages: Any, session: Optional[Session], min_interval: float, options: dict[str, Any]
 ) -> str:
     if (
-        isinstance(min_interval, bool)
-        or not isinstance(min_interval, (int, float))
+        not is_number(min_interval)
         or not math.isfinite(min_interval)
         or min_interval < 0
     ):
@@ -117,21 +117,15 @@ def _display(
         )
     if is_messages:
         session_options, chat_options = split_options(options)
-        if session is not None and session_options:
-            raise InvalidRequestError(
-                f"give session options ({', '.join(sorted(session_options))}) to the Session, "
-                "not to display_stream() together with session="
-            )
+        lease = resolve_session(session, session_options, what="display_stream()")
     display, shell = _ipython()
     # Only a kernel (Jupyter) can update an output in place; a terminal shell shows the end result.
     live = getattr(shell, "kernel", None) is not None
     if is_messages:
         pieces: Iterator[str]
-        if session is not None:
-            pieces = session.chat(stream_or_messages, **chat_options)
-        else:  # leased while the chat opens; the stream then reads on even if it is closed
-            with using_shared_session(**session_options) as shared:
-                pieces = shared.chat(stream_or_messages, **chat_options)
+        # Leased while the chat opens; the stream then reads on even if the session is closed.
+        with lease as client:
+            pieces = client.chat(stream_or_messages, **chat_options)
     else:
         pieces = stream_or_messages
 

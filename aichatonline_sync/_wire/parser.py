@@ -194,7 +194,7 @@ class LineParser:
         if len(data) > self.max_line:  # only then can a line be too long
             limit, overflow = self._check_lengths(complete)
         pieces = self._parse_lines(complete[:limit]) if limit else []
-        if overflow is not None and self.error is None:  # (an error line before it wins)
+        if overflow is not None and self.error is None:  # an error line before it wins
             self._buf = b""
             self._overflow = overflow
             if not pieces:
@@ -237,7 +237,7 @@ class LineParser:
         if not_utf8 and not self._not_utf8:
             self._not_utf8 = True
             logger.warning("the reply is not UTF-8 in places; its bad bytes became U+FFFD")
-        for line in filter(None, text.split("\n")):  # (blank lines are dropped in C)
+        for line in filter(None, text.split("\n")):  # filter drops blank lines in C
             if known and line in known:
                 skipped += 1
                 continue
@@ -272,7 +272,7 @@ class LineParser:
                 self._remember(line)
         self.skipped += skipped
         self.pieces += len(out)
-        if self._held or "\\ud" in text or "\\uD" in text:  # (only escapes make surrogates)
+        if self._held or "\\ud" in text or "\\uD" in text:  # only escapes make surrogates
             self._mend(out)
         return out
 
@@ -339,7 +339,7 @@ class LineParser:
 
     def _careful_line(self, raw: str) -> Optional[str]:
         """Parse one line the careful way: returns its piece, or ``None`` (skipped or error)."""
-        line = raw.strip(_JSON_SPACE).lstrip("\ufeff")  # (json.loads of bytes skipped a BOM too)
+        line = raw.strip(_JSON_SPACE).lstrip("\ufeff")  # as json.loads of bytes skips a BOM
         if not line:
             return None
         if line.startswith("data:"):

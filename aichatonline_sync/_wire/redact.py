@@ -80,7 +80,7 @@ def remember(*secrets: Optional[str], pin: bool = False) -> None:
                 changed = True
         while len(_tokens) > MAX_SECRETS:
             del _tokens[next(iter(_tokens))]
-        if changed:  # (the order of use does not matter to scrub(): only the set)
+        if changed:  # scrub() depends on the set only, not on the order of use
             # Longest first: a secret that contains another is masked whole.
             _snapshot = tuple(sorted(_pinned.union(_tokens), key=len, reverse=True))
 
@@ -129,10 +129,10 @@ def mask_chain(exc: BaseException) -> None:
         args = tuple(scrub(a) if isinstance(a, str) else a for a in item.args)
         if args != item.args:
             item.args = args
-        for name in ("strerror", "filename", "msg", "reason"):  # (what OSError & co. print)
+        for name in ("strerror", "filename", "msg", "reason"):  # what OSError & co. print
             value = getattr(item, name, None)
             if isinstance(value, str) and scrub(value) != value:
-                with contextlib.suppress(AttributeError, TypeError):  # (a read-only one)
+                with contextlib.suppress(AttributeError, TypeError):  # a read-only attribute
                     setattr(item, name, scrub(value))
         inner = [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
         todo.extend(x for x in inner if isinstance(x, BaseException))
@@ -148,7 +148,7 @@ class RedactingFilter(logging.Filter):
             return True
         message = record.getMessage()
         masked = scrub(message)
-        if masked != message:  # (a record without secrets keeps its arguments for handlers)
+        if masked != message:  # a record without secrets keeps its arguments for handlers
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -134,7 +134,7 @@ def _say(line: str) -> None:
     there is nobody left to tell: the exit status still says what happened, and stderr is pointed
     at devnull so that the flush at exit does not fail again (Python would exit with 120)."""
     stderr = sys.stderr
-    if stderr is None:  # (started with stderr closed: ``2>&-``)
+    if stderr is None:  # started with stderr closed: ``2>&-``
         return
     try:
         stderr.write(line + "\n")
@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _session_options(args: argparse.Namespace) -> dict[str, Any]:
-    for option in ("proxy", "timeout", "max_retries", "cache"):  # (gateway: no --cache, the variable)
+    for option in ("proxy", "timeout", "max_retries", "cache"):  # the gateway reads cache from the variable only
         if getattr(args, option, None) is None:  # a given option wins over its variable, bad or not
             try:
                 setattr(args, option, setting_from_env(option))
@@ -925,8 +925,7 @@ def _run_chats(
         record["elapsed"] = round(result.elapsed, 3)
         record["line"] = item.line
         record["prompt_sha256"] = digest
-        # Counted once written (a SIGTERM between the two made the summary count a record that
-        # OUTPUT did not have).
+        # Counted only once written: the summary counts exactly the records OUTPUT holds.
         writer.write(record, then=functools.partial(tally.count, ok=result.error is None))
 
 
@@ -1100,7 +1099,7 @@ def _run_cache(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     if path is None:
         raise UsageError(f"give the cache file: {PROG} cache {args.action} PATH (or set ${CACHE_ENV})")
-    if not os.path.exists(path):  # (opening it would make an empty cache)
+    if not os.path.exists(path):  # opening it would make an empty cache
         raise UsageError(f"no reply cache at {path!r} (no such file)")
     if args.action == "info" and args.older_than is not None:
         raise UsageError("--older-than goes with 'clear', not 'info'")

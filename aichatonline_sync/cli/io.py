@@ -300,7 +300,7 @@ def parse_input(text: str, name: str) -> tuple[list[Item], list[BadLine]]:
     ) + ', so every line must be one, e.g. {"prompt": "..."}'
     items: list[Item] = []
     bad: list[BadLine] = []
-    seen: dict[JsonId, int] = {}  # (1 and "1" are different ids, and different keys)
+    seen: dict[JsonId, int] = {}  # 1 and "1" are different ids, and different keys
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line:

@@ -123,19 +123,19 @@ class AiChatOnlineAsyncModel(llm.AsyncModel):  # type: ignore[misc,unused-ignore
                 if piece is None:
                     break
                 yield piece
-            await asyncio.to_thread(_record, response, reply)  # (counting may load the tokenizer)
+            await asyncio.to_thread(_record, response, reply)  # counting may load the tokenizer
         except AiChatOnlineError as exc:
             raise llm.ModelError(str(exc)) from exc
         finally:
             if reply is not None:
-                reply.close()  # (a cancelled task: from this thread, it aborts the read in flight)
+                reply.close()  # a cancelled task: from this thread, it aborts the read in flight
 
     def __str__(self) -> str:
         return f"AiChatOnline: {self.model_id} ({DEFAULT_MODEL})"
 
 
 def _checked_messages(prompt: llm.Prompt, conversation: Any) -> list[dict[str, str]]:
-    if not (prompt.prompt or "").strip():  # (llm 0.32+ then hands over no message at all)
+    if not (prompt.prompt or "").strip():  # llm 0.32+ then hands over no message at all
         raise llm.ModelError("the prompt is empty (or only white space)")
     return prompt_messages(prompt, conversation)
 
