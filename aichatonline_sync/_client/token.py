@@ -140,7 +140,7 @@ class TokenSlot:
         """The token for one caller, or ``None``: the caller leads a fetch and must :meth:`end` it.
 
         The kept token is taken unless it is ``stale`` (rejected) or ``refresh`` asks for a new one;
-        else the caller waits for the fetch in flight, or leads one.
+        else the caller waits for the fetch in flight, or leads one, unless ``cancel`` fired.
 
         :raises APIConnectionError: ``cancel`` fired (not retryable).
         :raises APITimeoutError: ``deadline`` passed while waiting.
@@ -150,10 +150,10 @@ class TokenSlot:
         try:
             with self._changed:
                 while True:
-                    if cancel is not None:
-                        cancel.check("the token request", url)
                     if self._token is not None and not refresh and self._token != stale:
                         return self._token
+                    if cancel is not None:
+                        cancel.check("the token request", url)
                     if not self._fetching:
                         self._fetching = True
                         return None
