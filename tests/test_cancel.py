@@ -321,48 +321,6 @@ def emulator_connected(emu: Emulator, within: float = 10.0) -> bool:
     return False
 
 
-def test_a_chat_waiting_for_a_cancelled_fetch_fetches_its_own_token(
-    emu: Emulator, retry_waits: RetryWaits, waiting_for_token: Logged
-) -> None:
-    emu.fail("token", status=503, times=1)
-    policy = aco.RetryPolicy(max_retries=3, initial_delay=30, max_delay=30)
-    cancel = aco.Cancellation()
-    with aco.Session(base_url=emu.url, retry=policy, timeout=PATIENT) as s:
-        leader, leader_outcome = in_thread(lambda: s.complete("first", cancel=cancel))
-        assert retry_waits.waiting.wait(10), "the first chat never waited to retry its token"
-        follower, outcome = in_thread(lambda: s.complete("second"))
-        assert waiting_for_token.seen.wait(10), "the second chat never waited for the token"
-        cancel.cancel()  # the fetch it waits for fails, but for the first chat's own reason
-        leader.join(PROMPT_SECONDS)
-        follower.join(PROMPT_SECONDS)
-
-    assert isinstance(leader_outcome["error"], aco.APIConnectionError)
-    assert outcome.get("error") is None, outcome.get("error")
-    assert outcome["result"] == "".join(PIECES)
-    assert len(emu.token_requests) == 2  # the 503, then the second chat's own
-    assert len(emu.chat_requests) == 1
-
-
-def test_a_chat_waiting_for_a_failed_fetch_gets_its_error_without_asking_again(
-    emu: Emulator, retry_waits: RetryWaits, waiting_for_token: Logged
-) -> None:
-    emu.fail("token", status=503, times=1)
-    emu.fail("token", status=400, times=1)  # not retried: the fetch fails for everyone
-    policy = aco.RetryPolicy(max_retries=3, initial_delay=0.5, max_delay=0.5)
-    with aco.Session(base_url=emu.url, retry=policy, timeout=PATIENT) as s:
-        leader, leader_outcome = in_thread(lambda: s.complete("first"))
-        assert retry_waits.waiting.wait(10)
-        follower, outcome = in_thread(lambda: s.complete("second"))
-        assert waiting_for_token.seen.wait(10)
-        leader.join(30)
-        follower.join(30)
-
-    assert isinstance(leader_outcome["error"], aco.APIStatusError)
-    assert outcome["error"] is leader_outcome["error"]
-    assert len(emu.token_requests) == 2
-    assert emu.chat_requests == []
-
-
 # -- already cancelled --------------------------------------------------------------------------
 
 

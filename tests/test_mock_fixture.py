@@ -102,7 +102,7 @@ def test_faults_raise_the_library_errors(pytester: pytest.Pytester) -> None:
             aichatonline_mock.set_reply("fine")
             aichatonline_mock.drop("token")
             aichatonline_mock.drop("chat")
-            with session(aichatonline_mock, retry=aco.RetryPolicy(max_retries=1, initial_delay=0, max_delay=0)) as s:
+            with session(aichatonline_mock, retry=aco.RetryPolicy(max_retries=2, initial_delay=0, max_delay=0)) as s:
                 assert s.complete("x") == "fine"
             assert aichatonline_mock.token_calls == 2 and aichatonline_mock.chat_calls == 2
 

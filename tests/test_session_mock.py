@@ -642,9 +642,65 @@ def test_connection_error_is_retried(ordered: responses.RequestsMock, no_sleep: 
     add_token(ordered)
     add_chat(ordered, requests.ConnectionError("chat refused"))
     add_chat(ordered)
-    with Session(BASE, retry=no_sleep.policy(1)) as session:
+    with Session(BASE, retry=no_sleep.policy(2)) as session:
         assert session.complete("hi") == "Hello, world"
     assert len(no_sleep.sleeps) == 2
+
+
+@pytest.mark.parametrize(("token_failures", "chat_failures"), [(1, 1), (2, 1), (1, 3), (0, 2), (3, 0)])
+def test_token_and_chat_failures_share_one_budget(
+    ordered: responses.RequestsMock, no_sleep: Any, token_failures: int, chat_failures: int
+) -> None:
+    for _ in range(token_failures):
+        add_token(ordered, body=requests.ConnectionError("token refused"))
+    add_token(ordered)
+    for _ in range(chat_failures):
+        add_chat(ordered, "busy", status=503, content_type="text/plain")
+    add_chat(ordered)
+    with Session(BASE, retry=no_sleep.policy(token_failures + chat_failures)) as session:
+        assert session.complete("hi") == "Hello, world"
+    assert len(calls_to(ordered, "GET")) == token_failures + 1
+    assert len(calls_to(ordered, "POST")) == chat_failures + 1
+    assert len(no_sleep.sleeps) == token_failures + chat_failures
+
+
+@pytest.mark.parametrize(("token_failures", "chat_failures"), [(1, 1), (2, 1), (1, 3)])
+def test_no_retry_past_the_shared_budget(
+    ordered: responses.RequestsMock, no_sleep: Any, token_failures: int, chat_failures: int
+) -> None:
+    """N token failures and M chat failures are N + M attempts: with N + M - 1 retries the last
+    failure is raised, and nothing is sent after it."""
+    for _ in range(token_failures):
+        add_token(ordered, body=requests.ConnectionError("token refused"))
+    add_token(ordered)
+    for _ in range(chat_failures):
+        add_chat(ordered, "busy", status=503, content_type="text/plain")
+    budget = token_failures + chat_failures - 1
+    with (
+        Session(BASE, retry=no_sleep.policy(budget)) as session,
+        pytest.raises(APIStatusError) as info,
+    ):
+        session.complete("hi")
+    assert info.value.status_code == 503
+    assert len(calls_to(ordered, "GET")) == token_failures + 1
+    assert len(calls_to(ordered, "POST")) == chat_failures
+    assert len(no_sleep.sleeps) == budget
+
+
+def test_a_retry_warning_names_the_step_that_failed(
+    ordered: responses.RequestsMock, no_sleep: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="aichatonline_sync")
+    add_token(ordered, body="down", status=503)
+    add_token(ordered)
+    add_chat(ordered, "busy", status=503, content_type="text/plain")
+    add_chat(ordered)
+    with Session(BASE, retry=no_sleep.policy(2)) as session:
+        assert session.complete("hi") == "Hello, world"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aichatonline_sync"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("token request failed (HTTP status 503); retry 1 of 2")
+    assert warnings[1].startswith("chat request failed (HTTP status 503); retry 2 of 2")
 
 
 def test_persistent_connection_error_raises_api_connection_error(

@@ -73,6 +73,7 @@ def build_retrying(
     cancel: Optional[Cancellation] = None,
     url: Optional[str] = None,
     on_retry: Optional[Callable[[int, float, BaseException], None]] = None,
+    step: Optional[Callable[[BaseException], str]] = None,
 ) -> tenacity.Retrying:
     """The :class:`tenacity.Retrying` for one call of ``what`` ("chat request", "token request").
 
@@ -82,8 +83,11 @@ def build_retrying(
     - wait: :func:`backoff` (``Retry-After`` when the reply asked for it);
     - sleep: ``policy.sleep``, ended early by ``cancel`` (which then raises its error, naming
       ``url``);
-    - before each retry, a warning with the reason and the wait, and ``on_retry(attempt, wait,
-      error)`` (the session's event hooks). The last error is raised as it is.
+    - before each retry, a warning with the step that failed (``step(error)``, default ``what``),
+      the reason and the wait, and ``on_retry(attempt, wait, error)`` (the session's event
+      hooks). The last error is raised as it is.
+
+    An attempt may hold several steps (a chat's: the token, then the chat): they share the budget.
     """
     import tenacity  # at the first request, not at ``import aichatonline_sync``
 
@@ -104,7 +108,7 @@ def build_retrying(
         exc = state.outcome.exception() if state.outcome is not None else None
         logger.warning(
             "%s failed (%s); retry %d of %d in %.2f s",
-            what,
+            what if step is None or exc is None else step(exc),
             "?" if exc is None else retry_reason(exc, policy),
             state.attempt_number,
             policy.max_retries,

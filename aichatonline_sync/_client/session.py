@@ -49,7 +49,7 @@ from .config import (
     validate_verify,
 )
 from .hooks import ChatCall, EventHooks, Hook
-from .retry import build_retrying
+from .retry import build_retrying, run_with_retries
 from .stream import ChatStream, RecordedReply, Reply, StoredReply
 from .token import TokenStore
 
@@ -154,7 +154,6 @@ class Session:
             url=f"{self.base_url}{TOKEN_PATH}",
             shown_url=redact_url(f"{self.base_url}{TOKEN_PATH}"),
             headers=headers,
-            retry=self.retry,
             reuse=reuse_token,
         )
 
@@ -209,7 +208,8 @@ class Session:
         :raises APIConnectionError: the token request could not be made (after retries).
         """
         self._check_open()
-        return self._tokens.get(self.timeout, refresh=check_bool("refresh", refresh))
+        fetch = functools.partial(self._tokens.get, self.timeout, refresh=check_bool("refresh", refresh))
+        return run_with_retries(fetch, self.retry, what="token request", url=self._tokens.shown_url)
 
     # -- chatting ---------------------------------------------------------------------------------
 
@@ -249,26 +249,30 @@ class Session:
         return self._hooks.run(functools.partial(self._send, chat), chat, self._shown_chat_url)
 
     def _send(self, chat: _Chat, call: Optional[ChatCall]) -> ChatStream:
-        stale: Optional[str] = None  # a token the upstream rejected
-        used = 0  # retries spent before that rejection
-        while True:
-            token = self._tokens.get(
-                chat.timeout, deadline=chat.deadline, cancel=chat.cancel, stale=stale
-            )
-            policy = self.retry.replace(max_retries=self.retry.max_retries - used) if used else self.retry
-            retrying = build_retrying(
-                policy, what="chat request", deadline=chat.deadline, cancel=chat.cancel,
-                url=self._shown_chat_url, on_retry=None if call is None else call.retry,
-            )
-            try:
-                return retrying(self._open, chat, token, call)
-            except (AuthenticationError, UpstreamError) as exc:
-                if stale is not None or not _is_rejection(exc):
-                    raise
-                # One fresh token and one more try, which max_retries does not count.
-                logger.info("the upstream rejected the token (%s); fetching a fresh one", exc)
-                stale = token
-                used += retrying.statistics.get("attempt_number", 1) - 1
+        """The chat's attempts, each from the token to the first piece, under one ``Retrying``."""
+        retrying = build_retrying(
+            self.retry, what="chat request", deadline=chat.deadline, cancel=chat.cancel,
+            url=self._shown_chat_url, on_retry=None if call is None else call.retry,
+            step=self._step,
+        )
+        return retrying(self._attempt, chat, call)
+
+    def _attempt(self, chat: _Chat, call: Optional[ChatCall]) -> ChatStream:
+        """One attempt: the token, then the chat until its first piece. A token the upstream
+        rejects is replaced once, within the attempt: ``max_retries`` does not count that."""
+        token = self._tokens.get(chat.timeout, deadline=chat.deadline, cancel=chat.cancel)
+        try:
+            return self._open(chat, token, call)
+        except (AuthenticationError, UpstreamError) as exc:
+            if not _is_rejection(exc):
+                raise
+            logger.info("the upstream rejected the token (%s); fetching a fresh one", exc)
+        fresh = self._tokens.get(chat.timeout, deadline=chat.deadline, cancel=chat.cancel, stale=token)
+        return self._open(chat, fresh, call)
+
+    def _step(self, exc: BaseException) -> str:
+        """The step of an attempt that ``exc`` came from, as retry warnings name it."""
+        return "token request" if getattr(exc, "url", None) == self._tokens.shown_url else "chat request"
 
     def complete(self, messages: Any, **options: Any) -> str:
         """Send a chat and return the whole reply as one str (same options as :meth:`chat`)."""

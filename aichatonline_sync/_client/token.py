@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import requests
 
@@ -17,10 +17,9 @@ from .._wire import redact as _redact
 from .._wire.errors import APITimeoutError, TokenError
 from .._wire.prompt import get_random_string
 from .._wire.protocol import upstream_code
-from .config import RetryPolicy, Timeout
-from .retry import run_with_retries
+from .config import Timeout
 
-__all__ = ["TokenStore", "parse_token"]
+__all__ = ["TokenSlot", "TokenStore", "parse_token"]
 
 logger = _redact.logger("aichatonline_sync")
 
@@ -74,53 +73,141 @@ def _upstream_words(data: object) -> tuple[object, Optional[str]]:
     return code, _SURROGATE.sub("\ufffd", said[:500])  # (text, as every message of ours is)
 
 
-class _Flight:
-    """One token fetch in progress, that other threads wait for instead of fetching too."""
+class _Outcome(NamedTuple):
+    """How one fetch ended: a ``token``, an ``error`` every waiter shares, or neither (withdrawn:
+    the leader's own cancel, deadline or interrupt ended it, which is no verdict for the others)."""
 
-    def __init__(self) -> None:
-        self.token: Optional[str] = None
-        self.error: Optional[BaseException] = None
-        #: The fetch failed for a reason of the fetching thread's own (its cancel, its deadline):
-        #: a waiting thread fetches for itself instead of taking that failure.
-        self.own_fault = False
-        self.done = False
-        self._wakers: list[threading.Event] = []
-        self._lock = threading.Lock()
+    token: Optional[str] = None
+    error: Optional[Exception] = None
 
-    def waker(self) -> threading.Event:
-        """An event set when the fetch ends (at once, if it has ended)."""
-        event = threading.Event()
-        with self._lock:
-            if self.done:
-                event.set()
-            else:
-                self._wakers.append(event)
-        return event
 
-    def finish(self) -> None:
-        with self._lock:
-            self.done = True
-            wakers, self._wakers = self._wakers, []
-        for event in wakers:
-            event.set()
+_WITHDRAWN = _Outcome()
 
 
 class _Waker:
-    """What a :class:`Cancellation` aborts to wake a thread that waits for another's fetch."""
+    """Wakes the threads waiting on ``condition`` when a :class:`Cancellation` fires."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
+    def __init__(self, condition: threading.Condition) -> None:
+        self._condition = condition
 
     def abort(self) -> None:
-        self._event.set()
+        with self._condition:
+            self._condition.notify_all()
+
+
+class TokenSlot:
+    """The kept token and the one fetch that may replace it: a single flight.
+
+    Invariants, checked where the state changes:
+
+    - at most one fetch is in flight: :meth:`join` makes a caller the leader only while
+      ``fetching`` is false, and sets it; only the leader's :meth:`end` clears it, once;
+    - every fetch that ends bumps ``ended`` and leaves its outcome; a waiter returns the outcome of
+      a fetch that ended after it began to wait (its token, or its shared error), or, when that
+      fetch was withdrawn, tries again (leading or waiting) as if it had just come;
+    - a waiter leaves early only for its own reasons: its cancel (woken by a :class:`_Waker`) or its
+      deadline (the wait's timeout), each with its own error; the fetch goes on for the others.
+
+    The condition's lock is reentrant because a cancel that already fired wakes in the thread that
+    registers the waker, which holds the lock.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.RLock())
+        self._token: Optional[str] = None
+        self._fetching = False
+        self._ended = 0
+        self._last = _WITHDRAWN
+
+    @property
+    def token(self) -> Optional[str]:
+        with self._changed:
+            return self._token
+
+    def clear(self) -> None:
+        with self._changed:
+            self._token = None
+
+    def join(
+        self,
+        *,
+        stale: Optional[str],
+        refresh: bool,
+        deadline: Optional[float],
+        cancel: Optional[Cancellation],
+        url: str,
+    ) -> Optional[str]:
+        """The token for one caller, or ``None``: the caller leads a fetch and must :meth:`end` it.
+
+        The kept token is taken unless it is ``stale`` (rejected) or ``refresh`` asks for a new one;
+        else the caller waits for the fetch in flight, or leads one, unless ``cancel`` fired.
+
+        :raises APIConnectionError: ``cancel`` fired (not retryable).
+        :raises APITimeoutError: ``deadline`` passed while waiting.
+        :raises Exception: the shared error of the fetch waited for.
+        """
+        waker: Optional[_Waker] = None
+        try:
+            with self._changed:
+                while True:
+                    if self._token is not None and not refresh and self._token != stale:
+                        return self._token
+                    if cancel is not None:
+                        cancel.check("the token request", url)
+                    if not self._fetching:
+                        self._fetching = True
+                        return None
+                    if waker is None and cancel is not None:
+                        waker = _Waker(self._changed)
+                        cancel.add(waker)
+                    outcome = self._await_end(deadline, cancel, url)
+                    if outcome.token is not None:
+                        return outcome.token
+                    if outcome.error is not None:
+                        raise outcome.error
+        finally:
+            if waker is not None and cancel is not None:
+                cancel.discard(waker)
+
+    def _await_end(
+        self, deadline: Optional[float], cancel: Optional[Cancellation], url: str
+    ) -> _Outcome:
+        """Wait, holding the lock, until the fetch in flight ends; its outcome."""
+        logger.debug("waiting for the token that another thread is fetching from %s", url)
+        seen = self._ended
+        while self._ended == seen:
+            if cancel is not None:
+                cancel.check("the token request", url)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise APITimeoutError(
+                    f"the total deadline passed while waiting for the token from {url}", url=url
+                )
+            self._changed.wait(remaining)
+        return self._last
+
+    def end(self, *, token: Optional[str] = None, error: Optional[Exception] = None) -> None:
+        """The leader's fetch ended: with its ``token``, with an ``error`` that every waiter shares,
+        or with neither (withdrawn: its own cancel, deadline or interrupt ended it). Keep the
+        token and wake every waiter."""
+        assert token is None or error is None, "a fetch ends one way"
+        with self._changed:
+            assert self._fetching, "only the leader ends a fetch, and once"
+            self._fetching = False
+            self._ended += 1
+            self._last = _Outcome(token, error)
+            if token is not None:
+                self._token = token
+            self._changed.notify_all()
 
 
 class TokenStore:
     """The token of one session.
 
     With ``reuse=True`` one token is kept for every chat, fetched once even when many threads ask
-    at the same time, and fetched again only when the upstream rejects it (:meth:`get` with
-    ``stale=``) or on ``refresh=True``. With ``reuse=False`` every call fetches a fresh one.
+    at the same time (a :class:`TokenSlot`), and fetched again only when the upstream rejects it
+    (:meth:`get` with ``stale=``) or on ``refresh=True``. With ``reuse=False`` every call fetches a
+    fresh one. Each fetch is one request: the caller's retry policy decides whether to try again.
 
     :param url: the token endpoint (``{base_url}/api/v1/user/getUniqueId``).
     :param shown_url: the same, as errors and logs show it (no credentials).
@@ -133,25 +220,26 @@ class TokenStore:
         url: str,
         shown_url: str,
         headers: Mapping[str, str],
-        retry: RetryPolicy,
         reuse: bool,
     ) -> None:
         self._transport = transport
         self._endpoint = transport.endpoint("GET", url, headers, shown_url)
         self._shown_url = shown_url
-        self._retry = retry
         self._reuse = reuse
-        self._token: Optional[str] = None
-        self._flight: Optional[_Flight] = None
-        self._lock = threading.Lock()  # guards _token and _flight; never held during I/O
+        self._slot = TokenSlot()
+
+    @property
+    def shown_url(self) -> str:
+        """The token endpoint, as errors and logs show it."""
+        return self._shown_url
 
     @property
     def current(self) -> Optional[str]:
         """The kept token, if any (to keep it out of messages)."""
-        return self._token
+        return self._slot.token
 
     def clear(self) -> None:
-        self._token = None
+        self._slot.clear()
 
     def get(
         self,
@@ -164,110 +252,44 @@ class TokenStore:
     ) -> str:
         """The token to send: the kept one, unless it is ``stale`` (rejected) or ``refresh``.
 
-        :raises TokenError, APIStatusError, APIConnectionError: after the token request's retries.
+        :raises TokenError, APIStatusError, APIConnectionError: the one token request failed, or
+            the fetch this call waited for did.
         """
         if not self._reuse:
-            return self._fetch(timeout, deadline, cancel)
-        while True:
-            with self._lock:
-                current = self._token
-                if current is not None and not refresh and current != stale:
-                    return current  # (another thread may have replaced the stale one already)
-                flight = self._flight
-                leading = flight is None
-                if flight is None:
-                    flight = self._flight = _Flight()
-            if leading:
-                return self._lead(flight, timeout, deadline, cancel)
-            token = self._follow(flight, deadline, cancel)
-            if token is not None:
-                return token
-            refresh = False  # the fetch it waited for failed on its own account: fetch anew
-
-    def _lead(
-        self,
-        flight: _Flight,
-        timeout: Timeout,
-        deadline: Optional[float],
-        cancel: Optional[Cancellation],
-    ) -> str:
-        """Fetch the token for every thread that asks meanwhile."""
+            return self._request(timeout, deadline, cancel)
+        token = self._slot.join(
+            stale=stale, refresh=refresh, deadline=deadline, cancel=cancel, url=self._shown_url
+        )
+        if token is not None:
+            return token
+        error: Optional[Exception] = None
         try:
-            flight.token = self._fetch(timeout, deadline, cancel)
-            return flight.token
-        except BaseException as exc:
-            flight.error = exc
-            flight.own_fault = (
-                not isinstance(exc, Exception)  # KeyboardInterrupt & co. belong to this thread
-                or (cancel is not None and cancel.cancelled)
-                or (deadline is not None and time.monotonic() >= deadline)
+            token = self._request(timeout, deadline, cancel)
+            return token
+        except Exception as exc:
+            ended_by_own_limits = (cancel is not None and cancel.cancelled) or (
+                deadline is not None and time.monotonic() >= deadline
             )
+            error = None if ended_by_own_limits else exc
             raise
         finally:
-            with self._lock:
-                if flight.token is not None:
-                    self._token = flight.token
-                self._flight = None
-            flight.finish()
+            self._slot.end(token=token, error=error)
 
-    def _follow(
-        self, flight: _Flight, deadline: Optional[float], cancel: Optional[Cancellation]
-    ) -> Optional[str]:
-        """Wait for another thread's fetch, within this caller's deadline and cancel.
-
-        :returns: its token, or ``None`` when it failed for a reason of its own.
-        :raises: its error, as :class:`concurrent.futures.Future` raises one result's error in
-            every thread that waits for it.
-        """
-        logger.debug("waiting for the token that another thread is fetching from %s", self._shown_url)
-        event = flight.waker()
-        waker = _Waker(event)
-        if cancel is not None:
-            cancel.add(waker)
-        try:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            event.wait(remaining)
-        finally:
-            if cancel is not None:
-                cancel.discard(waker)
-        if cancel is not None:
-            cancel.check("the token request", self._shown_url)
-        if not flight.done:
-            raise APITimeoutError(
-                f"the total deadline passed while waiting for the token from {self._shown_url}",
-                url=self._shown_url,
-            )
-        if flight.token is not None:
-            return flight.token
-        if flight.own_fault:
-            return None
-        assert flight.error is not None
-        raise flight.error
-
-    def _fetch(
+    def _request(
         self, timeout: Timeout, deadline: Optional[float], cancel: Optional[Cancellation]
     ) -> str:
-        def attempt() -> str:
-            if cancel is not None:
-                cancel.check("the token request", self._shown_url)  # nothing sent once cancelled
-            response = self._endpoint.send(
-                query=f"?canvas=-{get_random_string()}", timeout=timeout.within(deadline)
-            )
-            if not 200 <= response.status_code < 300:
-                raise self._transport.status_error(
-                    response, url=self._shown_url, what="the token request", token_sent=False,
-                    secrets=(self._token,), deadline=deadline, read_timeout=timeout.read,
-                )
-            return parse_token(self._read(response, deadline, timeout.read), self._shown_url)
-
-        token = run_with_retries(
-            attempt,
-            self._retry,
-            what="token request",
-            deadline=deadline,
-            cancel=cancel,
-            url=self._shown_url,
+        """One token request: nothing is sent once ``cancel`` fired."""
+        if cancel is not None:
+            cancel.check("the token request", self._shown_url)
+        response = self._endpoint.send(
+            query=f"?canvas=-{get_random_string()}", timeout=timeout.within(deadline)
         )
+        if not 200 <= response.status_code < 300:
+            raise self._transport.status_error(
+                response, url=self._shown_url, what="the token request", token_sent=False,
+                secrets=(self._slot.token,), deadline=deadline, read_timeout=timeout.read,
+            )
+        token = parse_token(self._read(response, deadline, timeout.read), self._shown_url)
         logger.debug("got a token from %s", self._shown_url)
         return token
 
