@@ -6,6 +6,7 @@ import enum
 import io
 import threading
 from collections.abc import Iterable, Iterator
+from threading import get_ident
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -126,6 +127,8 @@ class Reply:
         self._released = False
         #: The thread inside a read of the body (the lock is not held then), or ``None``.
         self.reader: Optional[threading.Thread] = None
+        #: The ident of the thread that read last (at first the one that made the reply).
+        self.last_reader = get_ident()
         self._callbacks: list[Callable[[str], None]] = []
         self._cancel = cancel
         self._observer: Optional[ChatCall] = None
@@ -136,11 +139,13 @@ class Reply:
             cancel.add(self)
 
     def __del__(self) -> None:
+        # A reply dropped before its end (its stream dropped) still closes its connection.
         if not getattr(self, "_released", True):
             self.release()
 
     @property
     def state(self) -> State:
+        """Where the reply is (:class:`State`)."""
         return self._state
 
     @property
@@ -203,22 +208,27 @@ class Reply:
         with self._lock:
             self._batch = first
 
-    def next_piece(self, me: threading.Thread) -> str:
-        """The next piece, read from the body when the batch is handed out; called by ``me``.
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        """The next piece, read from the body when the batch is handed out.
 
         :raises StopIteration: at the end, and ever after the reply ended.
         :raises AiChatOnlineError: another thread is inside a read (``busy``), the reply was
             aborted with a reason, or the body failed.
         """
         with self._lock:
-            if self._index < len(self._batch):
-                piece = self._batch[self._index]
-                self._index += 1
-                return piece
+            index = self._index
+            if index < len(self._batch):
+                self._index = index + 1
+                self.last_reader = get_ident()
+                return self._batch[index]
             refusal = self._refusal_locked()
             if refusal is None:
                 self._settle_locked()
-                self.reader = me
+                self.reader = threading.current_thread()
+                self.last_reader = get_ident()
         if refusal is not None:
             return self._refuse(refusal)
         try:
@@ -239,6 +249,7 @@ class Reply:
             self.reader = None
             if self.abort_reason is None and not self._released:
                 self._batch, self._index = batch, 1
+                self.last_reader = get_ident()
                 return batch[0]
             aborted = self.abort_reason is not None
         if not aborted:
@@ -497,10 +508,8 @@ class ChatStream:
         self._usage: Optional[Usage] = None
         if call is not None:
             reply.observe(call)
-        # Guarded by the reply's lock: the thread whose ``for`` loop reads the stream, and the
-        # thread that read last (at first the one that made it).
+        #: The thread whose ``for`` loop reads the stream (guarded by the reply's lock).
         self._loop: Optional[threading.Thread] = None
-        self._last_reader = threading.current_thread()
 
     def __iter__(self) -> Iterator[str]:
         """Claim the stream for this thread's loop (see the class's thread rules)."""
@@ -512,18 +521,18 @@ class ChatStream:
             if not refused and (
                 owner is None or owner is me or reply.released or not owner.is_alive()
             ):
-                self._loop = self._last_reader = me
-                return self
+                self._loop = me
+                reply.last_reader = get_ident()
+                # The reply itself, so that a loop costs one call per piece. It does not hold this
+                # stream: dropping the loop and the stream releases the reply at once.
+                return reply
         if refused:
             reply.release_if_idle()
             raise reply.aborted_error()
         raise busy_error(owner)
 
     def __next__(self) -> str:
-        me = threading.current_thread()
-        piece = self._reply.next_piece(me)
-        self._last_reader = me
-        return piece
+        return next(self._reply)
 
     def __enter__(self) -> ChatStream:
         return self
@@ -548,7 +557,7 @@ class ChatStream:
         with reply._lock:
             if reply.state is State.DONE or reply.released:
                 return
-            mine = self._last_reader is threading.current_thread() and reply.reader is None
+            mine = reply.last_reader == get_ident() and reply.reader is None
         if mine:
             reply.release()
         else:
