@@ -43,10 +43,10 @@ def session(emu: Emulator) -> Iterator[Session]:
 
 def wait_until_reading(stream: Any) -> None:
     """Wait until another thread is inside a read of ``stream`` (blocked by a stall), by polling
-    that state (the generator's ``gi_running``)."""
+    that state (the reply's ``reader``)."""
     idle = threading.Event()
     for _ in range(int(WAIT / 0.001)):
-        if stream._gen.gi_running:
+        if stream._reply.reader is not None:
             return
         idle.wait(0.001)
     raise AssertionError("the other thread never began its read")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import io
-import operator
 import threading
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from threading import get_ident
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -37,16 +38,18 @@ __all__ = ["ChatStream", "RecordedReply", "Reply", "StoredReply"]
 
 logger = _redact.logger("aichatonline_sync")
 
-#: Guards the first claim of a stream by its reading thread.
-_READER_LOCK = threading.Lock()
-#: Makes "finished" and the callbacks to call one step: a callback is called once, by the reader
-#: or by the thread that adds it after the end, never both or neither.
-_CALLBACK_LOCK = threading.Lock()
-
 #: Why a stream closed by a thread other than its reader ended, in the words of its error.
 _CLOSED = "the stream was closed"
 
-_SECOND = operator.itemgetter(1)
+
+
+class State(enum.Enum):
+    """Where a :class:`Reply` is. It moves only forward, from ``OPEN`` to one of the others."""
+
+    OPEN = "open"  #: pieces may still be handed out
+    DONE = "done"  #: read to its normal end
+    FAILED = "failed"  #: a read raised (the error is kept)
+    CLOSED = "closed"  #: closed or aborted before its end
 
 
 class _KeptText:
@@ -85,8 +88,10 @@ class _KeptText:
 class Reply:
     """Reads one chat reply: the body's bytes to pieces, the kept text, and the connection's release.
 
-    Its generator (:meth:`pieces`) holds it, but nothing here holds the generator or the
-    :class:`ChatStream`: dropping the stream closes the generator at once (no reference cycle).
+    All its mutable state is guarded by one lock, so that :meth:`abort`, :meth:`release` and
+    :attr:`text` may run in any thread while one thread reads. The lock is never held across a
+    read of the body, a hook or a callback. Nothing here holds the :class:`ChatStream`: dropping
+    the stream releases the reply at once (no reference cycle).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Reply:
         secrets: Iterable[Optional[str]] = (),
         cancel: Optional[Cancellation] = None,
     ) -> None:
+        self._lock = threading.Lock()
         self._response = response
         self._url = url
         self._secrets = tuple(secrets)
@@ -108,26 +114,44 @@ class Reply:
         self._body = iter_body(response, deadline=deadline, read_timeout=read_timeout, cancel=cancel)
         self._parser = LineParser(max_line)
         self._kept = _KeptText() if keep_text else None
-        self._handed = 0  # characters handed out without keep_text (batches handed out whole)
-        self._batch: Optional[list[str]] = None  # the pieces being handed out...
-        self._position: Optional[Iterator[str]] = None  # ... and the iterator over them
-        self._gate: Optional[list[None]] = None  # ... which hands out no more once it is cleared
-        self._first: list[str] = []
+        self._handed = 0  # characters handed out and settled, without keep_text
+        # The pieces being handed out, and how many of them were: text = kept + batch[:index].
+        self._batch: list[str] = []
+        self._index = 0
+        self._state = State.OPEN
+        self._released = False
+        #: The thread inside a read of the body (the lock is not held then), or ``None``.
+        self.reader: Optional[threading.Thread] = None
+        #: The ident of the thread that read last (at first the one that made the reply).
+        self.last_reader = get_ident()
         self._callbacks: list[Callable[[str], None]] = []
         self._cancel = cancel
         self._observer: Optional[ChatCall] = None
         self._error: Optional[BaseException] = None
-        self.finished = False  #: read to its end
-        self.released = False  #: the connection was released (at the end, on close or error)
         self.aborted = False  #: :meth:`abort` was called
         self.abort_reason: Optional[str] = None  #: why, when :meth:`abort` was given a reason
         if cancel is not None:
             cancel.add(self)
 
     def __del__(self) -> None:
-        # Dropped before it was iterated (a started generator releases in its ``finally``).
-        if not getattr(self, "released", True):
+        # A reply dropped before its end (its stream dropped) still closes its connection.
+        if not getattr(self, "_released", True):
             self.release()
+
+    @property
+    def state(self) -> State:
+        """Where the reply is (:class:`State`)."""
+        return self._state
+
+    @property
+    def finished(self) -> bool:
+        """Read to its end."""
+        return self._state is State.DONE
+
+    @property
+    def released(self) -> bool:
+        """The connection was released (at the end, on close or on error)."""
+        return self._released
 
     @property
     def kept(self) -> bool:
@@ -137,14 +161,24 @@ class Reply:
     @property
     def text(self) -> str:
         """The text handed out so far (``""`` without ``keep_text``)."""
+        with self._lock:
+            return self._text_locked()
+
+    def _text_locked(self) -> str:
         if self._kept is None:
             return ""
-        done = self._kept.text()
-        batch, position = self._batch, self._position
-        if batch is None or position is None:
-            return done
-        handed = len(batch) - operator.length_hint(position)  # of the batch being handed out
-        return done + "".join(batch[:handed])
+        return self._kept.text() + "".join(self._batch[: self._index])
+
+    def _settle_locked(self) -> None:
+        """Move what was handed out of the batch into the kept text; drop the rest of the batch."""
+        handed = self._batch[: self._index]
+        if handed:
+            if self._kept is not None:
+                self._kept.add(handed)
+            else:
+                self._handed += sum(map(len, handed))
+        self._batch = []
+        self._index = 0
 
     def prime(self) -> None:
         """Read until the first piece of text has arrived (the session does this inside its
@@ -166,60 +200,107 @@ class Reply:
         except BaseException:
             self.release()
             raise
-        self._first = first
+        with self._lock:
+            self._batch = first
 
-    def pieces(self) -> Generator[str, None, None]:
-        """The pieces, in order: those :meth:`prime` read first, then the rest as they arrive."""
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        """The next piece, read from the body when the batch is handed out.
+
+        :raises StopIteration: at the end, and ever after the reply ended.
+        :raises AiChatOnlineError: another thread is inside a read (``busy``), the reply was
+            aborted with a reason, or the body failed.
+        """
+        with self._lock:
+            index = self._index
+            if index < len(self._batch):
+                self._index = index + 1
+                self.last_reader = get_ident()
+                return self._batch[index]
+            refusal = self._refusal_locked()
+            if refusal is None:
+                self._settle_locked()
+                self.reader = threading.current_thread()
+                self.last_reader = get_ident()
+        if refusal is not None:
+            return self._refuse(refusal)
         try:
-            batch: Optional[list[str]] = self._first
-            self._first = []
-            kept = self._kept
-            while batch is not None:
-                # ``yield from`` hands a batch out at generator speed. An abort with a reason stops
-                # it in one step, from any thread (:meth:`_stop_handing_out`); the reason is
-                # checked after the batch is published, so a batch read just then is stopped too.
-                if kept is None:
-                    self._batch = batch  # cleared to stop: nothing counts what was handed out
-                    if self.abort_reason is not None:
-                        raise self.aborted_error()
-                    yield from batch
-                    self._handed += sum(map(len, batch))  # (for the messages of errors)
-                else:
-                    # :attr:`text` counts what was handed out of the batch by the position of its
-                    # iterator, which the gate (consulted first) stops without moving.
-                    position = iter(batch)
-                    gate: list[None] = [None] * len(batch)
-                    self._batch, self._position, self._gate = batch, position, gate
-                    if self.abort_reason is not None:
-                        raise self.aborted_error()
-                    yield from map(_SECOND, zip(gate, position))
-                    rest = operator.length_hint(position)
-                    kept.add(batch[:-rest] if rest else batch)
-                    self._batch = self._position = self._gate = None
+            batch = self._next_batch(started=True)
+            while batch is not None and not batch:
                 batch = self._next_batch(started=True)
-            text = kept.finish() if kept is not None else ""
-            with _CALLBACK_LOCK:
-                self.finished = True
+        except BaseException as exc:
+            with self._lock:
+                self.reader = None
+                if isinstance(exc, AiChatOnlineError):
+                    self._error = exc
+            self.release()
+            raise
+        if batch is None:
+            self._finish()
+            raise StopIteration
+        with self._lock:
+            self.reader = None
+            if self.abort_reason is None and not self._released:
+                self._batch, self._index = batch, 1
+                self.last_reader = get_ident()
+                return batch[0]
+            aborted = self.abort_reason is not None
+        if not aborted:
+            raise StopIteration
+        # Aborted with a reason while this read ran: what it read is not handed out.
+        error = self.aborted_error()
+        with self._lock:
+            self._error = error
+        self.release()
+        raise error
+
+    def _refusal_locked(self) -> Optional[str]:
+        """Why no read may start now (``None``: it may)."""
+        if self._state is State.DONE:
+            return "ended"
+        if self.abort_reason is not None:
+            return "aborted"
+        if self.reader is not None:
+            return "busy"
+        if self._released:
+            return "ended"
+        return None
+
+    def _refuse(self, refusal: str) -> str:
+        if refusal == "busy":
+            raise busy_error(self.reader)
+        if refusal == "aborted":
+            self.release_if_idle()
+            raise self.aborted_error()
+        raise StopIteration
+
+    def _finish(self) -> None:
+        """The normal end: the kept text becomes one str, then the observer and the callbacks."""
+        try:
+            with self._lock:
+                self.reader = None
+                text = self._kept.finish() if self._kept is not None else ""
+                self._state = State.DONE
                 callbacks, self._callbacks = self._callbacks, []
-            observer, self._observer = self._observer, None
+                observer, self._observer = self._observer, None
             if observer is not None:
-                observer.finished(text, kept=kept is not None)
+                observer.finished(text, kept=self._kept is not None)
             for callback in callbacks:
                 callback(text)
-        except AiChatOnlineError as exc:
-            self._error = exc
-            raise
         finally:
             self.release()
 
     def observe(self, observer: ChatCall) -> None:
         """Report the reply's end, failure, or early close to ``observer`` (once)."""
-        self._observer = observer
+        with self._lock:
+            self._observer = observer
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` when the reply has been read to its end; at once if it was."""
-        with _CALLBACK_LOCK:
-            if not self.finished:
+        with self._lock:
+            if self._state is not State.DONE:
                 self._callbacks.append(callback)
                 return
         callback(self.text)
@@ -290,29 +371,33 @@ class Reply:
 
     def _handed_count(self) -> str:
         """How many characters were handed out, for a message (also without ``keep_text``)."""
-        if self._kept is None:
-            return f"{self._handed} characters (not kept)"
-        return f"{len(self.text)} characters"
+        with self._lock:
+            if self._kept is not None:
+                return f"{len(self._text_locked())} characters"
+            handed = self._handed + sum(map(len, self._batch[: self._index]))
+        return f"{handed} characters (not kept)"
 
     def abort(self, reason: Optional[str] = None) -> None:
-        """Stop the reply from any thread: a read blocked on it fails at once (see :meth:`ChatStream.abort`)."""
-        if self.released:
-            return
-        if reason is not None and self.abort_reason is None:
-            self.abort_reason = reason
-        self.aborted = True
-        if self.abort_reason is not None:
-            self._stop_handing_out()
+        """Stop the reply from any thread: a read blocked on it fails at once (see :meth:`ChatStream.abort`).
+
+        With a reason, nothing more is handed out, not even the rest of the batch being handed out.
+        """
+        with self._lock:
+            if self._released:
+                return
+            if reason is not None and self.abort_reason is None:
+                self.abort_reason = reason
+                self._settle_locked()
+            self.aborted = True
         abort(self._response)
 
-    def _stop_handing_out(self) -> None:
-        """Stop the batch being handed out after the piece the reader has (one atomic step, so
-        safe against a reader running in another thread; :attr:`text` stays what it got)."""
-        gate, batch = self._gate, self._batch
-        if gate is not None:
-            gate.clear()
-        elif batch is not None and self._kept is None:
-            batch.clear()
+    def release_if_idle(self) -> None:
+        """:meth:`release`, unless a thread is inside a read (that read fails and releases)."""
+        with self._lock:
+            if self.reader is not None:
+                return
+        # No read can begin now: one begins only under the lock, and refuses an aborted reply.
+        self.release()
 
     def aborted_error(self) -> IncompleteStreamError:
         """The error of a reply aborted with a reason, for every later attempt to read it."""
@@ -323,21 +408,27 @@ class Reply:
         )
 
     def release(self) -> None:
-        """Release the connection (idempotent). A body read to its end already went back to the pool."""
-        if self.released:
-            return
-        self.released = True
+        """Release the connection, once: later calls do nothing. A body read to its end already
+        went back to the pool."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            self._settle_locked()
+            if self._state is State.OPEN:
+                self._state = State.CLOSED if self._error is None else State.FAILED
+            observer, self._observer = self._observer, None
+            error, finished = self._error, self._state is State.DONE
         if self._parser.skipped:
             logger.debug("skipped %d reply lines that carry no message", self._parser.skipped)
         if self._cancel is not None:
             self._cancel.discard(self)
-        observer, self._observer = self._observer, None
         if observer is not None:
-            if self._error is not None:
-                observer.failed(self._error)
+            if error is not None:
+                observer.failed(error)
             else:
                 observer.closed()
-        if self.finished:
+        if finished:
             return
         try:
             self._response.close()
@@ -345,11 +436,20 @@ class Reply:
             logger.debug("error while closing a chat response", exc_info=True)
 
 
+def busy_error(reader: Optional[threading.Thread]) -> AiChatOnlineError:
+    """The error of a second thread that reads a stream while ``reader`` reads it."""
+    by = f"the thread {reader.name!r}" if reader is not None else "another thread"
+    return AiChatOnlineError(
+        f"this ChatStream is being read by {by}; a stream is read by one thread at a time "
+        "(to stop it from another thread, call its abort())"
+    )
+
+
 class ChatStream:
     """The reply of one chat: iterate it for the text pieces, in order, each as soon as it arrives.
 
     Exhausting it, :meth:`close`, leaving its ``with`` block, or an error releases the connection;
-    so does dropping the last reference to it and to its iterator (for example ``break`` out of
+    so does dropping the last reference to it (for example ``break`` out of
     ``for text in aco.chat(...)``). After exhaustion :attr:`text` is the whole reply.
 
     >>> with session.chat("Hello") as stream:      # doctest: +SKIP
@@ -360,10 +460,9 @@ class ChatStream:
 
     Read a stream from one thread at a time. A ``for`` loop (``iter()``) belongs to the thread that
     began it: a loop of another thread, while that thread is alive and the stream open, raises
-    :class:`AiChatOnlineError`; so does ``next()`` while another thread is inside a read (Python's
-    own ``ValueError('generator already executing')`` is what a second reader would otherwise get,
-    at random). ``next()`` from one thread after another (a thread pool's workers, in turn) is
-    fine. :meth:`abort` and :meth:`close` may be called from any thread.
+    :class:`AiChatOnlineError`; so does ``next()`` while another thread is inside a read.
+    ``next()`` from one thread after another (a thread pool's workers, in turn) is fine.
+    :meth:`abort` and :meth:`close` may be called from any thread.
     """
 
     def __init__(
@@ -383,60 +482,31 @@ class ChatStream:
         self._usage: Optional[Usage] = None
         if call is not None:
             reply.observe(call)
-        self._gen = reply.pieces()
-        self._reader: Optional[threading.Thread] = None  # the thread that iterates it
-        # The thread that read last (began a loop, or called next()); at first the one that made it.
-        self._last_reader = threading.get_ident()
+        #: The thread whose ``for`` loop reads the stream (guarded by the reply's lock).
+        self._loop: Optional[threading.Thread] = None
 
     def __iter__(self) -> Iterator[str]:
-        self._check_reader()
-        # The generator itself, so that a ``for`` loop runs at generator speed. It holds the
-        # machinery but not this object: dropping the loop and the stream closes it at once.
-        return self._gen
+        """Claim the stream for this thread's loop (see the class's thread rules)."""
+        reply = self._reply
+        me = threading.current_thread()
+        with reply._lock:
+            refused = reply.abort_reason is not None and reply.state is not State.DONE
+            owner = self._loop
+            if not refused and (
+                owner is None or owner is me or reply.released or not owner.is_alive()
+            ):
+                self._loop = me
+                reply.last_reader = get_ident()
+                # The reply itself, so that a loop costs one call per piece. It does not hold this
+                # stream: dropping the loop and the stream releases the reply at once.
+                return reply
+        if refused:
+            reply.release_if_idle()
+            raise reply.aborted_error()
+        raise busy_error(owner)
 
     def __next__(self) -> str:
-        self._check_aborted()
-        try:
-            piece = next(self._gen)
-        except ValueError as exc:
-            if type(exc) is ValueError and "already executing" in str(exc):
-                raise self._busy() from None
-            raise
-        self._last_reader = threading.get_ident()  # (a refused read does not make a reader)
-        return piece
-
-    def _check_aborted(self) -> None:
-        """A stream aborted with a reason raises it at once, every time it is iterated."""
-        reply = self._reply
-        if reply.abort_reason is not None and not reply.finished:
-            if not getattr(self._gen, "gi_running", False):
-                reply.release()
-            raise reply.aborted_error()
-
-    def _check_reader(self) -> None:
-        """Refuse a loop of a second thread while the thread that loops over it is alive (a loop
-        gets the bare generator, which no later check can guard)."""
-        self._check_aborted()
-        me = threading.current_thread()
-        reader = self._reader
-        if reader is None:
-            with _READER_LOCK:
-                if self._reader is None:
-                    self._reader = me
-                reader = self._reader
-        if reader is me or self._reply.released or not reader.is_alive():
-            self._reader = me
-            self._last_reader = me.ident or 0
-            return
-        raise self._busy()
-
-    def _busy(self) -> AiChatOnlineError:
-        reader = self._reader
-        by = f"the thread {reader.name!r}" if reader is not None else "another thread"
-        return AiChatOnlineError(
-            f"this ChatStream is being read by {by}; a stream is read by one thread at a time "
-            "(to stop it from another thread, call its abort())"
-        )
+        return next(self._reply)
 
     def __enter__(self) -> ChatStream:
         return self
@@ -458,17 +528,14 @@ class ChatStream:
         keeps the text it got), so a reply cut off never looks complete.
         """
         reply = self._reply
-        if reply.finished or reply.released:
-            return
-        if threading.get_ident() != self._last_reader:
+        with reply._lock:
+            if reply.state is State.DONE or reply.released:
+                return
+            mine = reply.last_reader == get_ident() and reply.reader is None
+        if mine:
+            reply.release()
+        else:
             self.abort(_CLOSED)
-            return
-        try:
-            self._gen.close()
-        except ValueError:  # 'generator already executing': another thread is inside a read
-            self.abort(_CLOSED)
-            return
-        reply.release()
 
     def abort(self, reason: Optional[str] = None) -> None:
         """Stop the stream from any thread: a read blocked in another thread fails at once with
@@ -481,8 +548,8 @@ class ChatStream:
         """
         reply = self._reply
         reply.abort(reason)
-        if reason is not None and not getattr(self._gen, "gi_running", False):
-            reply.release()
+        if reason is not None:
+            reply.release_if_idle()
 
     def add_done_callback(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` once the reply has been read to its end (not on error or close);
@@ -577,7 +644,7 @@ class StoredReply(Reply):
         response = requests.Response()
         response.raw = io.BytesIO()
         super().__init__(response, url=url, max_line=1, keep_text=keep_text, cancel=cancel)
-        self._first = list(pieces)
+        self._batch = list(pieces)
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Every piece is handed out in the first batch: the end follows it, unless the reply was
