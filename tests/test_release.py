@@ -104,7 +104,9 @@ def test_sdist_contents() -> None:
         "PKG-INFO",
         f"{NAME}/py.typed",
         f"{NAME}/_version.py",
-        f"{NAME}/testing.py",
+        f"{NAME}/testing/__init__.py",
+        f"{NAME}/testing/emulator.py",
+        f"{NAME}/_client/session.py",
         "tests/conftest.py",
         "tests/test_readme.py",
         "examples/quickstart.ipynb",
@@ -129,8 +131,11 @@ def test_wheel_contents_and_metadata() -> None:
         metadata = email.parser.Parser().parsestr(archive.read(f"{info}/METADATA").decode())
         entry_points = archive.read(f"{info}/entry_points.txt").decode()
     assert f"{NAME}/py.typed" in names
-    assert f"{NAME}/_conversation.py" in names
-    assert f"{NAME}/_notebook.py" in names
+    # Every module of every layer's folder, __init__.py included (a folder left out of
+    # packages= would install without its modules).
+    source = Path(aco.__file__).parent
+    modules = {f"{NAME}/{path.relative_to(source).as_posix()}" for path in source.rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
     assert metadata["Name"] == "aichatonline-sync"
     assert metadata["Version"] == aco.__version__
@@ -139,5 +144,5 @@ def test_wheel_contents_and_metadata() -> None:
     requires = metadata.get_all("Requires-Dist") or []
     assert any(r.startswith("requests") for r in requires)
     assert any(r.startswith("ipython") and 'extra == "notebook"' in r for r in requires), requires
-    assert "aichatonline = aichatonline_sync.cli.commands:main" in entry_points
+    assert "aichatonline = aichatonline_sync.cli:main" in entry_points
     assert "aichatonline_sync = aichatonline_sync.testing.pytest_plugin" in entry_points
