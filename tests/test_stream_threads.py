@@ -140,7 +140,12 @@ def test_many_threads_stopping_a_blocked_read_end_it_once(
     assert stream.closed
     assert closes == [1]
     assert events.counts == Counter({"chat_error": 1})
-    with pytest.raises(StopIteration if how == "abort" else IncompleteStreamError):
+    # A reason sticks only if it came before the read released the reply; in "mixed" a plain
+    # abort may win the race, and then the stream just ends for later reads.
+    reasoned = stream._reply.abort_reason is not None
+    if how != "mixed":
+        assert reasoned == (how != "abort")
+    with pytest.raises(IncompleteStreamError if reasoned else StopIteration):
         next(stream)
     assert closes == [1]
 
