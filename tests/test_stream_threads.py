@@ -8,9 +8,11 @@ These hold by the stream's lock, not by the GIL, so they are what a free-threade
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -276,3 +278,69 @@ def test_text_read_from_other_threads_is_always_a_prefix_of_what_was_handed_out(
     run_all([read, watch, watch])
     assert stream.text == whole
     assert all(whole.startswith(text) for text in seen)
+
+
+@pytest.mark.parametrize("source", ["network", "cache"])
+def test_an_abort_in_the_middle_of_a_batch_taken_by_many_threads_keeps_each_piece_once(
+    emulator: MakeEmulator, tmp_path: Path, source: str
+) -> None:
+    """A body read gives a batch of a thousand pieces (a cache hit: one batch of them all);
+    THREADS threads take them while one aborts: every piece goes to one thread at most, the taken
+    ones are a prefix of the reply, and the text and each later error's ``partial`` are exactly
+    that prefix."""
+    pieces = [f"q{i} " for i in range(3000)]
+    emu = emulator(reply=pieces, framing="length")
+    cache = tmp_path / "replies.sqlite" if source == "cache" else None
+    with Session(emu.url, max_retries=0, cache=cache) as session:
+        if cache is not None:
+            assert "".join(session.chat("hi")) == "".join(pieces)
+        # Threads switch often, so that the abort lands inside a batch rather than between two.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        try:
+            for _ in range(ROUNDS):
+                abort_while_many_take(session, pieces, cached=cache is not None)
+        finally:
+            sys.setswitchinterval(switch)
+
+
+def abort_while_many_take(session: Session, pieces: list[str], *, cached: bool) -> None:
+    stream = session.chat("hi")
+    assert stream.cached == cached
+    taken: list[list[str]] = [[] for _ in range(THREADS)]
+    failures: list[AiChatOnlineError] = []
+    lock = threading.Lock()
+    some_taken = threading.Event()
+
+    def take(mine: list[str]) -> None:
+        while True:
+            try:
+                mine.append(next(stream))
+            except StopIteration:
+                return
+            except AiChatOnlineError as exc:
+                if "read by one thread at a time" in str(exc):
+                    continue
+                with lock:
+                    failures.append(exc)
+                return
+            if len(mine) == 20:
+                some_taken.set()
+
+    def stop() -> None:
+        some_taken.wait(WAIT)
+        stream.abort("enough")
+
+    run_all([lambda mine=mine: take(mine) for mine in taken] + [stop])
+    order = {piece: i for i, piece in enumerate(pieces)}.__getitem__
+    got = [piece for mine in taken for piece in mine]
+    assert len(got) == len(set(got))  # no piece handed out twice
+    assert all(mine == sorted(mine, key=order) for mine in taken)
+    prefix = pieces[: len(got)]
+    assert sorted(got, key=order) == prefix
+    assert stream.text == "".join(prefix)
+    if len(got) < len(pieces):
+        assert failures
+        for failure in failures:
+            assert isinstance(failure, IncompleteStreamError)
+            assert failure.partial == "".join(prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import io
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from threading import get_ident
 from types import TracebackType
@@ -88,9 +89,13 @@ class _KeptText:
 class Reply:
     """Reads one chat reply: the body's bytes to pieces, the kept text, and the connection's release.
 
-    All its mutable state is guarded by one lock, so that :meth:`abort`, :meth:`release` and
+    Its mutable state is guarded by one lock, so that :meth:`abort`, :meth:`release` and
     :attr:`text` may run in any thread while one thread reads. The lock is never held across a
-    read of the body, a hook or a callback. Nothing here holds the :class:`ChatStream`: dropping
+    read of the body, a hook or a callback. The one exception is the handing out of a batch's
+    pieces: they wait in a :class:`collections.deque`, whose ``popleft`` and ``pop`` are atomic
+    by its documented contract, so a piece costs no lock; whoever ends the batch drains the rest
+    from the other end under the lock, and every piece is then taken exactly once, by a reader
+    or by the drain, the readers' pieces being a prefix of the batch. Nothing here holds the :class:`ChatStream`: dropping
     the stream releases the reply at once (no reference cycle).
     """
 
@@ -115,9 +120,10 @@ class Reply:
         self._parser = LineParser(max_line)
         self._kept = _KeptText() if keep_text else None
         self._handed = 0  # characters handed out and settled, without keep_text
-        # The pieces being handed out, and how many of them were: text = kept + batch[:index].
+        # The batch being handed out and the pieces of it not yet handed out (its tail):
+        # text = kept + batch[: len(batch) - len(pieces)].
         self._batch: list[str] = []
-        self._index = 0
+        self._pieces: deque[str] = deque()
         self._state = State.OPEN
         self._released = False
         #: The thread inside a read of the body (the lock is not held then), or ``None``.
@@ -167,18 +173,29 @@ class Reply:
     def _text_locked(self) -> str:
         if self._kept is None:
             return ""
-        return self._kept.text() + "".join(self._batch[: self._index])
+        batch = self._batch
+        return self._kept.text() + "".join(batch[: len(batch) - len(self._pieces)])
+
+    def _hand_out_locked(self, batch: list[str]) -> None:
+        self._batch = batch
+        self._pieces = deque(batch)
 
     def _settle_locked(self) -> None:
         """Move what was handed out of the batch into the kept text; drop the rest of the batch."""
-        handed = self._batch[: self._index]
+        pieces, rest = self._pieces, 0
+        try:
+            while True:
+                pieces.pop()  # from the tail, while readers may still take from the head
+                rest += 1
+        except IndexError:
+            pass
+        handed = self._batch[: len(self._batch) - rest]
         if handed:
             if self._kept is not None:
                 self._kept.add(handed)
             else:
                 self._handed += sum(map(len, handed))
         self._batch = []
-        self._index = 0
 
     def prime(self) -> None:
         """Read until the first piece of text has arrived (the session does this inside its
@@ -201,7 +218,7 @@ class Reply:
             self.release()
             raise
         with self._lock:
-            self._batch = first
+            self._hand_out_locked(first)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -213,12 +230,25 @@ class Reply:
         :raises AiChatOnlineError: another thread is inside a read (``busy``), the reply was
             aborted with a reason, or the body failed.
         """
+        try:
+            piece = self._pieces.popleft()
+        except IndexError:
+            pass  # read outside this block: the IndexError must not become a failure's context
+        else:
+            self.last_reader = get_ident()
+            return piece
+        return self._read()
+
+    def _read(self) -> str:
+        """The batch is handed out: read the next one and hand out its first piece."""
         with self._lock:
-            index = self._index
-            if index < len(self._batch):
-                self._index = index + 1
+            try:
+                piece = self._pieces.popleft()  # a batch another thread read meanwhile
+            except IndexError:
+                pass
+            else:
                 self.last_reader = get_ident()
-                return self._batch[index]
+                return piece
             refusal = self._refusal_locked()
             if refusal is None:
                 self._settle_locked()
@@ -243,9 +273,13 @@ class Reply:
         with self._lock:
             self.reader = None
             if self.abort_reason is None and not self._released:
-                self._batch, self._index = batch, 1
+                # The first piece is taken before the rest is published: no other thread's
+                # popleft can take it from under this read.
+                pieces = deque(batch)
+                piece = pieces.popleft()
+                self._batch, self._pieces = batch, pieces
                 self.last_reader = get_ident()
-                return batch[0]
+                return piece
             aborted = self.abort_reason is not None
         if not aborted:
             raise StopIteration
@@ -374,7 +408,8 @@ class Reply:
         with self._lock:
             if self._kept is not None:
                 return f"{len(self._text_locked())} characters"
-            handed = self._handed + sum(map(len, self._batch[: self._index]))
+            batch = self._batch
+            handed = self._handed + sum(map(len, batch[: len(batch) - len(self._pieces)]))
         return f"{handed} characters (not kept)"
 
     def abort(self, reason: Optional[str] = None) -> None:
@@ -644,7 +679,7 @@ class StoredReply(Reply):
         response = requests.Response()
         response.raw = io.BytesIO()
         super().__init__(response, url=url, max_line=1, keep_text=keep_text, cancel=cancel)
-        self._batch = list(pieces)
+        self._hand_out_locked(list(pieces))
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Every piece is handed out in the first batch: the end follows it, unless the reply was
