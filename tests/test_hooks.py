@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from typing import Any, Callable
 
 import pytest
@@ -86,6 +87,31 @@ def test_a_chat_that_fails_after_its_first_piece(emulator: MakeEmulator) -> None
                 pass
     assert rec.names == ["chat_start", "first_piece", "chat_error"]
     assert rec.events[-1].error is raised.value
+
+
+@pytest.mark.parametrize("where", ["this thread", "another thread"])
+def test_an_abort_with_a_reason_between_reads_is_the_chats_error(
+    emulator: MakeEmulator, where: str
+) -> None:
+    emu = emulator(reply=["one ", "two ", "three"])
+    rec = Recorder()
+    with aco.Session(emu.url, event_hooks=rec.hooks()) as s:
+        stream = s.chat("Hi")
+        assert next(stream) == "one "
+        if where == "this thread":
+            stream.abort("enough")
+        else:
+            other = threading.Thread(target=stream.abort, args=("enough",))
+            other.start()
+            other.join()
+        assert rec.names == ["chat_start", "first_piece", "chat_error"]
+        error = rec.events[-1].error
+        assert isinstance(error, aco.IncompleteStreamError)
+        assert error.partial == "one " and str(error).endswith(": enough")
+        with pytest.raises(aco.IncompleteStreamError) as raised:
+            next(stream)
+        assert str(raised.value) == str(error)
+    assert rec.names == ["chat_start", "first_piece", "chat_error"]
 
 
 def test_a_stream_closed_early_has_no_last_event(emulator: MakeEmulator) -> None:

@@ -406,10 +406,13 @@ class Reply:
     def _handed_count(self) -> str:
         """How many characters were handed out, for a message (also without ``keep_text``)."""
         with self._lock:
-            if self._kept is not None:
-                return f"{len(self._text_locked())} characters"
-            batch = self._batch
-            handed = self._handed + sum(map(len, batch[: len(batch) - len(self._pieces)]))
+            return self._handed_count_locked()
+
+    def _handed_count_locked(self) -> str:
+        if self._kept is not None:
+            return f"{len(self._text_locked())} characters"
+        batch = self._batch
+        handed = self._handed + sum(map(len, batch[: len(batch) - len(self._pieces)]))
         return f"{handed} characters (not kept)"
 
     def abort(self, reason: Optional[str] = None) -> None:
@@ -436,10 +439,14 @@ class Reply:
 
     def aborted_error(self) -> IncompleteStreamError:
         """The error of a reply aborted with a reason, for every later attempt to read it."""
+        with self._lock:
+            return self._aborted_error_locked()
+
+    def _aborted_error_locked(self) -> IncompleteStreamError:
         return IncompleteStreamError(
-            f"the reply from {self._url} was closed after {self._handed_count()}: "
+            f"the reply from {self._url} was closed after {self._handed_count_locked()}: "
             f"{self.abort_reason}",
-            partial=self.text,
+            partial=self._text_locked(),
         )
 
     def release(self) -> None:
@@ -451,6 +458,10 @@ class Reply:
             self._released = True
             self._settle_locked()
             if self._state is State.OPEN:
+                # An abort with a reason is the reply's failure however it lands: inside a read
+                # (that read raises it) or between reads (the next read would).
+                if self._error is None and self.abort_reason is not None:
+                    self._error = self._aborted_error_locked()
                 self._state = State.CLOSED if self._error is None else State.FAILED
             observer, self._observer = self._observer, None
             error, finished = self._error, self._state is State.DONE
