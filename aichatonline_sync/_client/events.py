@@ -1,4 +1,5 @@
-"""``ChatEvent``: what an event hook receives (see :mod:`._hooks`).
+"""``ChatEvent``: what an event hook receives (the events are listed in :mod:`.hooks` and in the
+manual's "Event hooks").
 
 Its own module so that ``import aichatonline_sync`` does not pay for making the dataclass: only a
 session with hooks loads it.

@@ -101,7 +101,8 @@ class Session:
     :param http: an existing :class:`requests.Session` to send through (not closed by :meth:`close`).
     :param max_line_bytes: the longest reply line accepted (default 1 MiB).
     :param pool_maxsize: connections kept per host (default 32; raise it for more threads).
-    :param event_hooks: ``{"chat_start": [fn], ...}``: see :mod:`._hooks` and the README.
+    :param event_hooks: ``{"chat_start": [fn], ...}``: functions called with a :class:`ChatEvent`
+        at each moment of a chat (the manual's "Event hooks" lists the events).
     :param cache: a :class:`ReplyCache` or the path of its file: replies replayed, not sent.
     :raises InvalidRequestError: a bad option; nothing is sent.
     """
