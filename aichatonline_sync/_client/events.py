@@ -21,7 +21,8 @@ __all__ = ["ChatEvent"]
 class ChatEvent:
     """One moment of one chat, as hooks receive it.
 
-    :ivar name: one of :data:`EVENTS`.
+    :ivar name: ``chat_start``, ``retry``, ``first_piece``, ``chat_end``, ``chat_error`` or
+        ``cache_hit``.
     :ivar model: the model asked for.
     :ivar conversation_id: the chat's ``conversationId``.
     :ivar url: the chat URL (without credentials).
