@@ -3,8 +3,8 @@ of ours, and why the others do not apply, for the versions setup.cfg admits and 
 
 The pins are as wide as the code really works with (each floor is a row of .ci/run's matrix), not
 narrowed to dodge advisories: requests itself leaves security upgrades of shared dependencies to
-the application, and the README recommends the newest releases. So an advisory is reported, and
-fails nothing by itself. The check fails (exit 1) only when
+the application, and docs/install.rst recommends the newest releases. So an advisory is reported,
+and fails nothing by itself. The check fails (exit 1) only when
 
 - an advisory that touches our code affects an *installed* version (CI installs the newest
   releases, our recommendation: then the recommendation itself is not safe), or
@@ -167,7 +167,7 @@ def main() -> int:
     problems = [problem for line in lines for problem in report(line)]
     touching = sum(1 for a in ADVISORIES if a.applies)
     print(f"{len(ADVISORIES)} advisories: {touching} touch our code in some setting (see above), "
-          f"{len(ADVISORIES) - touching} do not apply; the README recommends the newest releases.")
+          f"{len(ADVISORIES) - touching} do not apply; docs/install.rst recommends the newest releases.")
     for problem in problems:
         print(f"FAIL: {problem}")
     return 1 if problems else 0

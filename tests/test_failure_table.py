@@ -1,6 +1,6 @@
 """The failure table: every foreign exception kind maps to our class, its sentence and ``timed_out``,
-before the first piece and after it; ``timed_out`` on real failures against the emulator; the
-gateway's 504 decided by ``timed_out``.
+before the first piece and after it; ``timed_out`` on real failures against the emulator; sentences
+in plain words that name their URL; the gateway's 504 decided by ``timed_out``.
 """
 
 from __future__ import annotations
@@ -327,6 +327,42 @@ def test_a_stalled_token_timed_out(emulator: MakeEmulator) -> None:
     error = _failure(aco.Session(emu.url, max_retries=0, timeout=aco.Timeout(connect=2, read=0.3)))
     assert type(error) is aco.APITimeoutError
     assert error.timed_out
+
+
+# --- sentences that name their URL ------------------------------------------------------------
+
+
+def test_bad_chunk_framing_before_the_first_piece_names_the_url_in_plain_words(
+    emulator: MakeEmulator,
+) -> None:
+    emu = emulator()
+    emu.raw_reply(
+        "chat",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: text/event-stream\r\n\r\nzz\xff\r\nabc\r\n",
+    )
+    with aco.Session(emu.url, max_retries=0) as session, pytest.raises(aco.ProtocolError) as info:
+        session.complete("hi")
+
+    message = str(info.value)
+    assert emu.url in message
+    assert "bad chunk size 'zz\\xff'" in message
+    assert "b'" not in message
+
+
+def test_a_cancelled_chat_names_its_url(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    cancel = aco.Cancellation()
+    with aco.Session(emu.url) as session:
+        session.grab_token()
+        cancel.cancel()
+        with pytest.raises(aco.APIConnectionError) as info:
+            session.complete("hi", cancel=cancel)
+
+    assert f"the chat request to {emu.url}/" in str(info.value)
+    assert "was cancelled" in str(info.value)
+    assert info.value.url is not None
+    assert info.value.url.startswith(emu.url)
 
 
 # --- the gateway ------------------------------------------------------------------------------

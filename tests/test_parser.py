@@ -1,17 +1,23 @@
-"""The pure bytes-to-pieces parser (``aichatonline_sync._wire.parser.LineParser``), on byte fixtures."""
+"""The pure bytes-to-pieces parser (``aichatonline_sync._wire.parser.LineParser``), on byte fixtures;
+and reply lines as text over the emulator: a UTF-8 byte order mark is dropped, and bytes that are
+not UTF-8 cost only themselves and one warning per reply, without the bytes."""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import aichatonline_sync as aco
 from aichatonline_sync import ProtocolError
 from aichatonline_sync._wire.parser import ErrorLine, LineParser
+from aichatonline_sync.testing import Emulator
+
+MakeEmulator = Callable[..., Emulator]
 
 LOGGER = "aichatonline_sync"
 
@@ -378,3 +384,32 @@ def test_any_bytes_any_split_same_outcome_with_a_small_max_line(
     whole = outcome([body], max_line=48)
     cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=20), label="cuts")
     assert outcome(split_at(body, cuts), max_line=48) == whole
+
+
+# Reply lines as text, end to end.
+
+
+def test_a_line_with_a_utf8_bom_is_parsed_without_it() -> None:
+    parser = LineParser()
+    assert parser.feed(b'\xef\xbb\xbf{"data": {"message": "bom"}}\n') == ["bom"]
+
+
+def test_a_line_with_bytes_that_are_no_utf8_keeps_the_rest_of_its_text(
+    emulator: MakeEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aichatonline_sync")
+    body = b'{"data": {"message": "caf\xe9 "}}\n\xff\xfe\x00\n{"data": {"message": "ok"}}\n'
+    emu = emulator()
+    emu.raw_reply(
+        "chat",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    with aco.Session(emu.url, max_retries=0) as session:
+        text = session.complete("hi")
+
+    assert text == "caf\ufffd ok"  # the binary line between is skipped as not JSON
+    records = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    # One warning per reply (the first bad line), the rest at debug level: no flood of warnings.
+    assert [r.levelno for r in records if r.levelno >= logging.WARNING] == [logging.WARNING]
+    assert "\xff" not in records[0].getMessage()  # the bytes are not logged

@@ -297,3 +297,31 @@ def test_a_shared_session_dropped_while_its_chat_opens_stays_open_for_that_chat(
     assert text == REPLY
     assert len(dropped) == 1
     assert dropped[0].closed  # closed once the chat that held it had opened its stream
+
+
+def test_a_module_level_batch_keeps_its_shared_session_open(emulator: MakeEmulator) -> None:
+    """Other option sets used meanwhile must not close the session a running batch uses."""
+    started = threading.Event()
+    go = threading.Event()
+
+    def reply(prompt: str) -> str:
+        if prompt == "first":
+            started.set()
+            go.wait(10)
+        return f"re {prompt}"
+
+    emu = emulator(reply=reply)
+    other = emulator()
+    out: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: out.append(
+            aco.batch(["first", "a", "b", "c"], base_url=emu.url, max_workers=1, max_retries=0)
+        )
+    )
+    thread.start()
+    assert started.wait(10)
+    for i in range(MAX_SHARED_SESSIONS + 1):
+        aco.complete("x", base_url=other.url, headers={"X-N": str(i)}, max_retries=0)
+    go.set()
+    thread.join(10)
+    assert out == [["re first", "re a", "re b", "re c"]]

@@ -238,3 +238,15 @@ def test_mocks_that_patch_session_send_see_the_chat(
     with Session(raw_server.url, timeout=SHORT) as session:
         assert session.complete("Hi") == "hi"
     assert seen == ["GET", "POST"]
+
+
+def test_the_token_request_keeps_a_given_sessions_params(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    http = requests.Session()
+    http.params = {"k": "v"}
+    with Session(emu.url, timeout=SHORT, http=http) as session:
+        session.grab_token()
+    http.close()
+    query = emu.requests[0].query
+    assert query["k"] == "v"
+    assert query["canvas"].startswith("-")

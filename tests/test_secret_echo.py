@@ -25,6 +25,7 @@ from aichatonline_sync import (
     ProtocolError,
     Session,
     Timeout,
+    UpstreamError,
 )
 from aichatonline_sync.testing import Emulator
 
@@ -143,6 +144,17 @@ def test_a_token_echoed_in_an_html_page_is_scrubbed(emulator: MakeEmulator) -> N
     assert "is an HTML page, not a chat stream" in str(error)
     assert error.body == "<html><title>blocked ***</title><body>id ***</body></html>"
     assert_hidden(error, TOKEN)
+
+
+def test_a_token_echoed_in_an_error_line_is_scrubbed(emulator: MakeEmulator) -> None:
+    emu = emulator()
+    with Session(emu.url, timeout=Timeout(connect=5, read=5), max_retries=0) as session:
+        token = session.grab_token()
+        emu.error_line(400, f"UniqueId {token} is not valid")
+        with pytest.raises(UpstreamError) as info:
+            session.complete("hi")
+    assert token not in str(info.value)
+    assert token not in info.value.message
 
 
 # --- raw servers ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from .registry import (
 from .session import Session
 from .stream import ChatStream
 
-if TYPE_CHECKING:  # concurrent.futures costs ms to import, and only batches need it
+if TYPE_CHECKING:  # concurrent.futures is slow to import, and only batches need it
     import concurrent.futures
 
     from .batch import BatchResult
@@ -74,28 +74,19 @@ def batch_iter(
     ...     print(r.index, r.text if r.error is None else r.error)
 
     Prompts are pulled from ``prompts`` as workers free up, at most ``2 * max_workers`` ahead of
-    the results handed out: a generator of a million prompts, or an endless one, starts yielding
-    at once with flat memory. A list or tuple is checked whole before anything is sent; a bad
-    prompt pulled from any other iterable becomes its result's ``error`` (an
-    :class:`InvalidRequestError`), and the others go on. Prompts are pulled in the thread that
-    iterates the results, between two results, as the standard library's
-    ``Executor.map(buffersize=...)`` (Python 3.14) pulls its inputs: a source tied to its thread
-    (a generator over a ``sqlite3`` cursor) works, but a source that blocks
-    (``iter(queue.get, None)``) holds back the results that finish while it waits, and one that
-    waits for a result deadlocks.
+    the results handed out, in the thread that iterates the results: an endless generator starts
+    yielding at once with flat memory. A list or tuple is checked whole before anything is sent;
+    a bad prompt pulled from any other iterable becomes its result's ``error`` (an
+    :class:`InvalidRequestError`), and the others go on.
 
     Stopping early (Ctrl-C while iterating, leaving the loop, or ``.close()``) cancels the prompts
-    not yet started and cancels the chats running in this process (retry waits end, streams are
-    aborted), then returns within about a second; what finished was handed out already. A
-    generator that is still referred to stops only when closed, so keep it in
+    not yet started and aborts the chats running in this process, then returns within about a
+    second. A generator that is still referred to stops only when closed, so keep it in
     ``contextlib.closing``:
 
     >>> with contextlib.closing(batch_iter(prompts)) as results:    # doctest: +SKIP
     ...     for r in results:
     ...         save(r)
-
-    A chat still waiting for its token or for the reply's headers cannot be aborted: its worker
-    thread ends when that wait ends or at the chat's timeout (nothing more is handed out).
 
     :param prompts: a list or any iterable of prompts (each a str or a list of messages); not one
         str, ``None`` or a mapping.
@@ -111,6 +102,10 @@ def batch_iter(
     :param rate_limit: at most this many chats per second, across all workers (thread executors).
     :param options: :class:`Session` options (without ``session``) and :meth:`Session.chat` options.
     :raises InvalidRequestError: a bad prompt or option, before anything is sent.
+
+    A chat still waiting for its token or for the reply's headers cannot be aborted: its worker
+    thread ends when that wait ends or at the chat's timeout. Sources that block are described
+    in the manual's page on batches.
     """
     from .batch import BatchOptions, iter_batch
 

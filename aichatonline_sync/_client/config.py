@@ -171,7 +171,8 @@ class RetryPolicy:
     ``min(max_delay, initial_delay * 2 ** (n - 1))``; a ``Retry-After`` or ``retry-after-ms`` header
     replaces it, unless it asks for more than ``max_retry_after`` seconds: then the error is raised at once.
 
-    :param max_retries: retries after the first attempt.
+    :param max_retries: retries after the first attempt. A chat's token request and its chat
+        request share them: one attempt takes the token and opens the chat.
     :param initial_delay: the shortest wait between two attempts, in seconds.
     :param max_delay: the longest wait drawn by the backoff, in seconds.
     :param max_retry_after: the longest ``Retry-After`` honoured, in seconds.
@@ -333,7 +334,6 @@ def validate_verify(verify: Any) -> Union[bool, str]:
 MAX_CONNECTIONS = 1024
 
 
-
 def validate_base_url(base_url: Optional[str]) -> str:
     """Resolve and check the base URL: ``base_url``, else ``$AICHATONLINE_BASE_URL``, else the default.
 
@@ -393,7 +393,8 @@ _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h", "socks4", "socks4a")
 
 
 def validate_proxy(proxy: Any) -> Optional[str]:
-    """Check a proxy URL: ``http://``, ``https://``, ``socks5://``/``socks5h://`` (the ``socks`` extra).
+    """Check a proxy URL: ``http://``, ``https://``, or SOCKS (``socks5://``, ``socks5h://``,
+    ``socks4://``, ``socks4a://``; the ``socks`` extra).
 
     :raises InvalidRequestError: a URL that cannot be parsed, an unknown scheme, or a SOCKS proxy
         without PySocks installed. The message never contains the password.

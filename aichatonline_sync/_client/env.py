@@ -1,5 +1,5 @@
 """Settings from the environment: the ``AICHATONLINE_*`` variables read by the command line, the
-llm plugin and the gateway, parsed and checked in one place (this module is their one reader).
+llm plugin and the gateway, parsed and checked in one place: this module is their one reader.
 
 ``AICHATONLINE_BASE_URL`` is also read by :class:`Session` itself when it is given no ``base_url``
 (so that it is not among :func:`session_options_from_env`); a front end that shows or checks the URL

@@ -1,4 +1,5 @@
-"""``ChatEvent``: what an event hook receives (see :mod:`._hooks`).
+"""``ChatEvent``: what an event hook receives (the events are listed in :mod:`.hooks` and in the
+manual's "Event hooks").
 
 Its own module so that ``import aichatonline_sync`` does not pay for making the dataclass: only a
 session with hooks loads it.
@@ -20,7 +21,8 @@ __all__ = ["ChatEvent"]
 class ChatEvent:
     """One moment of one chat, as hooks receive it.
 
-    :ivar name: one of :data:`EVENTS`.
+    :ivar name: ``chat_start``, ``retry``, ``first_piece``, ``chat_end``, ``chat_error`` or
+        ``cache_hit``.
     :ivar model: the model asked for.
     :ivar conversation_id: the chat's ``conversationId``.
     :ivar url: the chat URL (without credentials).

@@ -16,7 +16,7 @@ A hook that raises does not break the chat: the exception is logged at WARNING (
 exception type, with its traceback) and the other hooks and the chat go on. Hooks cannot change
 the request or the reply.
 
-OpenTelemetry spans (:mod:`._tracing`) ride on the same moments, through :class:`ChatCall`, so a
+OpenTelemetry spans (:mod:`.tracing`) ride on the same moments, through :class:`ChatCall`, so a
 chat that has neither hooks nor a tracer provider pays one dictionary look-up per chat.
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .._wire import redact as _redact
 from .._wire.errors import InvalidRequestError
 
-#: :mod:`._tracing`, once a span was made (never imported otherwise). Kept here, not imported
+#: :mod:`.tracing`, once a span was made (never imported otherwise). Kept here, not imported
 #: again where a span ends: a stream dropped at interpreter exit ends its span when imports
 #: no longer work.
 _tracing: Any = None
@@ -86,7 +86,7 @@ class EventHooks:
     def event(self, name: str, model: str, conversation_id: str, url: str, **details: Any) -> None:
         """Build the :class:`ChatEvent` and :meth:`emit` it (only when a hook listens to it)."""
         if name in self._hooks:
-            # (Its dataclass costs a millisecond or two to create: only sessions with hooks load it.)
+            # Making the dataclass costs import time: only sessions with hooks pay it.
             from .events import ChatEvent
 
             self.emit(ChatEvent(name, model, conversation_id, url, **details))
@@ -137,7 +137,7 @@ class EventHooks:
             return send(None)
         try:
             stream = send(call)
-        except BaseException as exc:  # (Ctrl-C in a retry wait ends the chat too)
+        except BaseException as exc:  # Ctrl-C in a retry wait ends the chat too
             call.failed(exc)
             raise
         call.first_piece(stream)
@@ -197,6 +197,7 @@ class ChatCall:
         stream: Optional[ChatStream] = None,
         text: Optional[str] = None,
     ) -> None:
+        """Call the session's hooks of ``name`` with this chat's event."""
         if self._hooks:
             count = None if text is None else (lambda: self.usage(text))
             self._hooks.event(
@@ -205,11 +206,13 @@ class ChatCall:
             )
 
     def retry(self, attempt: int, wait: float, error: BaseException) -> None:
+        """Attempt ``attempt`` failed with ``error``; the next follows in ``wait`` seconds."""
         if self._span is not None:
             _tracing.retry(self._span, attempt, wait, error)
         self.emit("retry", attempt=attempt, wait=wait, error=error)
 
     def first_piece(self, stream: ChatStream) -> None:
+        """The first piece of ``stream`` arrived."""
         if self._span is not None:
             self._span.add_event("first_piece")
         self.emit("first_piece", stream=stream)
@@ -226,6 +229,7 @@ class ChatCall:
         self.emit("chat_end", text=text)
 
     def failed(self, error: BaseException) -> None:
+        """The chat failed with ``error``, before or after its first piece."""
         if self._done:
             return
         self._done = True

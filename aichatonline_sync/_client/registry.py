@@ -36,6 +36,7 @@ __all__ = [
 #: The most sessions kept for module-level calls.
 MAX_SHARED_SESSIONS = 8
 
+
 def _freeze(value: Any) -> Any:
     """A hashable stand-in for an option value (objects without a value equality: by identity;
     the session made for them holds them, so their ``id`` is not reused while it is kept)."""
@@ -53,6 +54,7 @@ def _freeze(value: Any) -> Any:
 
 
 def _key(options: dict[str, Any]) -> tuple[Any, ...]:
+    """The registry key of a set of session options; a given ``requests.Session`` by identity."""
     return tuple(
         sorted(
             (name, ("id", id(value)) if name == "http" else _freeze(value))
@@ -62,6 +64,9 @@ def _key(options: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class _Entry:
+    """A shared session and how many calls use it: once dropped from the registry, it is closed
+    as soon as none does."""
+
     __slots__ = ("dropped", "session", "users")
 
     def __init__(self, session: Session) -> None:
@@ -71,6 +76,9 @@ class _Entry:
 
 
 class _Registry:
+    """The least recently used shared sessions, at most ``size``. Entries change under the lock;
+    sessions are made under it (one per key) and closed outside it."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()

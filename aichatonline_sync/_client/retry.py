@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 
 def _code_of(exc: BaseException) -> Optional[int]:
+    """The status of a reply, or the code of an error line before any text; else ``None``."""
     if isinstance(exc, APIStatusError):
         return exc.status_code
     if isinstance(exc, UpstreamError) and not exc.partial and isinstance(exc.code, int):
@@ -60,7 +61,7 @@ def backoff(policy: RetryPolicy, attempt: int, exc: Optional[BaseException] = No
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         return float(retry_after)
-    # (2 ** 60 times any delay is past every max_delay; a larger power would overflow a float)
+    # 2 ** 60 times any delay is past every max_delay; a larger power would overflow a float.
     ceiling = min(policy.max_delay, policy.initial_delay * 2 ** min(attempt - 1, 60))
     return random.uniform(policy.initial_delay, max(policy.initial_delay, ceiling))
 

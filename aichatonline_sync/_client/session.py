@@ -1,8 +1,8 @@
 """``Session``: one token, one connection pool, retries and timeouts, shared by many chats.
 
-The session only orchestrates: options are checked by :mod:`._config`, requests go through the
-:class:`~._transport.Transport`, the token is the :class:`~._token.TokenStore`'s, retries are a
-:func:`~._retry.build_retrying`, and the reply is read by :class:`~._stream.Reply`.
+The session only orchestrates: options are checked by :mod:`.config`, requests go through the
+transport's :class:`Transport`, the token is the :class:`~.token.TokenStore`'s, retries are a
+:func:`~.retry.build_retrying`, and the reply is read by :class:`~.stream.Reply`.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ from .retry import build_retrying, run_with_retries
 from .stream import ChatStream, RecordedReply, Reply, StoredReply
 from .token import TokenStore
 
-if TYPE_CHECKING:  # (concurrent.futures costs ms to import: only batches need it)
+if TYPE_CHECKING:  # concurrent.futures and sqlite3 are slow to import: loaded where used
     import concurrent.futures
 
     from .batch import BatchResult
-    from .cache import ReplyCache  # (sqlite3 is imported only for a session with a cache)
+    from .cache import ReplyCache
 
 __all__ = ["CHAT_OPTIONS", "DEFAULT_MODEL", "MODELS", "SESSION_OPTIONS", "Session", "split_options"]
 
@@ -101,7 +101,8 @@ class Session:
     :param http: an existing :class:`requests.Session` to send through (not closed by :meth:`close`).
     :param max_line_bytes: the longest reply line accepted (default 1 MiB).
     :param pool_maxsize: connections kept per host (default 32; raise it for more threads).
-    :param event_hooks: ``{"chat_start": [fn], ...}``: see :mod:`._hooks` and the README.
+    :param event_hooks: ``{"chat_start": [fn], ...}``: functions called with a :class:`ChatEvent`
+        at each moment of a chat (the manual's "Event hooks" lists the events).
     :param cache: a :class:`ReplyCache` or the path of its file: replies replayed, not sent.
     :raises InvalidRequestError: a bad option; nothing is sent.
     """
@@ -143,7 +144,7 @@ class Session:
         headers = _merge_headers(protocol_headers(self.base_url), self.headers)
         chat_headers = dict(headers)
         if not any(key.lower() == "content-type" for key in chat_headers):
-            chat_headers["Content-Type"] = "application/json"  # (a user's own, in any case, wins)
+            chat_headers["Content-Type"] = "application/json"  # a user's own, in any case, wins
         # What messages, errors and logs show: the URLs without credentials.
         self._shown_chat_url = redact_url(f"{self.base_url}{CHAT_PATH}")
         self._chat = self._transport.endpoint(
@@ -237,6 +238,9 @@ class Session:
         :param cancel: a :class:`Cancellation` that stops this chat from another thread.
         :raises InvalidRequestError: bad messages or options (an unknown option too, or an option
             of :class:`Session` itself), before anything is sent.
+        :raises AiChatOnlineError: the chat failed before its first piece, after the retries
+            (:class:`APIConnectionError`, :class:`APIStatusError`, :class:`TokenError`,
+            :class:`ProtocolError` or :class:`UpstreamError`).
         """
         reject_options(unknown, valid=CHAT_OPTIONS, what="Session.chat()", elsewhere=SESSION_OPTIONS,
                        elsewhere_hint="belong to Session(...), not to one chat")
@@ -312,7 +316,7 @@ class Session:
         self._check_open()
         if chat.cancel is not None:
             chat.cancel.check("the chat request", self._shown_chat_url)
-        _redact.remember(token)  # (in use: kept among the most recently used)
+        _redact.remember(token)  # a token in use stays among the most recently remembered
         secrets = (*self._secrets(), token)
         response = self._chat.send(
             headers={TOKEN_HEADER: token},
@@ -393,7 +397,7 @@ def _read_reply(
     if cache is not None and isinstance(reply, RecordedReply):
         recorded = reply.recorded
 
-        def store(_text: str) -> None:  # (done callbacks run only at the normal end)
+        def store(_text: str) -> None:  # done callbacks run only at the normal end
             cache.put(chat.model, chat.prompt, recorded)
 
         stream.add_done_callback(store)
@@ -493,7 +497,7 @@ def _check_http(http: Any) -> None:
         {
             k: v.decode("latin-1") if isinstance(v, bytes) else v
             for k, v in http.headers.items()
-            if v is not None  # (None drops a header in requests)
+            if v is not None  # requests drops a header whose value is None
         },
         what="http.headers",
     )
@@ -508,6 +512,6 @@ def _password(url: Optional[str]) -> Optional[str]:
 
 def _is_rejection(exc: BaseException) -> bool:
     """Did the upstream reject the token (a 401/403 status, or such an error line before text)?"""
-    if isinstance(exc, AuthenticationError):  # (an HTML block page is no verdict on the token)
+    if isinstance(exc, AuthenticationError):  # an HTML block page is no verdict on the token
         return html_page_title(exc.headers, exc.body) is None
     return isinstance(exc, UpstreamError) and not exc.partial and exc.code in (401, 403)

@@ -35,7 +35,7 @@ def parse_token(body: bytes, url: str) -> str:
     """
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise TokenError(
             f"the token reply from {url} is not JSON; it begins: "
             f"{body[:200].decode('utf-8', 'replace')!r}"
@@ -70,7 +70,7 @@ def _upstream_words(data: object) -> tuple[object, Optional[str]]:
     said = data.get("message", data.get("msg"))
     if not isinstance(said, str):
         return code, None
-    return code, _SURROGATE.sub("\ufffd", said[:500])  # (text, as every message of ours is)
+    return code, _SURROGATE.sub("\ufffd", said[:500])  # text, as every message of ours is
 
 
 class _Outcome(NamedTuple):
@@ -121,10 +121,12 @@ class TokenSlot:
 
     @property
     def token(self) -> Optional[str]:
+        """The kept token, or ``None``."""
         with self._changed:
             return self._token
 
     def clear(self) -> None:
+        """Forget the kept token; a fetch in flight still keeps the one it gets."""
         with self._changed:
             self._token = None
 
@@ -239,6 +241,7 @@ class TokenStore:
         return self._slot.token
 
     def clear(self) -> None:
+        """Forget the kept token (the session closes)."""
         self._slot.clear()
 
     def get(

@@ -2,5 +2,6 @@
 
 ``transport`` sends one request through ``requests.Session``'s public API, reads the body in raw
 blocks and maps every foreign exception to ours; ``cancel`` is the deadline and abort that its
-reads observe. Only this folder may touch private names of other libraries (tests/test_architecture.py).
+reads observe. Only ``transport`` may touch private names of other libraries
+(tests/test_architecture.py).
 """

@@ -20,15 +20,14 @@ class Cancellation:
     """A cancel signal shared by any number of chats: pass it as ``cancel=`` and call :meth:`cancel`
     from any thread to stop them.
 
-    A chat that is cancelled raises at once in a retry wait (no request is sent after it), waiting
-    for its first piece, while it waits for the token that another thread is fetching, or while
-    its stream is being read (the connection is shut down, so a read blocked in another thread
-    returns at once). A request still waiting for the reply's headers
-    (the token request, or the chat before its status line) is not interrupted: it ends at its
-    timeout, and the chat then raises without retrying. Before its first piece the
-    error is an :class:`APIConnectionError` (not retried), after it an
-    :class:`IncompleteStreamError` with the ``.partial`` text. A chat started after
-    :meth:`cancel` fails before it sends anything.
+    A cancelled chat raises: before its first piece an :class:`APIConnectionError` (not retried),
+    after it an :class:`IncompleteStreamError` with the ``.partial`` text. It raises at once in a
+    retry wait (no request is sent after it), while it waits for its first piece or for the token
+    that another thread is fetching, and while its stream is read (the connection is shut down, so
+    a read blocked in another thread returns at once). A chat started after :meth:`cancel` fails
+    before it sends anything. A request still waiting for the reply's headers (the token request,
+    or the chat before its status line) is not interrupted: it ends at its timeout, and the chat
+    then raises without retrying.
 
     >>> cancel = Cancellation()                                     # doctest: +SKIP
     >>> threading.Timer(5, cancel.cancel).start()

@@ -7,13 +7,13 @@ are not what this module expects (tests/test_transport.py runs the streaming cas
 
 1. ``response.raw._fp`` (urllib3's ``http.client.HTTPResponse``), its ``fp`` (the buffered socket
    reader) and its ``chunked``, ``length`` and ``will_close`` attributes. The body is read with
-   ``fp.read1`` (one system call: whatever has arrived) and de-chunked by :mod:`._framing`, so each
+   ``fp.read1`` (one system call: whatever has arrived) and de-chunked by ``_wire.framing``, so each
    line is handed out as soon as it arrives in every framing, with and without gzip. Why: urllib3
    1.26 has no ``read1``; urllib3 2's ``read1`` is slow on one-line chunks; ``iter_content`` holds
    lines back on Content-Length and close-delimited bodies and on gzip (STREAMING.md).
    Fallback: ``raw.read1(n, decode_content=False)`` (urllib3 2.2 and later), else
    ``raw.stream(n, decode_content=False)`` (before 2.2: prompt on chunked bodies, whole reads
-   otherwise), decoded by :mod:`._framing` in the same bounded steps.
+   otherwise), decoded by ``_wire.framing`` in the same bounded steps.
 2. ``raw._connection.sock``: its timeout is shortened so that no read waits past a chat's total
    deadline. Fallback: the deadline is checked between reads, each bounded by the read timeout.
 3. The same socket is shut down to abort a stream that another thread is reading (closing the
@@ -269,7 +269,7 @@ class Endpoint:
                 prepared.headers.update(headers)
             prepared.prepare_body(body, None)
             cookies = self._transport.http.cookies
-            if cookies:  # (an empty jar adds nothing, at some cost)
+            if cookies:  # an empty jar would add nothing, at a cost
                 prepared.prepare_cookies(cookies)
         except Exception as exc:
             raise translate_exception(
@@ -351,6 +351,8 @@ class _Wire:
         return cls(fp, read1, _socket_of(raw))
 
     def chunks(self, deadline: Optional[float], read_timeout: Optional[float]) -> Iterator[bytes]:
+        """The body's bytes as they arrive (de-chunked when chunked); no read waits past
+        ``deadline``."""
         read1 = self.read1
         if deadline is not None:
             read1 = _deadline_read1(read1, self.sock, deadline, read_timeout)
@@ -450,7 +452,7 @@ def iter_body(
     :raises DeadlineExceeded: the total deadline passed.
     :raises Cancelled: ``cancel`` was cancelled.
     :raises ProtocolError: bad chunked framing or content encoding, or a body that expands past
-        :data:`~._framing.MAX_EXPANSION`.
+        :data:`~aichatonline_sync._wire.framing.MAX_EXPANSION`.
     :raises OSError: socket errors and timeouts, as the socket raises them.
     """
     wire = _Wire.of(response)
@@ -470,7 +472,7 @@ def _decoded(
     cancel: Optional[Cancellation],
 ) -> Iterator[bytes]:
     """The bytes of ``source`` decoded by ``decoder`` (``None``: as they are), in steps of at
-    most :data:`~._framing.DECODE_STEP` (or one read) bytes: the one loop every body goes
+    most :data:`~aichatonline_sync._wire.framing.DECODE_STEP` (or one read) bytes: the one loop every body goes
     through. The deadline and the cancellation are checked before each step, because a body
     already in memory can decode to far more than any read returns."""
     for data in source:
@@ -537,7 +539,7 @@ def abort(response: requests.Response) -> None:
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and every exception inside it: ``reason`` (urllib3), exceptions among ``args``
     (requests wraps urllib3's so), ``__cause__`` and ``__context__``; outermost first."""
-    _redact.mask_chain(exc)  # (kept as the __cause__ of ours: every traceback prints it)
+    _redact.mask_chain(exc)  # ours keep it as __cause__, which every traceback prints
     seen: set[int] = set()
     order: list[BaseException] = []
     todo = [exc]
@@ -597,7 +599,8 @@ def _socks_error(item: BaseException) -> bool:
 
 
 def _hostname_mismatch_types() -> tuple[type[BaseException], ...]:
-    """urllib3's own CertificateError (raised where it checks host names itself, e.g. on 3.9)."""
+    """The errors of a certificate that names another host: ssl's, and urllib3's own
+    CertificateError where urllib3 checks host names itself (on Python 3.9, for example)."""
     import importlib
 
     found: list[type[BaseException]] = [ssl.CertificateError]

@@ -2,5 +2,5 @@
 
 The exceptions and their redaction (``errors``, ``redact``), the protocol's constants (``protocol``),
 gpt4free's prompt format (``prompt``), the JSON-line parser (``parser``) and the HTTP body framings
-(``framing``). Nothing here imports a layer above it, opens a socket or reads a clock.
+(``framing``). Nothing here imports a layer above it or opens a socket.
 """

@@ -66,7 +66,7 @@ class AiChatOnlineError(Exception):
     """Base class of every error raised by this library.
 
     Its message and every text attribute (``.body``, ``.headers``, ``.message``, ...) are masked of
-    the secrets the library knows (tokens, proxy passwords; see :mod:`._redact`) when they are set,
+    the secrets the library knows (tokens, proxy passwords; see :mod:`.redact`) when they are set,
     whoever sets them; ``.partial``, the reply's text as it was handed out, is kept as it came.
 
     Errors pickle with their attributes (``.partial``, ``.status_code``, ...), so a batch run in
@@ -306,8 +306,9 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 def html_page_title(headers: Mapping[str, str], body: str) -> Optional[str]:
-    """``None`` unless the reply is an HTML page (by its ``Content-Type``, or a body that begins
-    like one); then its ``<title>`` (white space folded, at most 80 characters), or ``""``."""
+    """The ``<title>`` of a reply that is an HTML page (white space folded, at most 80
+    characters; ``""`` without one), or ``None`` when the reply is no HTML page, by its
+    ``Content-Type`` or by a body that begins like one."""
     content_type = next(
         (value for key, value in headers.items() if key.lower() == "content-type"), ""
     )

@@ -2,7 +2,7 @@
 
 Pure: the de-chunker reads through a ``read1(n)`` callable it is given, and the decoder works on the
 bytes it is fed, so both are tested on byte fixtures split every possible way (tests/test_dechunk.py).
-:mod:`._transport` plugs them onto a connection.
+The transport (``_transport/transport.py``) plugs them onto a connection.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ class Decoder:
             )
 
     def decode(self, data: bytes) -> Iterator[bytes]:
+        """Yield the bytes ``data`` decodes to, at most :data:`DECODE_STEP` at a time.
+
+        :raises ProtocolError: ``data`` does not decode in this encoding, expands past
+            :data:`MAX_EXPANSION`, or follows the end of a deflate stream.
+        """
         if data:
             self._fed = True
         try:

@@ -38,6 +38,8 @@ def get_random_string(length: int = 10) -> str:
 
 
 def content_to_text(content: Any) -> str:
+    """The text of a message content, as gpt4free takes it: a str as it is, ``None`` as ``""``,
+    a part its ``text``, a list the text of its text parts joined."""
     if isinstance(content, str):
         return content
     if content is None:

@@ -81,12 +81,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def upstream_code(value: Any) -> Any:
-    """An error ``code`` as the upstream sent it, as an ``int`` when it is a short number in a
-    string (``"401"``); anything else as it is (``"²"`` and 5,000 digits included: ``int()``
-    would refuse them, or take long)."""
+    """An error ``code`` as the upstream sent it: an ``int`` when it is a short number in a
+    string (``"401"``), other text with its lone surrogates as U+FFFD, anything else as it is.
+
+    Only one to nine ASCII digits (with an optional minus) are converted: ``int()`` also takes the
+    digits of other scripts, and is slow on thousands of them.
+    """
     if isinstance(value, str) and _NUMERIC_CODE.fullmatch(value.strip()):
         return int(value)
-    if isinstance(value, str):  # text that encodes, as every message of ours
+    if isinstance(value, str):  # every text of ours encodes as UTF-8
         return _SURROGATE.sub("\ufffd", value)
     return value
 
@@ -140,8 +143,12 @@ BLOCK_PAGE = (
     "</div></div>\n</body>\n</html>\n"
 )
 
+
 def parse_retry_after(headers: Mapping[str, str], now: Optional[float] = None) -> Optional[float]:
-    """The delay asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
+    """The delay asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), in
+    seconds; ``None`` when neither is there or readable. A date in the past is ``0.0``.
+
+    :param now: the :func:`time.time` to count a date from (default: the clock's).
 
     >>> parse_retry_after({"Retry-After": "2"})
     2.0

@@ -6,7 +6,7 @@ A session remembers its proxy password when it is made and every token it is iss
 - every log record of the package's loggers (:class:`RedactingFilter`, on each of them: a filter
   on a parent logger does not see the records of its children), its arguments, exception text and
   stack included;
-- the message and every text attribute of an :class:`~._errors.AiChatOnlineError` (its
+- the message and every text attribute of an :class:`~.errors.AiChatOnlineError` (its
   constructor and ``__setattr__`` call :func:`scrub`);
 - every warning the library issues (:func:`warn`).
 
