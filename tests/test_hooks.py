@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 from typing import Any, Callable
 
@@ -107,7 +108,8 @@ def test_an_abort_with_a_reason_between_reads_is_the_chats_error(
         assert rec.names == ["chat_start", "first_piece", "chat_error"]
         error = rec.events[-1].error
         assert isinstance(error, aco.IncompleteStreamError)
-        assert error.partial == "one " and str(error).endswith(": enough")
+        assert error.partial == "one "
+        assert str(error).endswith(": enough")
         with pytest.raises(aco.IncompleteStreamError) as raised:
             next(stream)
         assert str(raised.value) == str(error)
@@ -244,3 +246,43 @@ def test_ctrl_c_in_a_retry_wait_is_the_chats_last_event(emulator: MakeEmulator) 
         s.complete("Hi")
     assert rec.names == ["chat_start", "retry", "chat_error"]
     assert isinstance(rec.events[-1].error, KeyboardInterrupt)
+
+
+def test_a_chats_end_reported_from_many_threads_at_once_is_one_event() -> None:
+    """The reply, a Ctrl-C and a close may report a chat's end from different threads: the first
+    report is the chat's one last event."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(50):
+            assert report_ends_at_once() <= 1
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def report_ends_at_once() -> int:
+    """Report a chat's end from nine threads at once; how many last events were emitted."""
+    from aichatonline_sync._client.hooks import ChatCall
+
+    rec = Recorder()
+    call = ChatCall(
+        EventHooks(rec.hooks()), model="gpt-4o-mini", conversation_id="c", url="u", prompt="p"
+    )
+    ends: list[Callable[[], None]] = [
+        lambda: call.finished("text", kept=True),
+        lambda: call.failed(aco.IncompleteStreamError("cut")),
+        call.closed,
+    ] * 3
+    barrier = threading.Barrier(len(ends))
+
+    def run(end: Callable[[], None]) -> None:
+        barrier.wait(10)
+        end()
+
+    threads = [threading.Thread(target=run, args=(end,)) for end in ends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    return len([name for name in rec.names if name in ("chat_end", "chat_error")])

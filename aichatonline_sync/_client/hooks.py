@@ -23,6 +23,7 @@ chat that has neither hooks nor a tracer provider pays one dictionary look-up pe
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -155,7 +156,8 @@ class ChatCall:
     stream, so that dropping a stream still closes it at once."""
 
     __slots__ = (
-        "_counted", "_done", "_hooks", "_span", "_usage", "conversation_id", "model", "prompt", "url"
+        "_counted", "_done", "_hooks", "_lock", "_span", "_usage", "conversation_id", "model",
+        "prompt", "url",
     )
 
     def __init__(
@@ -170,6 +172,9 @@ class ChatCall:
     ) -> None:
         self._hooks = hooks
         self._span = span
+        # The end (finished, failed or closed) and the count may come from different threads:
+        # the lock makes the first end the only one, and the count happen once.
+        self._lock = threading.Lock()
         self._done = False
         self._counted = False
         self._usage: Optional[Usage] = None
@@ -180,12 +185,21 @@ class ChatCall:
 
     def usage(self, text: str) -> Optional[Usage]:
         """The counts of this chat's prompt and of ``text`` (its reply), counted once."""
-        if not self._counted:
-            from .usage import usage_of
+        with self._lock:
+            if not self._counted:
+                from .usage import usage_of
 
-            self._usage = usage_of(self.prompt, text, self.model)
-            self._counted = True
-        return self._usage
+                self._usage = usage_of(self.prompt, text, self.model)
+                self._counted = True
+            return self._usage
+
+    def _end(self) -> bool:
+        """Whether this is the chat's one end: the first of finished, failed and closed."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
 
     def emit(
         self,
@@ -219,28 +233,26 @@ class ChatCall:
 
     def finished(self, text: str, kept: bool) -> None:
         """The reply was read to its end; ``text`` is all of it when ``kept``."""
-        if self._done:
+        if not self._end():
             return
-        self._done = True
         if not kept:
-            self._counted = True  # nothing to count the reply from
+            with self._lock:
+                self._counted = True  # nothing to count the reply from
         if self._span is not None:
             _tracing.end(self._span, model=self.model, usage=self.usage(text), text=text)
         self.emit("chat_end", text=text)
 
     def failed(self, error: BaseException) -> None:
         """The chat failed with ``error``, before or after its first piece."""
-        if self._done:
+        if not self._end():
             return
-        self._done = True
         if self._span is not None:
             _tracing.end(self._span, error=error)
         self.emit("chat_error", error=error)
 
     def closed(self) -> None:
         """The stream was closed before its end: no event; the span ends."""
-        if self._done:
+        if not self._end():
             return
-        self._done = True
         if self._span is not None:
             _tracing.end(self._span)
