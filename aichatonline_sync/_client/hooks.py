@@ -11,7 +11,8 @@ where the moment happens (the caller's, or the one reading the stream). The even
 - ``chat_error``: the chat failed, before or after its first piece (``error``);
 - ``cache_hit``: a reply was served from a reply cache (``stream``), with nothing sent.
 
-A chat's last event is ``chat_end`` or ``chat_error``; a stream closed before its end has neither.
+A chat's last event is ``chat_end`` or ``chat_error``; a stream closed before its end by its reader
+has neither (an abort with a reason, or a close from another thread, is a ``chat_error``).
 A hook that raises does not break the chat: the exception is logged at WARNING (once per hook and
 exception type, with its traceback) and the other hooks and the chat go on. Hooks cannot change
 the request or the reply.
