@@ -262,7 +262,7 @@ def test_batch_collects_what_batch_iter_yields_into_input_order(
         finally:
             closed.set()
 
-    import aichatonline_sync._client.api as api
+    from aichatonline_sync._client import api
 
     monkeypatch.setattr(api, "batch_iter", fake_batch_iter)
     seen: list[int] = []
@@ -275,8 +275,10 @@ def test_batch_collects_what_batch_iter_yields_into_input_order(
     assert closed.is_set()
     [(prompts, options)] = calls
     assert prompts == ["p0", "p1", "p2"]
-    assert options["max_workers"] == 3 and options["model"] == "m"
-    assert "return_exceptions" not in options and "on_result" not in options
+    assert options["max_workers"] == 3
+    assert options["model"] == "m"
+    assert "return_exceptions" not in options
+    assert "on_result" not in options
     with pytest.raises(BatchError) as info:
         aco.batch(["p0", "p1", "p2"])
     assert info.value.results == [None, "b", "c"]
