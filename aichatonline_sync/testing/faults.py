@@ -28,9 +28,9 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
-from .._client.config import check_bool, check_int
+from .._client.config import check_bool, check_int, is_number
 from .._wire.errors import InvalidRequestError
 from .._wire.protocol import BLOCK_PAGE, error_json
 
@@ -152,11 +152,15 @@ def check_seconds(seconds: object, what: str) -> Optional[float]:
     """``seconds`` as a float if it is a finite number >= 0, or None."""
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    if not is_number(seconds):
         raise InvalidRequestError(f"{what} must be a number of seconds, not {seconds!r}")
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+    try:
+        value = float(cast(float, seconds))
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if math.isnan(value) or math.isinf(value) or value < 0:
         raise InvalidRequestError(f"{what} must be a finite number >= 0, not {seconds!r}")
-    return float(seconds)
+    return value
 
 
 def check_headers(headers: object) -> tuple[tuple[str, str], ...]:
