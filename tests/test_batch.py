@@ -242,3 +242,45 @@ def test_empty_batch(emulator: MakeEmulator) -> None:
     assert aco.batch([], base_url=emu.url) == []
     assert list(aco.batch_iter([], base_url=emu.url)) == []
     assert emu.requests == []
+
+
+def test_batch_collects_what_batch_iter_yields_into_input_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """batch() runs no engine of its own: it takes the prompts, hands them and its options to the
+    public batch_iter(), and puts the results it yields in input order."""
+    calls: list[tuple[list[Any], dict[str, Any]]] = []
+    closed = threading.Event()
+    failure = RuntimeError("this prompt fails")
+
+    def fake_batch_iter(prompts: list[Any], **options: Any) -> Any:
+        calls.append((prompts, options))
+        try:
+            yield BatchResult(2, prompts[2], "c", None, 0.0)
+            yield BatchResult(0, prompts[0], None, failure, 0.0)
+            yield BatchResult(1, prompts[1], "b", None, 0.0)
+        finally:
+            closed.set()
+
+    from aichatonline_sync._client import api
+
+    monkeypatch.setattr(api, "batch_iter", fake_batch_iter)
+    seen: list[int] = []
+    texts = aco.batch(
+        (p for p in ["p0", "p1", "p2"]), max_workers=3, model="m", return_exceptions=True,
+        on_result=lambda r: seen.append(r.index),
+    )
+    assert texts == [failure, "b", "c"]
+    assert seen == [2, 0, 1]
+    assert closed.is_set()
+    [(prompts, options)] = calls
+    assert prompts == ["p0", "p1", "p2"]
+    assert options["max_workers"] == 3
+    assert options["model"] == "m"
+    assert "return_exceptions" not in options
+    assert "on_result" not in options
+    with pytest.raises(BatchError) as info:
+        aco.batch(["p0", "p1", "p2"])
+    assert info.value.results == [None, "b", "c"]
+    assert info.value.errors == {0: failure}
+    assert str(info.value).startswith("1 of 3 prompts failed (first: prompt 0: this prompt fails)")

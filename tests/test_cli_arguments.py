@@ -78,6 +78,23 @@ def test_unknown_options_point_to_the_command_help(args: list[str], expected: st
     assert one_error_line(result.stderr).startswith(f"aichatonline: error: {expected}")
 
 
+@pytest.mark.parametrize(("command", "port"), [("serve", 8765), ("gateway", 8000)])
+def test_serving_commands_listen_on_loopback_at_their_own_port(
+    command: str, port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aichatonline_sync.cli.commands import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([command])
+    assert (args.host, args.port) == ("127.0.0.1", port)
+    assert parser.parse_args([command, "--host", "::1", "--port", "0"]).port == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--host HOST the address to listen on (default: 127.0.0.1)" in shown
+    assert f"--port PORT the port to listen on; 0 picks a free one (default: {port})" in shown
+
+
 def test_batch_system_comes_before_every_prompt(emu: Emulator, tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "two"}]
     prompts = prompts_file(

@@ -321,6 +321,8 @@ def test_reply_kinds() -> None:
         ({"framing": "pigeon"}, "framing"),
         ({"chunk_delay": -1}, "chunk_delay"),
         ({"chunk_delay": float("nan")}, "chunk_delay"),
+        ({"chunk_delay": True}, "chunk_delay must be a number of seconds"),
+        ({"chunk_delay": 10**400}, "chunk_delay must be a finite number >= 0"),
         ({"reply": b"bytes"}, "reply"),
         ({"reply": 42}, "reply"),
         ({"reply": ["ok", 1]}, "piece"),

@@ -102,6 +102,13 @@ def test_both_doubles_accept_or_refuse_the_same_arguments(call: Callable[[Any], 
         assert queued == 0
 
 
+@pytest.mark.parametrize("name", ["fail", "error_line", "html", "drop", "pending_faults"])
+def test_both_doubles_schedule_faults_with_one_method(name: str) -> None:
+    """The fault-scheduling methods are written once, so the two doubles cannot drift apart."""
+    assert getattr(Emulator, name) is getattr(AiChatOnlineMock, name)
+    assert getattr(Emulator, name).__doc__
+
+
 TOKEN = "/api/v1/user/getUniqueId?canvas=-abcdefghij"
 CHAT = "/aichatonline/api/chat/gpt"
 BODY = {"conversationId": "abcdefghij", "prompt": "Hi"}

@@ -194,6 +194,26 @@ def test_error_line_stops_the_parse(raw: bytes, code: int, message: str) -> None
     assert parser.close() == []
 
 
+@pytest.mark.parametrize(
+    "code", [b"true", b"false", b"[200]", b'{"code": 200}', b"1.5", b'"failed"']
+)
+def test_a_code_that_is_no_ok_code_makes_an_error_line(code: bytes) -> None:
+    """Only a number or a word of OK_CODES says success: JSON's true and false are no numbers
+    (False == 0 in Python), and a list or an object is an error line, not a crash."""
+    parser = LineParser()
+    assert parser.feed(line("a") + b'{"code": ' + code + b', "message": "no"}\n') == ["a"]
+    assert isinstance(parser.error, ErrorLine)
+    assert parser.error.message == "no"
+    assert parser.stopped
+
+
+@pytest.mark.parametrize("code", [b"0", b"200", b"200.0", b'"ok"', b"null"])
+def test_an_ok_code_without_a_piece_is_skipped(code: bytes) -> None:
+    parser = LineParser()
+    assert parser.feed(b'{"code": ' + code + b"}\n" + line("a")) == ["a"]
+    assert parser.error is None
+
+
 def test_error_line_split_across_feeds_and_as_last_line() -> None:
     raw = b'{"code": 401, "message": "bad", "data": null}'
     for cut in range(len(raw) + 1):

@@ -153,22 +153,18 @@ def batch(
 
     The other parameters are those of :func:`batch_iter`.
     """
-    from .batch import BatchOptions, run_batch
+    from .batch import BatchOptions, collect, listed
 
-    run = BatchOptions(
+    BatchOptions(
         max_workers=max_workers, progress=progress, executor=executor, rate_limit=rate_limit,
         return_exceptions=return_exceptions, on_result=on_result,
+    )  # checked before the prompts are taken; batch_iter() checks all but the last two again
+    items = listed(prompts)
+    results = batch_iter(
+        items, max_workers=max_workers, session=session, progress=progress, executor=executor,
+        rate_limit=rate_limit, **options,
     )
-    session_options, chat_options = split_options(options)
-    with _batch_session(session, session_options, executor) as client:
-        return run_batch(
-            prompts,
-            session=client,
-            session_options=session_options if client is session else {},
-            chat_options=chat_options,
-            options=run,
-            shared=shared_session,
-        )
+    return collect(results, len(items), return_exceptions=return_exceptions, on_result=on_result)
 
 
 def _batch_session(

@@ -9,8 +9,9 @@ the chats running in this process are cancelled through the batch's :class:`Canc
 waits end, streams are aborted), so that the worker threads return at once. What finished before
 was already handed out.
 
-This module imports nothing of the session's (``Session.batch`` imports it); the public
-``batch()``/``batch_iter()`` in :mod:`._api` find the session and hand the options over split.
+This module imports nothing of the session's (``Session.batch`` imports it). The public
+``batch_iter()`` in :mod:`.api` finds the session and hands the options over split to
+:func:`iter_batch`, the one engine; ``batch()`` and ``Session.batch`` are :func:`collect` over it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ from .config import MAX_CONNECTIONS, MAX_SECONDS, check_bool, check_int, is_numb
 if TYPE_CHECKING:  # this module imports nothing of the session's: Session.batch imports it
     from .session import Session
 
-__all__ = ["BatchOptions", "BatchResult", "RateLimiter", "check_prompts", "in_flight_limit", "iter_batch", "run_batch"]
+__all__ = [
+    "BatchOptions",
+    "BatchResult",
+    "RateLimiter",
+    "check_prompts",
+    "collect",
+    "in_flight_limit",
+    "iter_batch",
+    "listed",
+    "run_batch",
+]
 
 logger = _redact.logger("aichatonline_sync")
 
@@ -586,32 +597,59 @@ def in_flight_limit(max_workers: int) -> int:
     return 2 * max_workers
 
 
-def run_batch(prompts: Iterable[Any], *, options: BatchOptions, **engine: Any) -> list[Any]:
-    """The engine of :func:`aichatonline_sync.batch` (which documents it): the results of
-    :func:`iter_batch` (given ``options`` and ``engine``, its other arguments) collected in
-    input order."""
-    return_exceptions, on_result = options.return_exceptions, options.on_result
+def listed(prompts: Iterable[Any]) -> list[Any]:
+    """Every prompt of ``prompts`` in a list, as :func:`aichatonline_sync.batch` takes them before
+    anything is sent (a list is checked whole by the engine).
+
+    :raises InvalidRequestError: ``prompts`` is no collection of prompts (see :func:`check_prompts`).
+    """
     check_prompts(prompts)
-    items = list(prompts)
-    results: list[Any] = [None] * len(items)
+    return list(prompts)
+
+
+def collect(
+    results: Generator[BatchResult, None, None],
+    total: int,
+    *,
+    return_exceptions: bool = False,
+    on_result: Optional[Callable[[BatchResult], object]] = None,
+) -> list[Any]:
+    """What :func:`aichatonline_sync.batch` returns: the ``total`` results of a
+    :func:`aichatonline_sync.batch_iter` run put in input order, each given to ``on_result`` as it
+    comes. ``results`` is closed on the way out, so that leaving early (``on_result`` raised,
+    Ctrl-C) stops the batch at once.
+
+    :returns: the text of each prompt, or with ``return_exceptions`` its exception where it failed.
+    :raises BatchError: some prompts failed, with ``.results`` (text or ``None``) and ``.errors``.
+    """
+    texts: list[Any] = [None] * total
     errors: dict[int, BaseException] = {}
-    results_iter = iter_batch(items, options=options, **engine)
-    try:
-        for result in results_iter:
+    with contextlib.closing(results):
+        for result in results:
             if result.error is None:
-                results[result.index] = result.text
+                texts[result.index] = result.text
             else:
                 errors[result.index] = result.error
-                results[result.index] = result.error if return_exceptions else None
+                texts[result.index] = result.error if return_exceptions else None
             if on_result is not None:
                 on_result(result)
-    finally:
-        results_iter.close()  # at once, also when on_result raised
     if errors and not return_exceptions:
         first = min(errors)
         raise BatchError(
-            f"{len(errors)} of {len(items)} prompts failed (first: prompt {first}: {errors[first]})",
-            results=results,
+            f"{len(errors)} of {total} prompts failed (first: prompt {first}: {errors[first]})",
+            results=texts,
             errors=errors,
         )
-    return results
+    return texts
+
+
+def run_batch(prompts: Iterable[Any], *, options: BatchOptions, **engine: Any) -> list[Any]:
+    """:meth:`Session.batch`: :func:`collect` over :func:`iter_batch`, the engine of
+    :func:`aichatonline_sync.batch_iter`, given ``options`` and ``engine`` (its other arguments)."""
+    items = listed(prompts)
+    return collect(
+        iter_batch(items, options=options, **engine),
+        len(items),
+        return_exceptions=options.return_exceptions,
+        on_result=options.on_result,
+    )

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional, TypeVar, Union, cast
 from urllib.parse import urlsplit
 
 from .._wire.errors import InvalidRequestError
-from .._wire.protocol import BASE_URL_ENV, DEFAULT_BASE_URL, RETRY_STATUSES
+from .._wire.protocol import BASE_URL_ENV, DEFAULT_BASE_URL, RETRY_STATUSES, is_number
 from .._wire.redact import redact_url
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "UNSET",
     "check_bool",
     "check_int",
+    "is_number",
     "reject_options",
     "validate_base_url",
     "validate_headers",
@@ -67,13 +68,6 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be True or False, not {_shown(value)}")
     return value
-
-
-def is_number(value: object, kinds: tuple[type, ...] = (int, float)) -> bool:
-    """Whether ``value`` is an instance of ``kinds`` and no ``bool`` (``True`` is an ``int``, but
-    never a count or a number of seconds).
-    """
-    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def check_int(name: str, value: object, *, low: int = 0, high: Optional[int] = None) -> int:

@@ -16,7 +16,7 @@ from .._transport.transport import Transport, iter_body, translate_exception
 from .._wire import redact as _redact
 from .._wire.errors import APITimeoutError, TokenError
 from .._wire.prompt import get_random_string
-from .._wire.protocol import upstream_code
+from .._wire.protocol import is_number, upstream_code
 from .config import Timeout
 
 __all__ = ["TokenSlot", "TokenStore", "parse_token"]
@@ -65,7 +65,7 @@ def _upstream_words(data: object) -> tuple[object, Optional[str]]:
     if not isinstance(data, dict):
         return None, None
     code = upstream_code(data.get("code"))
-    if not isinstance(code, (int, str)) or isinstance(code, bool):
+    if not is_number(code, (int, str)):
         code = None
     said = data.get("message", data.get("msg"))
     if not isinstance(said, str):

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from . import redact as _redact
 from .errors import ProtocolError
-from .protocol import OK_CODES, upstream_code
+from .protocol import OK_CODES, is_number, upstream_code
 
 __all__ = ["DEFAULT_MAX_LINE", "ErrorLine", "LineParser"]
 
@@ -62,7 +62,7 @@ def _is_ok(code: Any) -> bool:
         return True
     if isinstance(code, str):
         return code.strip().lower() in OK_CODES
-    return not isinstance(code, bool) and code in OK_CODES
+    return is_number(code) and code in OK_CODES
 
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "TOKEN_PATH",
     "chat_body",
     "error_json",
+    "is_number",
     "parse_retry_after",
     "piece_line",
     "request_headers",
@@ -78,6 +79,13 @@ BROWSER_HEADERS = {
 
 _NUMERIC_CODE = re.compile(r"-?[0-9]{1,9}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def is_number(value: object, kinds: tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``value`` is an instance of ``kinds`` and no ``bool``: JSON's ``true`` is no number,
+    though Python's ``True`` is an ``int``, and it is never a code, a count or a number of seconds.
+    """
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def upstream_code(value: Any) -> Any:

@@ -449,6 +449,20 @@ def _cache_options() -> _Parser:
     return cache
 
 
+def _add_listen_options(command: _Parser, *, port: int) -> None:
+    """``--host`` (default 127.0.0.1) and ``--port`` (default ``port``), for the commands that
+    serve."""
+    command.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    command.add_argument(
+        "--port",
+        type=_port,
+        default=port,
+        help=f"the port to listen on; 0 picks a free one (default: {port})",
+    )
+
+
 def _add_cache_command(commands: Any, common: _Parser) -> None:
     """``cache info|clear [PATH]``."""
     cache = commands.add_parser(
@@ -562,15 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_SERVE_EPILOG,
         formatter_class=formatter,
     )
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--port",
-        type=_port,
-        default=8765,
-        help="the port to listen on; 0 picks a free one (default: 8765)",
-    )
+    _add_listen_options(serve, port=8765)
     serve.add_argument(
         "--chunk-delay",
         type=_delay,
@@ -595,15 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_GATEWAY_EPILOG,
         formatter_class=formatter,
     )
-    gateway.add_argument(
-        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
-    )
-    gateway.add_argument(
-        "--port",
-        type=_port,
-        default=8000,
-        help="the port to listen on; 0 picks a free one (default: 8000)",
-    )
+    _add_listen_options(gateway, port=8000)
     gateway.add_argument(
         "--api-key",
         type=_api_key,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Optional, Union
 
+from .._client.config import is_number
 from .._wire import redact as _redact
 from .._wire.errors import InvalidRequestError
 from .._wire.prompt import build_prompt
@@ -78,6 +79,12 @@ logger = _redact.logger("aichatonline_sync")
 
 JsonId = Union[str, int]
 Prompt = Union[str, list[Any]]
+
+
+def _is_item_id(value: object) -> bool:
+    """Whether ``value`` can be an item's ``id``: a str or an int, and no ``bool``."""
+    return is_number(value, (str, int))
+
 
 #: The longest OUTPUT line read when resuming; a longer one is skipped (its id is run again).
 MAX_RECORD_BYTES = 64 << 20
@@ -263,7 +270,7 @@ def _json_entry(number: int, line: str, why: str) -> Union[Item, BadLine]:
             number, None, f"a {type(record).__name__}, not a JSON object with 'prompt'; {why}"
         )
     item_id: Any = record.get("id", number)
-    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+    if not _is_item_id(item_id):
         return BadLine(number, None, f"'id' must be a string or an integer, not {item_id!r}")
     has_prompt, has_messages = "prompt" in record, "messages" in record
     if has_prompt == has_messages:
@@ -407,8 +414,8 @@ def _note(newest: dict[JsonId, bool], line: bytes, wanted: Mapping[JsonId, str])
         return
     if not isinstance(record, dict):
         return
-    item_id = record.get("id")
-    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+    item_id: Any = record.get("id")
+    if not _is_item_id(item_id):
         return
     expected = wanted.get(item_id)
     if expected is not None:

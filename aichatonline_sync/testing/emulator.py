@@ -72,6 +72,7 @@ from .faults import (
     ErrorLine,
     Fault,
     FaultQueue,
+    FaultScheduler,
     Raw,
     Reply,
     ReplySource,
@@ -194,7 +195,7 @@ class RecordedRequest:
         return _redact.scrub(f"RecordedRequest({fields})", (self.unique_id,))
 
 
-class Emulator:
+class Emulator(FaultScheduler):
     """A local HTTP server that speaks the AiChatOnline protocol.
 
     :param reply: None for :func:`default_reply` of the prompt; a str (streamed as
@@ -543,74 +544,9 @@ class Emulator:
             self._request_count = 0
             self._issued.clear()
 
-    def pending_faults(self, endpoint: str | None = None) -> int:
-        """How many fault replies are still queued.
-
-        :param endpoint: ``"token"``, ``"chat"``, or None for both.
-        :returns: the number of replies (a fault with ``times=3`` counts 3).
-        """
-        return self._faults.pending(endpoint)
-
     # ----------------------------------------------------------------- faults
-    # Every fault is built and checked by the model shared with the mock (:mod:`.faults`); a
-    # bad argument raises InvalidRequestError (a ValueError) and queues nothing.
-
-    def fail(
-        self,
-        endpoint: str,
-        status: int,
-        *,
-        headers: Mapping[str, str] | None = None,
-        body: str | bytes | dict[str, Any] | list[Any] | None = None,
-        times: int = 1,
-    ) -> None:
-        """Answer the next request(s) to ``endpoint`` with an HTTP error status.
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200 to 599, but not 204 or 304, which carry no body).
-        :param headers: extra response headers, e.g. ``{"Retry-After": "2"}`` or
-            ``{"retry-after-ms": "150"}``; a ``Content-Type`` here replaces the default one.
-        :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
-            dict or list is sent as JSON; a str or bytes as is (``text/plain``).
-        :param times: how many requests get this reply.
-        """
-        self._faults.add(endpoint, _faults.fail(status, headers=headers, body=body), times)
-
-    def error_line(
-        self,
-        code: int,
-        message: str = "upstream error",
-        *,
-        after: int = 0,
-        key: str = "message",
-        times: int = 1,
-    ) -> None:
-        """Answer the next chat(s) with HTTP 200, ``after`` normal pieces, then an error line.
-
-        The error line is ``{"code": code, key: message, "data": null}``; the body then ends
-        normally.
-
-        :param code: the body-level error code, e.g. 429 or 500.
-        :param message: the error message.
-        :param after: how many normal pieces come first (fewer if the reply is shorter).
-        :param key: the key of the message (``"message"`` or ``"msg"``).
-        :param times: how many chats get this reply.
-        """
-        fault = _faults.error_line(code, message, after=after, key=key)
-        self._faults.add("chat", fault, times)
-
-    def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
-        """Break the connection of the next request(s) to ``endpoint``.
-
-        A chat gets the 200 headers and ``after`` pieces, then the connection is reset (RST): a
-        chunked body misses its last chunk, a length-delimited one has fewer bytes than declared. A
-        token request is reset without any reply.
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param after: how many pieces a chat gets before the break (must be 0 for the token).
-        :param times: how many requests get this treatment.
-        """
-        self._faults.add(endpoint, _faults.drop(endpoint, after=after), times)
+    # fail, error_line, html, drop and pending_faults come from FaultScheduler, shared with the
+    # mock; these are the emulator's own, queued and checked the same way.
 
     def stall(
         self,
@@ -633,15 +569,6 @@ class Emulator:
         """
         fault = _faults.stall(endpoint, after=after, seconds=seconds)
         self._faults.add(endpoint, fault, times)
-
-    def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
-        """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200, or e.g. 403 or 503).
-        :param times: how many requests get the page.
-        """
-        self._faults.add(endpoint, _faults.html(status), times)
 
     def token_reply(
         self,

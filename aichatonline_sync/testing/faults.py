@@ -16,6 +16,8 @@ Faults:
 - :class:`Drop`: ``after`` pieces (none for a token request), then a connection reset.
 - :class:`Stall`: ``after`` pieces, then silence for ``seconds`` (None: until the double stops).
 - :class:`Raw`: these bytes as the whole response (the emulator only).
+
+:class:`FaultScheduler` holds the methods that queue them, which both doubles inherit.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
-from .._client.config import check_bool, check_int
+from .._client.config import check_bool, check_int, is_number
 from .._wire.errors import InvalidRequestError
 from .._wire.protocol import BLOCK_PAGE, error_json
 
@@ -42,6 +44,7 @@ __all__ = [
     "ErrorLine",
     "Fault",
     "FaultQueue",
+    "FaultScheduler",
     "Raw",
     "Reply",
     "ReplySource",
@@ -152,11 +155,15 @@ def check_seconds(seconds: object, what: str) -> Optional[float]:
     """``seconds`` as a float if it is a finite number >= 0, or None."""
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    if not is_number(seconds):
         raise InvalidRequestError(f"{what} must be a number of seconds, not {seconds!r}")
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+    try:
+        value = float(cast(float, seconds))
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if math.isnan(value) or math.isinf(value) or value < 0:
         raise InvalidRequestError(f"{what} must be a finite number >= 0, not {seconds!r}")
-    return float(seconds)
+    return value
 
 
 def check_headers(headers: object) -> tuple[tuple[str, str], ...]:
@@ -434,3 +441,90 @@ class FaultQueue:
         with self._lock:
             for queue in self._queues.values():
                 queue.clear()
+
+
+class FaultScheduler:
+    """The faults both test doubles play, scheduled the same way: each call queues one fault,
+    built and checked here, for the next ``times`` requests to its endpoint, after the faults
+    queued before it. A bad argument raises :class:`~aichatonline_sync.InvalidRequestError` (a
+    ``ValueError``) and queues nothing.
+
+    :class:`~aichatonline_sync.testing.Emulator` and
+    :class:`~aichatonline_sync.testing.pytest_plugin.AiChatOnlineMock` inherit these methods; the
+    emulator adds the faults only it offers (``stall``, ``token_reply``, ``raw_reply``).
+    """
+
+    #: The faults queued and not yet played, per endpoint.
+    _faults: FaultQueue
+
+    def fail(
+        self,
+        endpoint: str,
+        status: int,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        body: Union[str, bytes, dict[str, Any], list[Any], None] = None,
+        times: int = 1,
+    ) -> None:
+        """Answer the next request(s) to ``endpoint`` with an HTTP error status.
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param status: the HTTP status (200 to 599, but not 204 or 304, which carry no body).
+        :param headers: extra reply headers, e.g. ``{"Retry-After": "2"}`` or
+            ``{"retry-after-ms": "150"}``; a ``Content-Type`` here replaces the default one.
+        :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
+            dict or list is sent as JSON; a str or bytes as is (``text/plain``).
+        :param times: how many requests get this reply.
+        """
+        self._faults.add(endpoint, fail(status, headers=headers, body=body), times)
+
+    def error_line(
+        self,
+        code: int,
+        message: str = "upstream error",
+        *,
+        after: int = 0,
+        key: str = "message",
+        times: int = 1,
+    ) -> None:
+        """Answer the next chat(s) with HTTP 200, ``after`` pieces of the reply, then the error
+        line ``{"code": code, key: message, "data": null}``; the body then ends normally.
+
+        :param code: the body-level error code, e.g. 429 or 500.
+        :param message: the error message.
+        :param after: how many pieces come first (fewer if the reply is shorter).
+        :param key: the key of the message (``"message"`` or ``"msg"``).
+        :param times: how many chats get this reply.
+        """
+        self._faults.add("chat", error_line(code, message, after=after, key=key), times)
+
+    def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
+        """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param status: the HTTP status (200, or e.g. 403 or 503).
+        :param times: how many requests get the page.
+        """
+        self._faults.add(endpoint, html(status), times)
+
+    def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
+        """Break the connection of the next request(s) to ``endpoint``.
+
+        A chat gets the 200 headers and ``after`` pieces, then the connection breaks; a token
+        request breaks with no reply at all. The emulator resets the real connection (RST): a
+        chunked body misses its last chunk, a length-delimited one has fewer bytes than declared.
+        The mock, which has no socket, fails the body's next read with ``ConnectionResetError``.
+
+        :param endpoint: ``"token"`` or ``"chat"``.
+        :param after: how many pieces a chat gets before the break (must be 0 for the token).
+        :param times: how many requests get this treatment.
+        """
+        self._faults.add(endpoint, drop(endpoint, after=after), times)
+
+    def pending_faults(self, endpoint: Optional[str] = None) -> int:
+        """How many fault replies are still queued.
+
+        :param endpoint: ``"token"``, ``"chat"``, or None for both.
+        :returns: the number of replies (a fault with ``times=3`` counts 3).
+        """
+        return self._faults.pending(endpoint)

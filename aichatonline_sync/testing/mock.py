@@ -6,8 +6,8 @@ emulator does, by the same model (:mod:`.faults`): the same reply values, the sa
 (401 for a token it did not hand out, 400 for a body that is not a JSON object with a str
 ``prompt``), and the faults a mock can play (:meth:`~AiChatOnlineMock.fail`,
 :meth:`~AiChatOnlineMock.error_line`, :meth:`~AiChatOnlineMock.html`,
-:meth:`~AiChatOnlineMock.drop`), built and checked by the same code. What only a socket can do (a
-stall, a framing, raw bytes) needs the emulator.
+:meth:`~AiChatOnlineMock.drop`, from :class:`~.faults.FaultScheduler`, as the emulator's). What
+only a socket can do (a stall, a framing, raw bytes) needs the emulator.
 
 ``responses`` is imported only when a mock is made.
 """
@@ -19,7 +19,7 @@ import io
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from .._client.config import check_bool
@@ -32,7 +32,7 @@ from .._wire.protocol import (
     token_reply,
 )
 from . import faults as _faults
-from .faults import DEFAULT_CONTENT_TYPE, Drop, ErrorLine, FaultQueue, Reply
+from .faults import DEFAULT_CONTENT_TYPE, Drop, ErrorLine, FaultQueue, FaultScheduler, Reply
 
 if TYPE_CHECKING:
     import responses
@@ -55,7 +55,7 @@ _Reply = Union[tuple[int, dict[str, str], Any], Exception]
 _DEFAULT_MOCK_REPLY = "Hello! This is the AiChatOnline mock."
 
 
-class AiChatOnlineMock:
+class AiChatOnlineMock(FaultScheduler):
     """The upstream mocked with ``responses``, as given by the ``aichatonline_mock`` fixture.
 
     :param rsps: a started (or about to be started) :class:`responses.RequestsMock`.
@@ -146,75 +146,6 @@ class AiChatOnlineMock:
         """Invalidate the token handed out so far, as the emulator's :meth:`revoke_tokens`: the
         next chat carrying it gets HTTP 401, and token requests hand out a new :attr:`token`."""
         self.token = secrets.token_hex(16)
-
-    # -- faults, built by the model the emulator uses (._faults) ---------------------------------
-
-    def fail(
-        self,
-        endpoint: str,
-        status: int,
-        *,
-        headers: Mapping[str, str] | None = None,
-        body: str | bytes | dict[str, Any] | list[Any] | None = None,
-        times: int = 1,
-    ) -> None:
-        """Answer the next request(s) to ``endpoint`` with an HTTP error status.
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200 to 599, but not 204 or 304, which carry no body).
-        :param headers: extra reply headers, e.g. ``{"Retry-After": "2"}``.
-        :param body: None for ``{"code": status, "message": "<reason phrase>", "data": null}``; a
-            dict or list is sent as JSON; a str or bytes as is (``text/plain``).
-        :param times: how many requests get this reply.
-        """
-        self._faults.add(endpoint, _faults.fail(status, headers=headers, body=body), times)
-
-    def error_line(
-        self,
-        code: int,
-        message: str = "upstream error",
-        *,
-        after: int = 0,
-        key: str = "message",
-        times: int = 1,
-    ) -> None:
-        """Answer the next chat(s) with HTTP 200, ``after`` pieces of the reply, then the error
-        line ``{"code": code, key: message, "data": null}``.
-
-        :param code: the body-level error code, e.g. 429 or 500.
-        :param message: the error message.
-        :param after: how many pieces come first (fewer if the reply is shorter).
-        :param key: the key of the message (``"message"`` or ``"msg"``).
-        :param times: how many chats get this reply.
-        """
-        fault = _faults.error_line(code, message, after=after, key=key)
-        self._faults.add("chat", fault, times)
-
-    def html(self, endpoint: str = "chat", *, status: int = 200, times: int = 1) -> None:
-        """Answer the next request(s) to ``endpoint`` with a Cloudflare-like HTML page.
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param status: the HTTP status (200, or e.g. 403 or 503).
-        :param times: how many requests get the page.
-        """
-        self._faults.add(endpoint, _faults.html(status), times)
-
-    def drop(self, endpoint: str = "chat", *, after: int = 0, times: int = 1) -> None:
-        """Break the connection of the next request(s) to ``endpoint``, as far as a mock can.
-
-        A chat gets the 200 headers and ``after`` pieces, then its body read fails with
-        ``ConnectionResetError`` (a reset); a token request fails with no reply at all. (What a
-        mock cannot do: a real socket, framing, a stall. Use the emulator for those.)
-
-        :param endpoint: ``"token"`` or ``"chat"``.
-        :param after: how many pieces a chat gets before the break (must be 0 for the token).
-        :param times: how many requests get this treatment.
-        """
-        self._faults.add(endpoint, _faults.drop(endpoint, after=after), times)
-
-    def pending_faults(self, endpoint: str | None = None) -> int:
-        """How many fault replies are still queued (for ``"token"``, ``"chat"``, or both)."""
-        return self._faults.pending(endpoint)
 
     def _token_callback(self, request: PreparedRequest) -> _Reply:
         fault = self._faults.take("token")
