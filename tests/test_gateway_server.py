@@ -360,6 +360,28 @@ def test_without_waitress_make_server_names_the_extra_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "waitress", None)  # as if it were not installed
-    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server")
+    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server", raising=False)
     with pytest.raises(ImportError, match=r'pip install "aichatonline-sync\[gateway\]"'):
         make_server(_app, port=0)
+
+
+def test_without_waitress_the_command_names_the_extra_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aichatonline_sync import gateway
+
+    monkeypatch.setitem(sys.modules, "waitress", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server", raising=False)
+    monkeypatch.delattr(gateway, "server", raising=False)
+    started: list[str] = []
+    monkeypatch.setattr(_cli, "_connect", lambda args: started.append("session"))
+    monkeypatch.setattr(gateway, "make_app", lambda *a, **k: started.append("app"))
+
+    assert _cli.main(["gateway", "--emulator", "--port", "0"]) == _cli.EXIT_FAILURE
+    captured = capsys.readouterr()
+    assert started == []
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("aichatonline: error: ")
+    assert 'pip install "aichatonline-sync[gateway]"' in lines[0]

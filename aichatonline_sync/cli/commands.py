@@ -1054,6 +1054,13 @@ def _stop_gateway(server: GatewayServer, stop: KeyboardInterrupt, grace: float) 
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
+    # The server is checked first: without waitress the command says what to install and exits
+    # before it starts the emulator or a session.
+    try:
+        from ..gateway import server as _server  # noqa: F401
+    except ImportError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
     from .._wire.redact import redact_url
     from ..gateway import make_app, make_server
 
