@@ -96,7 +96,7 @@ from .._wire.errors import (
 from .._wire.prompt import format_prompt
 from .._wire.protocol import MODELS
 from .limits import ReplyLimiter
-from .metrics import MULTIPROC_ENV, Metrics
+from .metrics import MULTIPROC_ENV, Metrics, metrics_hooks
 from .metrics import metrics as _metrics
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ __all__ = [
     "app_from_env",
     "make_app",
     "make_server",
+    "metrics_hooks",
     "session_options_from_env",
 ]
 
@@ -1160,7 +1161,7 @@ class GatewayApp:
             return session
         with self._lock:
             if self._owned is None:
-                self._owned = Session(**self._session_options)
+                self._owned = Session(event_hooks=metrics_hooks(), **self._session_options)
                 logger.debug("gateway session for process %d: %r", os.getpid(), self._owned)
             return self._owned
 
@@ -1502,8 +1503,9 @@ def make_app(
     >>> server.serve_forever()                                         # doctest: +SKIP
 
     :param session: the :class:`~aichatonline_sync.Session` to send through, shared by all
-        requests. ``None``: the app makes a ``Session()`` at its first request, one in each process
-        (so a forking server's workers do not share connections).
+        requests; its retries are counted in ``/metrics`` when it was made with
+        ``event_hooks=metrics_hooks()``. ``None``: the app makes a ``Session()`` at its first
+        request, one in each process (so a forking server's workers do not share connections).
     :param api_key: when given, every request must carry ``Authorization: Bearer <api_key>``.
     :param cors_origins: the origins (``"https://app.example.com"``) whose browser pages may call
         the gateway, or ``["*"]`` for any; empty (the default): no CORS headers at all.
