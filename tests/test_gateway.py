@@ -1019,7 +1019,14 @@ def test_a_bad_setting_is_an_error_that_names_it(name: str, value: str) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"session": "s"}, {"api_key": ""}, {"api_key": "a b"}, {"max_body_bytes": 0}],
+    [
+        {"session": "s"},
+        {"api_key": ""},
+        {"api_key": "a b"},
+        {"max_body_bytes": 0},
+        {"max_body_bytes": True},
+        {"max_body_bytes": 2.5},
+    ],
 )
 def test_make_app_checks_its_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(aco.InvalidRequestError, match=f"^{next(iter(kwargs))} must be"):

@@ -51,6 +51,7 @@ PATHS = (
 )
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+
 class Metrics:
     """The metrics of this process (see the module's docstring); threads may share it."""
 
@@ -62,7 +63,8 @@ class Metrics:
             return
         folder = os.environ.get(MULTIPROC_ENV)
         if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-            # (prometheus-client would fail on its first file there, with a bare OSError)
+            # Said at boot: prometheus-client would fail at its first file there, with a bare
+            # OSError.
             raise InvalidRequestError(
                 f"${MULTIPROC_ENV}={folder!r} is not a folder the gateway can write: make it "
                 "(empty) before the server starts, or unset it for a single process"

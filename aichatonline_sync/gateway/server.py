@@ -73,12 +73,15 @@ _SETTINGS: dict[str, Any] = {
     "ident": f"aichatonline-gateway/{__version__}",
 }
 
+
 def _error(message: str, code: str) -> bytes:
     error = {"message": message, "type": "server_error", "param": None, "code": code}
     return json.dumps({"error": error}).encode()
 
 
-_SHUTTING_DOWN = _error("the gateway is shutting down: send the request again", "service_unavailable")
+_SHUTTING_DOWN = _error(
+    "the gateway is shutting down: send the request again", "service_unavailable"
+)
 _FAILED = _error("the gateway failed on this request (its log says why)", "internal_server_error")
 
 
