@@ -99,6 +99,7 @@ class _Replies:
 
     @property
     def count(self) -> int:
+        """The replies in progress."""
         with self.changed:
             return self._count
 
@@ -290,7 +291,7 @@ class GatewayServer:
             self._replies.draining = True
         for channel in list(self._server.active_channels.values()):
             channel.handle_close()
-        self._server.close()  # its trigger
+        self._server.close()  # with it, the trigger that wakes the loop
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=_THREADS_GRACE)
 
     @property
