@@ -22,7 +22,6 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
-    411: "Length Required",
     429: "Too Many Requests",
     499: "Client Closed Request",
     500: "Internal Server Error",
