@@ -413,7 +413,7 @@ def test_the_gateway_answers_504_for_a_reply_that_stalled_after_its_first_piece(
 
 @pytest.mark.parametrize(("timed_out", "status"), [(True, 504), (False, 502)])
 def test_the_gateway_decides_504_by_timed_out_not_by_words(timed_out: bool, status: int) -> None:
-    from aichatonline_sync import gateway
+    from aichatonline_sync.gateway.errors import refusal_for
 
     error = aco.IncompleteStreamError("the reply stopped after 5 characters", timed_out=timed_out)
-    assert gateway._refusal_for(error).status == status
+    assert refusal_for(error).status == status

@@ -26,7 +26,13 @@ import pytest
 import requests
 
 import aichatonline_sync as aco
-from aichatonline_sync.gateway import CORS_ORIGINS_ENV, GATEWAY_KEY_ENV, app_from_env, make_app
+from aichatonline_sync.gateway import (
+    CORS_ORIGINS_ENV,
+    GATEWAY_KEY_ENV,
+    app_from_env,
+    make_app,
+    metrics_hooks,
+)
 from aichatonline_sync.testing import Emulator
 
 pytest.importorskip("prometheus_client")
@@ -132,9 +138,18 @@ def test_metrics_count_requests_by_path_and_status(local: tuple[Emulator, str]) 
     assert after[("aichatonline_gateway_active_streams", ())] == 0
 
 
-def test_metrics_count_upstream_retries(emulator: Callable[..., Emulator], no_sleep: Any) -> None:
+RETRIES = ("aichatonline_gateway_upstream_retries_total", ())
+#: A Retry-After that makes a retry's wait a millisecond, for sessions whose sleep is the real one.
+SOON = {"retry-after-ms": "1"}
+
+
+def test_metrics_count_the_retries_of_a_session_made_with_metrics_hooks(
+    emulator: Callable[..., Emulator], no_sleep: Any
+) -> None:
     emu = emulator(reply=REPLY)
-    session = aco.Session(emu.url, retry=no_sleep.policy(max_retries=2), timeout=WAIT)
+    session = aco.Session(
+        emu.url, retry=no_sleep.policy(max_retries=2), timeout=WAIT, event_hooks=metrics_hooks()
+    )
     with session, serving(make_app(session)) as base:
         before = samples(base)
         emu.fail("chat", 503, times=2)
@@ -144,8 +159,97 @@ def test_metrics_count_upstream_retries(emulator: Callable[..., Emulator], no_sl
             )
         assert reply.status_code == 200
         after = samples(base)
-    key = ("aichatonline_gateway_upstream_retries_total", ())
-    assert after[key] - before.get(key, 0) == 2
+    assert after[RETRIES] - before.get(RETRIES, 0) == 2
+    assert len(no_sleep.sleeps) == 2
+
+
+def test_metrics_count_a_token_retry_and_a_chat_retry_once_each(
+    emulator: Callable[..., Emulator], no_sleep: Any
+) -> None:
+    emu = emulator(reply=REPLY)
+    session = aco.Session(
+        emu.url, retry=no_sleep.policy(max_retries=3), timeout=WAIT, event_hooks=metrics_hooks()
+    )
+    with session, serving(make_app(session)) as base:
+        before = samples(base)
+        emu.fail("token", 500)
+        emu.fail("chat", 502)
+        with http() as client:
+            reply = client.post(
+                f"{base}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}
+            )
+        assert reply.status_code == 200, reply.text
+        after = samples(base)
+    assert (len(emu.token_requests), len(emu.chat_requests)) == (2, 2)
+    assert after[RETRIES] - before.get(RETRIES, 0) == 2
+    assert len(no_sleep.sleeps) == 2
+
+
+def test_metrics_count_the_retries_of_the_session_the_app_makes(
+    emulator: Callable[..., Emulator],
+) -> None:
+    emu = emulator(reply=REPLY)
+    app = app_from_env({"AICHATONLINE_BASE_URL": emu.url, "AICHATONLINE_MAX_RETRIES": "3"})
+    try:
+        with serving(app) as base:
+            before = samples(base)
+            emu.fail("token", 503, headers=SOON)
+            emu.fail("chat", 503, headers=SOON, times=2)
+            with http() as client:
+                reply = client.post(
+                    f"{base}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}
+                )
+            assert reply.status_code == 200, reply.text
+            after = samples(base)
+    finally:
+        app.close()
+    assert after[RETRIES] - before.get(RETRIES, 0) == 3
+
+
+def test_a_given_session_without_metrics_hooks_adds_no_retries(
+    emulator: Callable[..., Emulator], no_sleep: Any
+) -> None:
+    emu = emulator(reply=REPLY)
+    session = aco.Session(emu.url, retry=no_sleep.policy(max_retries=2), timeout=WAIT)
+    with session, serving(make_app(session)) as base:
+        before = samples(base)
+        emu.fail("chat", 503)
+        with http() as client:
+            reply = client.post(
+                f"{base}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}
+            )
+        assert reply.status_code == 200
+        after = samples(base)
+    assert no_sleep.sleeps != []  # it was retried, and the retry was logged, not counted
+    assert after.get(RETRIES, 0) == before.get(RETRIES, 0)
+
+
+def test_the_gateway_command_counts_the_retries_of_its_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aichatonline_sync import gateway, testing
+    from aichatonline_sync.cli import commands as _cli
+    from aichatonline_sync.gateway.metrics import metrics
+
+    emu = Emulator(reply=REPLY)
+    monkeypatch.setattr(testing, "Emulator", lambda: emu)  # --emulator starts and stops this one
+    counted: list[float] = []
+
+    def make_app(session: aco.Session, **_: Any) -> object:
+        registry = metrics().registry
+        before = registry.get_sample_value(RETRIES[0]) or 0.0
+        emu.fail("chat", 503, headers=SOON)
+        assert session.complete(MESSAGES) == "".join(REPLY)
+        counted.append((registry.get_sample_value(RETRIES[0]) or 0.0) - before)
+        return object()
+
+    def make_server(*_: Any) -> Any:
+        raise OSError("not listening in this test")
+
+    monkeypatch.setattr(gateway, "make_app", make_app)
+    monkeypatch.setattr(gateway, "make_server", make_server)
+    assert _cli.main(["gateway", "--emulator", "--max-retries", "2"]) == _cli.EXIT_FAILURE
+    assert counted == [1.0]
 
 
 def test_an_active_stream_is_counted(local: tuple[Emulator, str]) -> None:

@@ -6,6 +6,7 @@ before it exits 0."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import selectors
@@ -315,6 +316,150 @@ def test_ctrl_c_stops_at_once(http: requests.Session) -> None:
     assert status == 0, err
 
 
+# -- what waitress does with requests (as docs/gateway.rst says) ---------------------------------
+
+
+def _echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+    """A WSGI app: ``/env`` answers the request's ``HTTP_*`` keys and ``REMOTE_ADDR`` (sized),
+    ``/stream`` two pieces of unknown length."""
+    if environ["PATH_INFO"] == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"one ", b"two"])
+    seen = {k: v for k, v in environ.items() if k.startswith("HTTP_") or k == "REMOTE_ADDR"}
+    body = json.dumps(seen).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return iter([body])
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = make_server(_echo, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+def _exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The status line, header fields and body of the one answer to ``request``, read to the
+    connection's end (the server closes it: a timeout fails the test)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        with sock.makefile("rb") as reader:
+            status, fields = _head(reader)
+            return status, fields, reader.read()
+
+
+def test_forwarded_headers_are_removed_before_the_application(echo_port: int) -> None:
+    status, _, body = _exchange(
+        echo_port,
+        b"GET /env HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: example.com\r\nForwarded: for=203.0.113.7\r\n"
+        b"X-Real-IP: 203.0.113.7\r\n\r\n",
+    )
+    assert status == "HTTP/1.1 200 OK"
+    seen = json.loads(body)
+    assert not [key for key in seen if "FORWARDED" in key], seen
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert seen["HTTP_X_REAL_IP"] == "203.0.113.7"  # other headers pass as they came
+
+
+def test_an_http_1_0_request_gets_an_http_1_0_status_line_and_a_stream_ended_by_the_close(
+    echo_port: int,
+) -> None:
+    status, fields, body = _exchange(echo_port, b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert status == "HTTP/1.0 200 OK"
+    assert "transfer-encoding" not in fields
+    assert body == b"one two"
+
+
+def test_a_stream_is_chunked_and_closes_its_connection_while_a_sized_answer_keeps_it(
+    echo_port: int,
+) -> None:
+    status, fields, body = _exchange(echo_port, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, fields["transfer-encoding"]) == ("HTTP/1.1 200 OK", "chunked")
+    assert fields["connection"] == "close"
+    assert body == b"4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", echo_port), timeout=WAIT) as sock:
+        sock.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        with sock.makefile("rb") as reader:
+            for _ in range(2):  # both answered on the one connection
+                status, fields = _head(reader)
+                assert status == "HTTP/1.1 200 OK"
+                assert "connection" not in fields
+                json.loads(reader.read(int(fields["content-length"])))
+
+
+def test_requests_beyond_the_threads_wait_in_the_queue_and_are_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aichatonline_sync.gateway import server as server_module
+
+    monkeypatch.setitem(server_module._SETTINGS, "threads", 2)
+    release = threading.Event()
+    queued = threading.Event()
+    entered: list[str] = []
+    changed = threading.Condition()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        with changed:
+            entered.append(environ["PATH_INFO"])
+            changed.notify_all()
+        if environ["PATH_INFO"] != "/third":
+            release.wait(WAIT)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    class Queued(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Task queue depth is"):
+                queued.set()
+
+    queue_log = logging.getLogger("waitress.queue")
+    handler = Queued()
+    queue_log.addHandler(handler)
+    server = make_server(app, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = int(server.server_address[1])
+    answers: dict[str, str] = {}
+
+    def get(path: str) -> None:
+        status, _, _ = _exchange(
+            port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        answers[path] = status
+
+    clients = [threading.Thread(target=get, args=(path,)) for path in ("/a", "/b")]
+    try:
+        for client in clients:
+            client.start()
+        with changed:  # both threads busy
+            assert changed.wait_for(lambda: len(entered) == 2, WAIT)
+        clients.append(threading.Thread(target=get, args=("/third",)))
+        clients[-1].start()
+        assert queued.wait(WAIT), "the third request was not queued"
+        with changed:
+            assert sorted(entered) == ["/a", "/b"]  # it waits: no thread took it, none refused it
+        release.set()
+        for client in clients:
+            client.join(WAIT)
+        assert answers == dict.fromkeys(("/a", "/b", "/third"), "HTTP/1.1 200 OK")
+    finally:
+        release.set()
+        queue_log.removeHandler(handler)
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
 # -- the command's options ----------------------------------------------------------------------
 
 
@@ -360,6 +505,28 @@ def test_without_waitress_make_server_names_the_extra_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "waitress", None)  # as if it were not installed
-    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server")
+    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server", raising=False)
     with pytest.raises(ImportError, match=r'pip install "aichatonline-sync\[gateway\]"'):
         make_server(_app, port=0)
+
+
+def test_without_waitress_the_command_names_the_extra_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aichatonline_sync import gateway
+
+    monkeypatch.setitem(sys.modules, "waitress", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "aichatonline_sync.gateway.server", raising=False)
+    monkeypatch.delattr(gateway, "server", raising=False)
+    started: list[str] = []
+    monkeypatch.setattr(_cli, "_connect", lambda args: started.append("session"))
+    monkeypatch.setattr(gateway, "make_app", lambda *a, **k: started.append("app"))
+
+    assert _cli.main(["gateway", "--emulator", "--port", "0"]) == _cli.EXIT_FAILURE
+    captured = capsys.readouterr()
+    assert started == []
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("aichatonline: error: ")
+    assert 'pip install "aichatonline-sync[gateway]"' in lines[0]

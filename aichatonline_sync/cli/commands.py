@@ -671,9 +671,10 @@ def _direct_http(pool: int) -> Iterator[requests.Session]:
 
 
 @contextlib.contextmanager
-def _connect(args: argparse.Namespace) -> Iterator[Session]:
-    """A :class:`Session` for the connection options, against the emulator with ``--emulator``."""
-    options = _session_options(args)
+def _connect(args: argparse.Namespace, **extra: Any) -> Iterator[Session]:
+    """A :class:`Session` for the connection options (and the Session options ``extra``), against
+    the emulator with ``--emulator``."""
+    options = {**_session_options(args), **extra}
     with contextlib.ExitStack() as stack:
         base_url: Optional[str] = args.base_url
         if args.emulator:
@@ -1052,13 +1053,20 @@ def _stop_gateway(server: GatewayServer, stop: KeyboardInterrupt, grace: float) 
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
+    # The server is checked first: without waitress the command says what to install and exits
+    # before it starts the emulator or a session.
+    try:
+        from ..gateway import server as _server  # noqa: F401
+    except ImportError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
     from .._wire.redact import redact_url
-    from ..gateway import make_app, make_server
+    from ..gateway import make_app, make_server, metrics_hooks
 
     if args.api_key is None:  # a given --api-key wins over the variable, bad or not
         args.api_key = gateway_key_from_env()
     options = _gateway_options(args)
-    with _connect(args) as session:
+    with _connect(args, event_hooks=metrics_hooks()) as session:
         app = make_app(session, api_key=args.api_key, **options)
         try:
             server = make_server(app, args.host, args.port)

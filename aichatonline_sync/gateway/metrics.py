@@ -8,8 +8,9 @@ One set of metrics per process, on a registry of its own (never prometheus-clien
 - ``aichatonline_gateway_active_streams``: streamed replies in progress;
 - ``aichatonline_gateway_time_to_first_byte_seconds{path}``: from the request to its first body
   byte (for a stream, the first chunk, sent once the upstream's first piece arrived);
-- ``aichatonline_gateway_upstream_retries_total``: retries of the upstream's requests (counted from
-  the warning the library logs before each retry);
+- ``aichatonline_gateway_upstream_retries_total``: retries of the upstream's requests, one per
+  ``retry`` event of the session (a failed token fetch and a failed chat request alike), for the
+  session the app makes and for a session made with ``event_hooks=metrics_hooks()``;
 - ``aichatonline_gateway_upstream_errors_total{type}``: upstream failures answered to a client
   (``rate_limit_error``, ``upstream_error``, ``timeout_error``), before or after the first chunk.
 
@@ -24,15 +25,16 @@ Without prometheus-client, :attr:`Metrics.available` is ``False``, every method 
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from .._wire import redact as _redact
 from .._wire.errors import InvalidRequestError
 
-__all__ = ["MULTIPROC_ENV", "PATHS", "Metrics", "metrics"]
+if TYPE_CHECKING:
+    from .. import ChatEvent
+
+__all__ = ["MULTIPROC_ENV", "PATHS", "Metrics", "metrics", "metrics_hooks"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "aichatonline_gateway"
@@ -48,20 +50,6 @@ PATHS = (
     "other",
 )
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: The format of the warning that the library logs before each retry (``_retry.build_retrying``).
-_RETRY_MESSAGE = "%s failed (%s); retry "
-
-
-class _RetryCounter(logging.Handler):
-    """Counts the retry warnings of the package's logger."""
-
-    def __init__(self, counter: Any) -> None:
-        super().__init__(logging.WARNING)
-        self._counter = counter
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith(_RETRY_MESSAGE):
-            self._counter.inc()
 
 
 class Metrics:
@@ -75,7 +63,8 @@ class Metrics:
             return
         folder = os.environ.get(MULTIPROC_ENV)
         if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-            # (prometheus-client would fail on its first file there, with a bare OSError)
+            # Said at boot: prometheus-client would fail at its first file there, with a bare
+            # OSError.
             raise InvalidRequestError(
                 f"${MULTIPROC_ENV}={folder!r} is not a folder the gateway can write: make it "
                 "(empty) before the server starts, or unset it for a single process"
@@ -114,7 +103,6 @@ class Metrics:
             ["type"],
             registry=registry,
         )
-        _redact.logger().addHandler(_RetryCounter(self.upstream_retries))
 
     def request(self, path: str, status: int) -> None:
         if self.available:
@@ -131,6 +119,10 @@ class Metrics:
     def stream_ended(self) -> None:
         if self.available:
             self.active_streams.dec()
+
+    def upstream_retry(self) -> None:
+        if self.available:
+            self.upstream_retries.inc()
 
     def upstream_error(self, kind: str) -> None:
         if self.available:
@@ -163,3 +155,21 @@ def metrics() -> Metrics:
             if _metrics is None:
                 _metrics = Metrics()
     return _metrics
+
+
+def _count_retry(event: ChatEvent) -> None:
+    metrics().upstream_retry()
+
+
+def metrics_hooks() -> dict[str, list[Callable[[ChatEvent], object]]]:
+    """The event hooks that feed the gateway's metrics, for a session given to ``make_app``.
+
+    The app counts the retries of the session it makes itself; a session it is given is counted
+    only when it was made with these hooks (a session's hooks are fixed when it is made)::
+
+        session = Session(event_hooks=metrics_hooks())
+        app = make_app(session)
+
+    Each call returns a new dict of new lists: add hooks of your own to them freely.
+    """
+    return {"retry": [_count_retry]}

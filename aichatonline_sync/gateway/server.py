@@ -73,12 +73,15 @@ _SETTINGS: dict[str, Any] = {
     "ident": f"aichatonline-gateway/{__version__}",
 }
 
+
 def _error(message: str, code: str) -> bytes:
     error = {"message": message, "type": "server_error", "param": None, "code": code}
     return json.dumps({"error": error}).encode()
 
 
-_SHUTTING_DOWN = _error("the gateway is shutting down: send the request again", "service_unavailable")
+_SHUTTING_DOWN = _error(
+    "the gateway is shutting down: send the request again", "service_unavailable"
+)
 _FAILED = _error("the gateway failed on this request (its log says why)", "internal_server_error")
 
 
@@ -96,6 +99,7 @@ class _Replies:
 
     @property
     def count(self) -> int:
+        """The replies in progress."""
         with self.changed:
             return self._count
 
@@ -287,7 +291,7 @@ class GatewayServer:
             self._replies.draining = True
         for channel in list(self._server.active_channels.values()):
             channel.handle_close()
-        self._server.close()  # its trigger
+        self._server.close()  # with it, the trigger that wakes the loop
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=_THREADS_GRACE)
 
     @property
