@@ -230,13 +230,13 @@ class Reply:
         :raises AiChatOnlineError: another thread is inside a read (``busy``), the reply was
             aborted with a reason, or the body failed.
         """
-        try:
-            piece = self._pieces.popleft()
-        except IndexError:
-            pass  # read outside this block: the IndexError must not become a failure's context
-        else:
-            self.last_reader = get_ident()
-            return piece
+        # Without the lock only for the thread that read last: another thread's first piece is
+        # taken under the lock with ``last_reader``, so that :meth:`close` sees whose it was.
+        if self.last_reader == get_ident():
+            try:
+                return self._pieces.popleft()
+            except IndexError:
+                pass  # read outside this block: the IndexError must not become a failure's context
         return self._read()
 
     def _read(self) -> str:
@@ -249,13 +249,13 @@ class Reply:
             else:
                 self.last_reader = get_ident()
                 return piece
-            refusal = self._refusal_locked()
+            refusal, busy_with = self._refusal_locked(), self.reader
             if refusal is None:
                 self._settle_locked()
                 self.reader = threading.current_thread()
                 self.last_reader = get_ident()
         if refusal is not None:
-            return self._refuse(refusal)
+            return self._refuse(refusal, busy_with)
         try:
             batch = self._next_batch(started=True)
             while batch is not None and not batch:
@@ -302,12 +302,11 @@ class Reply:
             return "ended"
         return None
 
-    def _refuse(self, refusal: str) -> str:
+    def _refuse(self, refusal: str, reader: Optional[threading.Thread]) -> str:
         if refusal == "busy":
-            raise busy_error(self.reader)
+            raise busy_error(reader)
         if refusal == "aborted":
-            self.release_if_idle()
-            raise self.aborted_error()
+            raise self.aborted_failure()
         raise StopIteration
 
     def _finish(self) -> None:
@@ -315,6 +314,10 @@ class Reply:
         try:
             with self._lock:
                 self.reader = None
+                if self.abort_reason is not None:
+                    # Aborted with a reason while the last read ran: the end is not handed out.
+                    error = self._error = self._aborted_error_locked()
+                    raise error
                 text = self._kept.finish() if self._kept is not None else ""
                 self._state = State.DONE
                 callbacks, self._callbacks = self._callbacks, []
@@ -442,6 +445,14 @@ class Reply:
         with self._lock:
             return self._aborted_error_locked()
 
+    def aborted_failure(self) -> BaseException:
+        """What a read of a reply aborted with a reason raises: the reply is released unless a
+        read runs, and the error is the one its chat ended with (the one ``chat_error`` carried)."""
+        self.release_if_idle()
+        with self._lock:
+            error = self._error if self._error is not None else self._aborted_error_locked()
+        return error.with_traceback(None)  # raised again: its traceback must not grow each time
+
     def _aborted_error_locked(self) -> IncompleteStreamError:
         return IncompleteStreamError(
             f"the reply from {self._url} was closed after {self._handed_count_locked()}: "
@@ -455,16 +466,40 @@ class Reply:
         with self._lock:
             if self._released:
                 return
-            self._released = True
-            self._settle_locked()
-            if self._state is State.OPEN:
-                # An abort with a reason is the reply's failure however it lands: inside a read
-                # (that read raises it) or between reads (the next read would).
-                if self._error is None and self.abort_reason is not None:
-                    self._error = self._aborted_error_locked()
-                self._state = State.CLOSED if self._error is None else State.FAILED
-            observer, self._observer = self._observer, None
-            error, finished = self._error, self._state is State.DONE
+            observer = self._release_locked()
+        self._released_now(observer)
+
+    def close_by_reader(self) -> bool:
+        """Release the reply if the calling thread read it last and no read runs now (whether it
+        did and the release are one step: no other thread can take a piece in between).
+
+        :returns: whether it did; ``False`` also when the reply was released or ended already.
+        """
+        with self._lock:
+            if self._released or self._state is State.DONE:
+                return True
+            if self.last_reader != get_ident() or self.reader is not None:
+                return False
+            observer = self._release_locked()
+        self._released_now(observer)
+        return True
+
+    def _release_locked(self) -> Optional[ChatCall]:
+        """Mark the reply released and its end state; the observer to tell, outside the lock."""
+        self._released = True
+        self._settle_locked()
+        if self._state is State.OPEN:
+            # An abort with a reason is the reply's failure however it lands: inside a read
+            # (that read raises it) or between reads (the next read would).
+            if self._error is None and self.abort_reason is not None:
+                self._error = self._aborted_error_locked()
+            self._state = State.CLOSED if self._error is None else State.FAILED
+        observer, self._observer = self._observer, None
+        return observer
+
+    def _released_now(self, observer: Optional[ChatCall]) -> None:
+        """What follows a release, outside the lock: the observer, and closing the connection."""
+        error, finished = self._error, self._state is State.DONE
         if self._parser.skipped:
             logger.debug("skipped %d reply lines that carry no message", self._parser.skipped)
         if self._cancel is not None:
@@ -547,8 +582,7 @@ class ChatStream:
                 # stream: dropping the loop and the stream releases the reply at once.
                 return reply
         if refused:
-            reply.release_if_idle()
-            raise reply.aborted_error()
+            raise reply.aborted_failure()
         raise busy_error(owner)
 
     def __next__(self) -> str:
@@ -573,14 +607,7 @@ class ChatStream:
         closed")`` does: the reader's next read raises :class:`IncompleteStreamError` (``.partial``
         keeps the text it got), so a reply cut off never looks complete.
         """
-        reply = self._reply
-        with reply._lock:
-            if reply.state is State.DONE or reply.released:
-                return
-            mine = reply.last_reader == get_ident() and reply.reader is None
-        if mine:
-            reply.release()
-        else:
+        if not self._reply.close_by_reader():
             self.abort(_CLOSED)
 
     def abort(self, reason: Optional[str] = None) -> None:
@@ -690,7 +717,8 @@ class StoredReply(Reply):
         response = requests.Response()
         response.raw = io.BytesIO()
         super().__init__(response, url=url, max_line=1, keep_text=keep_text, cancel=cancel)
-        self._hand_out_locked(list(pieces))
+        with self._lock:
+            self._hand_out_locked(list(pieces))
 
     def _next_batch(self, *, started: bool) -> Optional[list[str]]:
         """Every piece is handed out in the first batch: the end follows it, unless the reply was
