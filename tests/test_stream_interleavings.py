@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from aichatonline_sync import AiChatOnlineError, IncompleteStreamError, Session
+from aichatonline_sync import AiChatOnlineError, ChatStream, IncompleteStreamError, Session
 from aichatonline_sync._client.stream import Reply
 from aichatonline_sync.testing import Emulator
 
@@ -103,30 +103,66 @@ def start(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
 # -- a close from the thread that made the stream, after a worker took a piece ------------------
 
 
+class PauseAfterPopleft:
+    """Pause the thread that runs :meth:`run` right after a ``deque.popleft`` returned a piece
+    while ``lock`` was free (a piece taken without the lock), until :meth:`resume`; ``settled`` is
+    set when that happened or when the work ended without it."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.settled = threading.Event()
+        self.go = threading.Event()
+        self.paused = False
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if (
+            event == "c_return"
+            and getattr(arg, "__name__", "") == "popleft"
+            and not self.paused
+            and not self.lock.locked()
+        ):
+            self.paused = True
+            self.settled.set()
+            assert self.go.wait(WAIT)
+
+    def run(self, work: Callable[[], Any]) -> Any:
+        sys.setprofile(self._profile)
+        try:
+            return work()
+        finally:
+            sys.setprofile(None)
+            self.settled.set()
+
+    def resume(self) -> None:
+        self.go.set()
+
+
 def test_close_by_the_maker_after_a_worker_took_a_piece_does_not_look_complete(
     emulator: MakeEmulator,
 ) -> None:
     """The thread that made the stream hands it to a worker that calls ``next()``; the maker
-    closes it once the worker holds a piece: the worker's next read raises IncompleteStreamError
-    (a reply cut off never looks complete) and the chat gets one chat_error. A thread's first
-    piece is taken under the reply's lock together with ``last_reader``, so ``close()`` sees whose
-    the stream is."""
+    closes it as soon as the worker holds a piece: the worker's next read raises
+    IncompleteStreamError (a reply cut off never looks complete) and the chat gets one
+    chat_error. The worker is paused right after its piece left the deque, if it took it without
+    the lock: a thread's first piece must come under the lock with ``last_reader``, or ``close()``
+    would take the maker for the reader and end the stream quietly."""
     emu = emulator(reply=["one ", "two ", "three ", "four"], framing="length")
     events = Events()
     with Session(emu.url, max_retries=0, event_hooks=events.hooks()) as session:
         stream = session.chat("hi")  # made (and primed) by this thread
-        took, go = threading.Event(), threading.Event()
+        pause = PauseAfterPopleft(stream._reply._lock)
+        go = threading.Event()
         got: list[str] = []
 
         def worker() -> None:
-            got.append(next(stream))
-            took.set()
+            got.append(pause.run(lambda: next(stream)))
             assert go.wait(WAIT)
             got.extend(iter(lambda: next(stream), None))  # until StopIteration or an error
 
         thread, out = start(worker)
-        assert took.wait(WAIT)
+        assert pause.settled.wait(WAIT)  # the worker holds its piece (paused, or its next() ended)
         stream.close()  # another thread than the one that took a piece
+        pause.resume()
         go.set()
         thread.join(WAIT)
         assert not thread.is_alive()
@@ -134,6 +170,52 @@ def test_close_by_the_maker_after_a_worker_took_a_piece_does_not_look_complete(
         assert isinstance(out.get("error"), IncompleteStreamError), (got, out)
         assert out["error"].partial == "one "
         assert events.counts == Counter({"chat_error": 1})
+
+
+def test_one_abort_during_a_read_gives_the_reader_and_chat_error_one_error(
+    emulator: MakeEmulator,
+) -> None:
+    """An abort with a reason lands in a read that then gets its bytes; the abort's own release
+    runs between the read's end and its raise: the reader, chat_error and every later read see
+    one error object."""
+    emu = emulator(reply=["a ", "x "], framing="length")
+    events = Events()
+    with Session(emu.url, max_retries=0, event_hooks=events.hooks()) as session:
+        stream = session.chat("hi")
+        reply = stream._reply
+        in_read, go = threading.Event(), threading.Event()
+
+        def next_batch(*, started: bool) -> list[str]:
+            in_read.set()
+            assert go.wait(WAIT)
+            return ["b "]  # the read had its bytes when the abort came
+
+        reply._next_batch = next_batch  # type: ignore[method-assign]
+        read_pause = PauseAt(Reply._read, "if error is None:")
+        abort_pause = PauseAt(ChatStream.abort, "reply.release_if_idle()")
+
+        def reader() -> Any:
+            next(stream)
+            next(stream)
+            return read_pause.run(lambda: next(stream))
+
+        reading, read_out = start(reader)
+        assert in_read.wait(WAIT)
+        aborting, _ = start(lambda: abort_pause.run(lambda: stream.abort("enough")))
+        assert abort_pause.paused.wait(WAIT)  # the reason is set; its release not yet run
+        go.set()
+        assert read_pause.paused.wait(WAIT)  # the read ended, its error not yet raised
+        abort_pause.resume()
+        aborting.join(WAIT)
+        read_pause.resume()
+        reading.join(WAIT)
+        error = read_out.get("error")
+        assert isinstance(error, IncompleteStreamError)
+        assert events.errors == [error]
+        assert events.errors[0] is error
+        with pytest.raises(IncompleteStreamError) as later:
+            next(stream)
+        assert later.value is error
 
 
 # -- an abort with a reason that lands in the read that meets the end ---------------------------
@@ -154,7 +236,9 @@ def test_an_abort_with_a_reason_inside_the_last_read_is_that_reads_error(
             assert "".join(session.chat("hi")) == "one two"
             events.counts.clear()
         stream = session.chat("hi")
-        pause = PauseAt(getattr(Reply, "_read", Reply.__next__), "if batch is None:", when=lambda f: f.f_locals["batch"] is None)
+        pause = PauseAt(
+            Reply._read, "if batch is None:", when=lambda f: f.f_locals["batch"] is None
+        )
         got: list[str] = []
 
         def reader() -> None:

@@ -280,13 +280,16 @@ class Reply:
                 self._batch, self._pieces = batch, pieces
                 self.last_reader = get_ident()
                 return piece
-            aborted = self.abort_reason is not None
-        if not aborted:
+            # Aborted with a reason while this read ran: what it read is not handed out, and the
+            # error is recorded in this same hold of the lock, so that a release by another
+            # thread in between reports this error (one object for chat_error and every read).
+            error: Optional[BaseException] = None
+            if self.abort_reason is not None:
+                if self._error is None:
+                    self._error = self._aborted_error_locked()
+                error = self._error
+        if error is None:
             raise StopIteration
-        # Aborted with a reason while this read ran: what it read is not handed out.
-        error = self.aborted_error()
-        with self._lock:
-            self._error = error
         self.release()
         raise error
 
@@ -451,7 +454,9 @@ class Reply:
         self.release_if_idle()
         with self._lock:
             error = self._error if self._error is not None else self._aborted_error_locked()
-        return error.with_traceback(None)  # raised again: its traceback must not grow each time
+        # Raised again at each read: its traceback is reset so that it does not grow each time
+        # (a hook that kept the error sees the traceback of the latest raise).
+        return error.with_traceback(None)
 
     def _aborted_error_locked(self) -> IncompleteStreamError:
         return IncompleteStreamError(
@@ -473,7 +478,9 @@ class Reply:
         """Release the reply if the calling thread read it last and no read runs now (whether it
         did and the release are one step: no other thread can take a piece in between).
 
-        :returns: whether it did; ``False`` also when the reply was released or ended already.
+        :returns: ``False`` when another thread read last or a read runs now (the caller then
+            aborts); ``True`` when it released the reply, or the reply was released or ended
+            already.
         """
         with self._lock:
             if self._released or self._state is State.DONE:
