@@ -620,3 +620,40 @@ def test_a_multiprocess_folder_that_is_missing_is_one_clear_error(
     assert done.returncode == 2, done.stderr
     assert "PROMETHEUS_MULTIPROC_DIR" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+_STDERR_SCRIPT = """
+import io, json, sys, wsgiref.util
+from aichatonline_sync import Session
+from aichatonline_sync.testing import Emulator
+from aichatonline_sync.gateway import make_app
+
+with Emulator() as emu:
+    emu.fail("chat", 500, times=5)
+    app = make_app(Session(emu.url, max_retries=0))
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    environ = {
+        "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions",
+        "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+    }
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+    print(status[0])
+"""
+
+
+def test_a_5xx_is_logged_to_stderr_under_a_server_without_logging_with_metrics_on() -> None:
+    """With prometheus-client installed (metrics on) and no logging set up, the gateway's warning
+    of a 502 reaches stderr (the retry counter is no handler on the package's logger)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STDERR_SCRIPT], check=False, capture_output=True, text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "502 Bad Gateway"
+    assert re.search(r"\[WARNING\] .*\"POST /v1/chat/completions\" 502 upstream_error", done.stderr)

@@ -5,13 +5,13 @@ happens every run, with no sleeps."""
 
 from __future__ import annotations
 
-import inspect
 import sys
 import threading
 from collections import Counter
 from typing import Any, Callable, Optional
 
 import pytest
+from _support_threads import PauseAt, in_thread
 
 from aichatonline_sync import AiChatOnlineError, ChatStream, IncompleteStreamError, Session
 from aichatonline_sync._client.stream import Reply
@@ -19,55 +19,6 @@ from aichatonline_sync.testing import Emulator
 
 MakeEmulator = Callable[..., Emulator]
 WAIT = 10.0
-
-
-def line_of(func: Any, text: str) -> int:
-    """The line number of the first line of ``func`` that contains ``text``."""
-    lines, start = inspect.getsourcelines(func)
-    for i, line in enumerate(lines):
-        if text in line:
-            return start + i
-    raise AssertionError(f"{text!r} not in {func.__qualname__}")
-
-
-class PauseAt:
-    """Pause the thread that runs :meth:`run` just before ``func`` executes the line containing
-    ``text`` (the first time ``when(frame)`` holds), until :meth:`resume`."""
-
-    def __init__(self, func: Any, text: str, when: Callable[[Any], bool] = lambda f: True) -> None:
-        self.code = func.__code__
-        self.line = line_of(func, text)
-        self.when = when
-        self.paused = threading.Event()
-        self.go = threading.Event()
-        self.done = False
-
-    def _local(self, frame: Any, event: str, arg: Any) -> Any:
-        if (
-            not self.done
-            and event == "line"
-            and frame.f_lineno == self.line
-            and self.when(frame)
-        ):
-            self.done = True
-            self.paused.set()
-            assert self.go.wait(WAIT)
-        return self._local
-
-    def _global(self, frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is self.code and not self.done:
-            return self._local
-        return None
-
-    def run(self, work: Callable[[], Any]) -> Any:
-        sys.settrace(self._global)
-        try:
-            return work()
-        finally:
-            sys.settrace(None)
-
-    def resume(self) -> None:
-        self.go.set()
 
 
 class Events:
@@ -87,17 +38,7 @@ class Events:
 
 
 def start(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = work()
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
+    return in_thread(work, "worker")
 
 
 # -- a close from the thread that made the stream, after a worker took a piece ------------------

@@ -615,8 +615,10 @@ def make_server(
     another thread, then ``server_close()``). Its ``url`` is the address it listens on (``port=0``
     picks a free port).
 
-    Connections are kept alive; a streamed body is sent with chunked encoding, each piece of the
-    application's iterable at once; when a client goes away, the iterable is closed.
+    A reply of known length keeps its connection alive; a streamed body is sent with chunked
+    encoding to an HTTP/1.1 client, each piece of the application's iterable at once, and its
+    connection is closed after it (waitress's rule; see the manual's "Under aichatonline
+    gateway"); when a client goes away, the iterable is closed.
 
     :raises OSError: the address cannot be bound.
     :raises ImportError: waitress is not installed (``pip install "aichatonline-sync[gateway]"``).
