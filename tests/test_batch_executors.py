@@ -169,7 +169,7 @@ def dask_executor() -> Iterator[concurrent.futures.Executor]:
             n_workers=2,
             processes=True,
             threads_per_worker=2,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # a free port: matrix rows run at once
             host="127.0.0.1",
             silence_logs=logging.ERROR,
         ) as cluster,
